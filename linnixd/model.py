@@ -1,0 +1,290 @@
+"""The host model's data types: what collectors produce, detectors read and sinks report.
+
+Everything here is a frozen dataclass with no behaviour beyond derived values, so a
+snapshot can be built by hand in a test exactly as the daemon builds it from the kernel.
+Times: `ts` fields are monotonic seconds (CLOCK_MONOTONIC), `wall` fields are Unix epoch
+seconds. Sizes are bytes, CPU is percent of one CPU (100.0 = one core busy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+RESOURCES = ("cpu", "io", "memory")
+
+
+@dataclass(frozen=True)
+class LifecycleCounts:
+    """Process-lifecycle events counted in the kernel for one key over one interval."""
+
+    forks: int = 0  # process creations (clone without CLONE_THREAD)
+    threads: int = 0  # thread creations (CLONE_THREAD)
+    execs: int = 0
+    exits: int = 0  # thread-group exits (whole processes)
+    short_exits: int = 0  # exec'd processes that exited younger than the short-lived limit
+
+    def __add__(self, other: LifecycleCounts) -> LifecycleCounts:
+        return LifecycleCounts(
+            self.forks + other.forks,
+            self.threads + other.threads,
+            self.execs + other.execs,
+            self.exits + other.exits,
+            self.short_exits + other.short_exits,
+        )
+
+
+@dataclass(frozen=True)
+class ExitRecord:
+    """One process exit streamed from the kernel (only for exec'd or long-lived processes)."""
+
+    pid: int
+    ppid: int  # tgid of the process that created it (0 when it was created before we attached)
+    cgroup_id: int
+    comm: str
+    exit_code: Optional[int]  # exit_group() status; None when killed by a signal or unknown
+    signal: Optional[int]  # fatal signal number, when that is how it ended
+    lifetime_s: Optional[float]  # None when its creation was not seen
+    ts: float
+
+
+@dataclass(frozen=True)
+class ExecRecord:
+    """One exec streamed from the kernel."""
+
+    pid: int
+    ppid: int
+    cgroup_id: int
+    comm: str
+    ts: float
+
+
+@dataclass(frozen=True)
+class PsiSample:
+    """Pressure of one resource (cpu, io, memory) for the system or one cgroup."""
+
+    some_avg10: float  # percent, the kernel's 10 s running average
+    full_avg10: float
+    some_stall_us: int  # stall microseconds accrued during the last interval (`total=` delta)
+    full_stall_us: int
+    interval_s: float  # length of the interval the *_stall_us values cover
+
+    @property
+    def some_pct(self) -> float:
+        """Share of the last interval in which some task stalled, in percent."""
+        if self.interval_s <= 0:
+            return 0.0
+        return min(100.0, self.some_stall_us / (self.interval_s * 1e4))
+
+    @property
+    def full_pct(self) -> float:
+        if self.interval_s <= 0:
+            return 0.0
+        return min(100.0, self.full_stall_us / (self.interval_s * 1e4))
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who owns a cgroup: a systemd unit, a container or a Kubernetes pod."""
+
+    kind: str  # "unit", "container", "pod", "root", "unknown"
+    name: str  # "foo.service", "session-3.scope", "docker-<id>.scope", "pod<uid>", "/"
+    unit: Optional[str] = None  # the systemd unit that holds the cgroup, when there is one
+    container_id: Optional[str] = None
+    runtime: Optional[str] = None  # "docker", "podman", "containerd", "cri-o"
+    pod_uid: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ProcessSample:
+    """One process as seen at a tick."""
+
+    pid: int
+    ppid: int
+    comm: str
+    cmdline: str
+    start_time: float  # seconds since boot (field 22 of /proc/PID/stat / CLK_TCK)
+    uid: int
+    cgroup: str  # cgroup v2 path relative to the cgroup2 mount, "/" for the root
+    unit: Optional[str]
+    cpu_pct: float  # over the last interval, percent of one CPU
+    rss_bytes: int
+    threads: int = 1
+    fd_count: Optional[int] = None  # None when not counted this tick (cheap pre-filter said far)
+    fd_soft_limit: Optional[int] = None  # None = unlimited or unknown
+
+
+@dataclass(frozen=True)
+class CgroupSample:
+    """One cgroup as seen at a tick."""
+
+    id: int  # kernfs inode number == bpf_get_current_cgroup_id()
+    path: str  # relative to the cgroup2 mount, "/" for the root
+    owner: Owner
+    pressure: Mapping[str, PsiSample] = field(default_factory=dict)  # by resource
+    memory_bytes: Optional[int] = None  # memory.current (v2) or usage (v1), when readable
+    cpu_usage_us: Optional[int] = None  # cpu.stat usage_usec delta over the interval
+    nr_throttled: Optional[int] = None  # cpu.stat delta over the interval
+    throttled_us: Optional[int] = None  # cpu.stat throttled_usec delta over the interval
+
+
+@dataclass(frozen=True)
+class StallEdge:
+    """Run-queue wait a victim cgroup suffered while a culprit cgroup held the CPU."""
+
+    victim: str  # cgroup path
+    culprit: str  # cgroup path
+    stall_us: int  # over the interval
+    preemptions: int = 0
+
+
+@dataclass(frozen=True)
+class CgroupRunqueue:
+    """Run-queue wait of one cgroup over one interval."""
+
+    path: str
+    wait_us: int
+    waits: int
+    hist_log2_us: Sequence[int] = ()  # slot i counts waits in [2^i, 2^(i+1)) microseconds
+
+
+@dataclass(frozen=True)
+class StallSnapshot:
+    """Scheduler evidence for one interval (filled by the stall-attribution collector)."""
+
+    runqueue: Mapping[str, CgroupRunqueue] = field(default_factory=dict)  # by cgroup path
+    edges: Sequence[StallEdge] = ()
+    unresolved_us: int = 0  # stall whose cgroup ids could not be resolved to a path
+
+
+@dataclass(frozen=True)
+class Counters:
+    """Monotonic daemon-wide counters, exported as-is (never reset while running)."""
+
+    events: int = 0  # process-lifecycle events counted in the kernel
+    dropped_events: int = 0  # records the kernel could not hand over (ring/perf buffer full)
+    aggregation_overflows: int = 0  # kernel map updates that failed because a map was full
+    untracked_exits: int = 0  # exits whose creation was not seen (lifetime unknown)
+    evicted_processes: int = 0  # processes dropped from the model by its cap
+    evicted_cgroups: int = 0
+    unresolved_cgroups: int = 0  # cgroup ids seen that no path could be found for
+    alerts: int = 0
+    suppressed_alerts: int = 0  # repeat findings held back by a cooldown
+    sink_drops: int = 0  # alerts a slow sink could not take (bounded queue full)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The whole host at one tick: the only input the detectors get."""
+
+    ts: float  # monotonic
+    wall: float  # epoch
+    interval_s: float  # time since the previous snapshot
+    ncpu: int
+    processes: Mapping[int, ProcessSample]
+    # Kernel-aggregated lifecycle counts over this interval.
+    total: LifecycleCounts
+    by_parent: Mapping[int, LifecycleCounts]  # by creator tgid
+    by_cgroup: Mapping[str, LifecycleCounts]  # by cgroup path
+    cgroups: Mapping[str, CgroupSample]  # by cgroup path
+    system_pressure: Mapping[str, PsiSample]  # by resource
+    cpu_util_pct: float  # whole-host busy share over the interval, 0-100
+    file_nr: int = 0  # allocated file handles (/proc/sys/fs/file-nr first field)
+    file_max: int = 0
+    exits: Sequence[ExitRecord] = ()  # exit records that arrived during this interval
+    stall: Optional[StallSnapshot] = None
+
+
+@dataclass(frozen=True)
+class Culprit:
+    """What an alert blames. Fields that do not apply are None."""
+
+    kind: str  # "process", "tree", "cgroup", "system"
+    pid: Optional[int] = None
+    comm: Optional[str] = None
+    cgroup: Optional[str] = None
+    unit: Optional[str] = None
+    parent_pid: Optional[int] = None
+    parent_comm: Optional[str] = None
+    root_pid: Optional[int] = None  # subtree root for tree-shaped culprits
+
+    def label(self) -> str:
+        """Human-readable name, most specific first: 'stress-ng[1234] in foo.service'."""
+        who = f"{self.comm}[{self.pid}]" if self.pid is not None else (self.unit or self.cgroup or "host")
+        where = self.unit or self.cgroup
+        if self.pid is not None and where:
+            return f"{who} in {where}"
+        return who
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A detector's verdict for one culprit at one tick (before cooldown/incident handling)."""
+
+    rule: str
+    key: str  # identity of the culprit for cooldown, e.g. "pid:1234:98765" or "cgroup:/foo"
+    severity: str  # "info", "notice", "warning", "critical"
+    summary: str
+    culprit: Culprit
+    evidence: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One alert as every sink sees it: a firing incident or its resolution."""
+
+    id: str  # unique per alert record
+    incident: str  # shared by the firing record and its resolved record
+    rule: str
+    severity: str
+    state: str  # "firing" or "resolved"
+    ts: float  # epoch seconds
+    summary: str
+    culprit: Culprit
+    evidence: Mapping[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat JSON-ready form used by the stdout, journald, D-Bus and history sinks."""
+        c = self.culprit
+        return {
+            "id": self.id,
+            "incident": self.incident,
+            "rule": self.rule,
+            "severity": self.severity,
+            "state": self.state,
+            "ts": self.ts,
+            "summary": self.summary,
+            "kind": c.kind,
+            "pid": c.pid,
+            "comm": c.comm,
+            "cgroup": c.cgroup,
+            "unit": c.unit,
+            "parent_pid": c.parent_pid,
+            "parent_comm": c.parent_comm,
+            "root_pid": c.root_pid,
+            "evidence": dict(self.evidence),
+        }
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> Alert:
+        culprit = Culprit(
+            kind=d.get("kind", "process"),
+            pid=d.get("pid"),
+            comm=d.get("comm"),
+            cgroup=d.get("cgroup"),
+            unit=d.get("unit"),
+            parent_pid=d.get("parent_pid"),
+            parent_comm=d.get("parent_comm"),
+            root_pid=d.get("root_pid"),
+        )
+        return Alert(
+            id=d["id"],
+            incident=d["incident"],
+            rule=d["rule"],
+            severity=d["severity"],
+            state=d["state"],
+            ts=float(d["ts"]),
+            summary=d["summary"],
+            culprit=culprit,
+            evidence=dict(d.get("evidence") or {}),
+        )
