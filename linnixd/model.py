@@ -60,6 +60,21 @@ class ExecRecord:
 
 
 @dataclass(frozen=True)
+class LifecycleTick:
+    """What the lifecycle collector hands over each tick: deltas plus monotonic health counters."""
+
+    total: LifecycleCounts  # whole host, this interval
+    by_parent: Mapping[int, LifecycleCounts]  # by creator tgid, this interval
+    by_cgroup_id: Mapping[int, LifecycleCounts]  # by cgroup v2 id, this interval
+    execs: Sequence[ExecRecord]
+    exits: Sequence[ExitRecord]
+    events: int  # monotonic since attach: lifecycle events counted in the kernel
+    dropped_events: int  # monotonic: records lost because the ring/perf buffer was full
+    aggregation_overflows: int  # monotonic: map updates refused because a map was full
+    untracked_exits: int  # monotonic: exits whose creation was not seen
+
+
+@dataclass(frozen=True)
 class PsiSample:
     """Pressure of one resource (cpu, io, memory) for the system or one cgroup."""
 
