@@ -1,0 +1,576 @@
+"""The linnixd daemon: one asyncio loop ticking collectors -> host model -> detectors -> alerts -> sinks."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from . import __version__
+from .constants import (
+    EXIT_CONFIG,
+    EXIT_OK,
+    EXIT_OSERR,
+    EXIT_SOFTWARE,
+    EXIT_UNAVAILABLE,
+    HISTORY_DB,
+    STATE_DIR,
+)
+from .model import Alert, Counters, LifecycleCounts, LifecycleTick, Snapshot, StallSnapshot
+
+Listener = Callable[[Alert], None]
+
+
+def log(message: str) -> None:
+    """Daemon log line on stderr (journald captures it under systemd)."""
+    print(f"linnixd: {message}", file=sys.stderr, flush=True)
+
+
+def window_length(policy: Any) -> int:
+    """Snapshots the detectors need: the longest enabled window or sustain, in ticks, plus slack."""
+    tick = policy.daemon.tick_s
+    longest = 2.0
+    for name in policy.enabled_rules():
+        cfg = policy.rule(name)
+        for attr in ("window_s", "sustain_s"):
+            longest = max(longest, float(getattr(cfg, attr, 0.0) or 0.0))
+    return int(math.ceil(longest / tick)) + 3
+
+
+class Daemon:
+    """The daemon core: owns the tick and the pipeline; the bus and CLI adapt it, never the reverse."""
+
+    def __init__(
+        self,
+        policy_path: str,
+        policy: Any,
+        *,
+        lifecycle: Any = None,
+        sched: Any = None,
+        model: Any = None,
+        history: Any = None,
+    ) -> None:
+        from .detectors import all_detectors
+        from .incidents import IncidentTracker
+
+        self.version = __version__
+        self.policy_path = policy_path
+        self.policy = policy
+        self.started_at = time.time()
+        self.enforcement_enabled = False
+        self.lifecycle = lifecycle
+        self.sched = sched
+        self.model = model
+        self.history = history
+        self.psi_mode = "polling"
+        self.detectors = {d.rule: d for d in all_detectors()}
+        self.tracker = IncidentTracker(resolve_after_s=max(2.0, 4 * policy.daemon.tick_s))
+        self.window: collections.deque[Snapshot] = collections.deque(maxlen=window_length(policy))
+        self.sinks: list[Any] = []
+        self._listeners: list[Listener] = []
+        self.totals = LifecycleCounts()
+        self.alert_count = 0
+        self.ticks = 0
+        self.detector_errors = 0
+        self.tick_errors = 0
+        self.last_tick_mono = time.monotonic()
+        self.last_tick_cost_s = 0.0
+        self._last_health: Optional[LifecycleTick] = None
+        self._reported_errors: set[str] = set()
+
+    # ---- the pipeline -------------------------------------------------------------------
+
+    def tick(self) -> Snapshot:
+        """Read every collector once, update the model, run the detectors, emit alerts."""
+        started = time.monotonic()
+        lt: Optional[LifecycleTick] = None
+        if self.lifecycle is not None:
+            lt = self.lifecycle.read()
+            self._last_health = lt
+            self.totals = self.totals + lt.total
+            self.model.apply(lt)
+        stall: Optional[StallSnapshot] = None
+        if self.sched is not None:
+            stall = self.sched.read(self.model.resolve_cgroup)
+        snap: Snapshot = self.model.snapshot(lt, time.monotonic(), time.time(), stall)
+        self.window.append(snap)
+        self.evaluate()
+        self.ticks += 1
+        self.last_tick_mono = time.monotonic()
+        self.last_tick_cost_s = self.last_tick_mono - started
+        return snap
+
+    def evaluate(self) -> list[Alert]:
+        """Run the enabled detectors over the window and turn findings into alerts."""
+        if not self.window:
+            return []
+        window = list(self.window)
+        findings = []
+        cooldowns: dict[str, float] = {}
+        for name in self.policy.enabled_rules():
+            detector = self.detectors.get(name)
+            if detector is None:
+                continue
+            cfg = self.policy.rule(name)
+            cooldowns[name] = cfg.cooldown_s
+            try:
+                findings.extend(detector.evaluate(window, cfg))
+            except Exception as exc:  # one broken detector must not stop the others
+                self.detector_errors += 1
+                self._report_once(f"detector {name}", f"detector {name} failed: {exc!r}")
+        newest = window[-1]
+        alerts = self.tracker.update(findings, newest.ts, newest.wall, cooldowns)
+        for alert in alerts:
+            self.emit(alert)
+        return alerts
+
+    def emit(self, alert: Alert) -> None:
+        """Store first (so nothing signalled is ever missing from history), then fan out."""
+        self.alert_count += 1
+        if self.history is not None:
+            try:
+                self.history.store(alert)
+            except Exception as exc:
+                self._report_once("history", f"alert history write failed: {exc}")
+        for sink in self.sinks:
+            sink.put(alert)
+        for listener in self._listeners:
+            try:
+                listener(alert)
+            except Exception as exc:
+                self._report_once(f"listener {listener!r}", f"alert listener failed: {exc!r}")
+
+    def _report_once(self, key: str, message: str) -> None:
+        if key not in self._reported_errors:
+            self._reported_errors.add(key)
+            log(message)
+
+    # ---- the API the bus and linnixctl adapt ---------------------------------------------
+
+    def add_alert_listener(self, fn: Listener) -> None:
+        self._listeners.append(fn)
+
+    def add_history(self, history: Any) -> None:
+        self.history = history
+
+    def counters(self) -> Counters:
+        health = self._last_health
+        model_counters = self.model.counters() if self.model is not None else {}
+        return Counters(
+            events=health.events if health else 0,
+            dropped_events=health.dropped_events if health else 0,
+            aggregation_overflows=health.aggregation_overflows if health else 0,
+            untracked_exits=health.untracked_exits if health else 0,
+            evicted_processes=int(model_counters.get("evicted_processes", 0)),
+            evicted_cgroups=int(model_counters.get("evicted_cgroups", 0)),
+            unresolved_cgroups=int(model_counters.get("unresolved_cgroups", 0)),
+            alerts=self.alert_count,
+            suppressed_alerts=int(getattr(self.tracker, "suppressed", 0)),
+            sink_drops=sum(s.drops for s in self.sinks),
+        )
+
+    def status(self) -> dict[str, Any]:
+        newest = self.window[-1] if self.window else None
+        return {
+            "version": self.version,
+            "started_at": self.started_at,
+            "policy_path": self.policy_path,
+            "tick_s": self.policy.daemon.tick_s,
+            "enabled_rules": list(self.policy.enabled_rules()),
+            "transport": getattr(self.lifecycle, "transport", None),
+            "scheduler_attribution": self.sched is not None,
+            "psi_mode": self.psi_mode,
+            "enforcement_enabled": self.enforcement_enabled,
+            "counters": asdict(self.counters()),
+            "totals": asdict(self.totals),
+            "open_incidents": len(self.tracker.open_incidents()),
+            "processes": len(newest.processes) if newest else 0,
+            "cgroups": len(newest.cgroups) if newest else 0,
+            "ticks": self.ticks,
+            "tick_cost_ms": round(self.last_tick_cost_s * 1000, 2),
+            "detector_errors": self.detector_errors,
+            "tick_errors": self.tick_errors,
+        }
+
+    def recent_alerts(self, since: float = 0.0, rule: str = "", limit: int = 100) -> list[Alert]:
+        if self.history is None:
+            return []
+        return list(self.history.recent(since=since, rule=rule, limit=limit))
+
+    def open_incidents(self) -> list[Alert]:
+        return list(self.tracker.open_incidents())
+
+    def top_cgroups(self, limit: int = 10) -> list[dict[str, Any]]:
+        if self.model is None:
+            return []
+        rows = list(self.model.top_cgroups(limit))
+        stall = self.window[-1].stall if self.window else None
+        if stall is not None:
+            for row in rows:
+                rq = stall.runqueue.get(row.get("path", ""))
+                row["runq_wait_ms"] = round(rq.wait_us / 1000, 1) if rq else 0.0
+        return rows
+
+    def stall_table(self, limit: int = 20) -> list[dict[str, Any]]:
+        """Who stalls whom over the stall window: victim, culprit, stall_ms, share of victim's wait."""
+        window_s = float(getattr(self.policy.rule("noisy_neighbour"), "window_s", 10.0))
+        if not self.window:
+            return []
+        newest = self.window[-1]
+        pairs: dict[tuple[str, str], int] = collections.Counter()
+        waits: dict[str, int] = collections.Counter()
+        for snap in self.window:
+            if snap.stall is None or newest.ts - snap.ts >= window_s:
+                continue
+            for edge in snap.stall.edges:
+                pairs[(edge.victim, edge.culprit)] += edge.stall_us
+            for path, rq in snap.stall.runqueue.items():
+                waits[path] += rq.wait_us
+        rows = [
+            {
+                "victim": victim,
+                "culprit": culprit,
+                "stall_ms": round(us / 1000, 1),
+                "share": round(us / waits[victim], 3) if waits.get(victim) else 0.0,
+                "window_s": window_s,
+            }
+            for (victim, culprit), us in pairs.items()
+        ]
+        rows.sort(key=lambda r: r["stall_ms"], reverse=True)
+        return rows[:limit]
+
+    def reload_policy(self) -> str:
+        """Load the policy file again; a bad file raises PolicyError and the old policy stays."""
+        from .config import load_policy
+
+        new = load_policy(self.policy_path)
+        old_enabled = set(self.policy.enabled_rules())
+        self.policy = new
+        for rule in old_enabled - set(new.enabled_rules()):
+            self.tracker.forget(rule)
+        self.window = collections.deque(self.window, maxlen=window_length(new))
+        if self.lifecycle is not None:
+            self.lifecycle.set_short_lived(new.daemon.short_lived_s)
+        enabled = list(new.enabled_rules())
+        return f"policy {self.policy_path} reloaded: {len(enabled)} rules enabled ({', '.join(enabled)})"
+
+    def stats(self) -> dict[str, Any]:
+        """Final figures for --stats-on-exit and SIGUSR1 (benchmarks read them)."""
+        out = self.status()
+        out["rss_kb"] = _vm_kb("VmRSS")
+        out["hwm_kb"] = _vm_kb("VmHWM")
+        return out
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        for part in (self.sched, self.lifecycle):
+            if part is not None:
+                part.close()
+
+
+def _vm_kb(field: str) -> int:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+# ---- the event loop ---------------------------------------------------------------------
+
+
+class Runner:
+    """Drives a Daemon on asyncio: ticks, PSI triggers, signals, sd_notify, the bus."""
+
+    def __init__(self, daemon: Daemon, args: argparse.Namespace, notifier: Any, psi_triggers: Any):
+        self.daemon = daemon
+        self.args = args
+        self.notifier = notifier
+        self.triggers = psi_triggers
+        self.stop_event: Optional[asyncio.Event] = None
+        self.wake_event: Optional[asyncio.Event] = None
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.stop_event = asyncio.Event()
+        self.wake_event = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGUSR1, self.dump_stats)
+        if self.triggers is not None and self.triggers.mode == "triggers":
+            loop.add_reader(self.triggers.fileno(), self._on_pressure)
+
+        bus = None
+        if self.args.bus != "none":
+            from .bus import serve
+
+            try:
+                bus = await serve(self.daemon, self.args.bus)
+            except Exception as exc:
+                log(f"cannot serve on the {self.args.bus} bus: {exc}")
+                return EXIT_UNAVAILABLE
+
+        self.notifier.ready()
+        log(
+            f"ready: pid {os.getpid()}, policy {self.daemon.policy_path}, "
+            f"{len(self.daemon.policy.enabled_rules())} rules, transport "
+            f"{getattr(self.daemon.lifecycle, 'transport', 'none')}, psi {self.daemon.psi_mode}, "
+            f"bus {self.args.bus}"
+        )
+        watchdog = asyncio.ensure_future(self._watchdog())
+        try:
+            await self._tick_loop()
+        finally:
+            watchdog.cancel()
+            self.notifier.stopping()
+            if bus is not None and hasattr(bus, "close"):
+                res = bus.close()
+                if asyncio.iscoroutine(res):
+                    await res
+        return EXIT_OK
+
+    async def _tick_loop(self) -> None:
+        assert self.stop_event is not None and self.wake_event is not None
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while not self.stop_event.is_set():
+            try:
+                self.daemon.tick()
+            except Exception as exc:  # a bad tick is counted and reported; the next one tries again
+                self.daemon.tick_errors += 1
+                self.daemon._report_once(f"tick {type(exc).__name__}", f"tick failed: {exc!r}")
+            tick_s = self.daemon.policy.daemon.tick_s
+            next_at = max(next_at + tick_s, loop.time() + tick_s / 4)
+            self.wake_event.clear()
+            stop = asyncio.ensure_future(self.stop_event.wait())
+            wake = asyncio.ensure_future(self.wake_event.wait())
+            await asyncio.wait({stop, wake}, timeout=max(0.0, next_at - loop.time()), return_when=asyncio.FIRST_COMPLETED)
+            for fut in (stop, wake):
+                fut.cancel()
+            if self.wake_event.is_set():
+                next_at = loop.time()
+
+    def _on_pressure(self) -> None:
+        """A kernel PSI trigger fired: tick now instead of waiting for the next tick."""
+        fired = self.triggers.drain()
+        if fired and self.wake_event is not None:
+            self.wake_event.set()
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 only while ticks complete: a stuck tick loop gets the service restarted."""
+        interval = int(os.environ.get("WATCHDOG_USEC", "0") or 0) / 1e6 or 5.0
+        while True:
+            await asyncio.sleep(interval / 2)
+            stale = time.monotonic() - self.daemon.last_tick_mono
+            if stale < max(3 * self.daemon.policy.daemon.tick_s, interval / 2):
+                self.notifier.watchdog()
+                c = self.daemon.counters()
+                self.notifier.status(
+                    f"{c.events} events, {c.dropped_events} dropped, {c.alerts} alerts, "
+                    f"{len(self.daemon.tracker.open_incidents())} open incidents"
+                )
+
+    def reload(self) -> None:
+        from .config import PolicyError
+
+        self.notifier.reloading()
+        try:
+            message = self.daemon.reload_policy()
+            log(message)
+        except PolicyError as exc:
+            for problem in exc.problems:
+                log(f"reload refused, keeping the running policy: {problem}")
+        finally:
+            self.notifier.ready()
+
+    def dump_stats(self) -> None:
+        print(json.dumps({"stats": self.daemon.stats()}), file=sys.stderr, flush=True)
+
+
+# ---- command line -----------------------------------------------------------------------
+
+DESCRIPTION = """\
+linnixd watches the kernel (eBPF tracepoints and Pressure Stall Information) and names the
+process, cgroup or systemd unit that makes the host stall: fork storms, crash loops, CPU
+spikes, runaway process trees, memory leaks, fd exhaustion, pressure saturation and noisy
+neighbours. It only reports (stdout, journald, D-Bus); it never acts unless enforcement
+was enabled through polkit.
+"""
+
+EPILOG = """\
+exit status:
+  0   clean stop            69  bus unavailable       71  kernel feature missing
+  1   other failure         70  internal error        78  invalid policy
+
+files:
+  /etc/linnixd/rules.yaml   the policy (linnixd-policy(5))
+  /var/lib/linnixd          alert history
+
+see also: linnixctl(1), linnixd-policy(5), journalctl(1)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="linnixd",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--foreground", action="store_true", help="print alerts on stdout (interactive use); the daemon never forks either way")
+    p.add_argument("--output", choices=("text", "json"), default="text", help="stdout format with --foreground: readable lines or one JSON object per alert (default: text)")
+    p.add_argument("--policy", metavar="FILE", help="policy file (default: /etc/linnixd/rules.yaml, else the checkout's policy/rules.yaml)")
+    p.add_argument("--check-config", metavar="FILE", help="validate a policy file and exit (0 valid, 78 invalid)")
+    p.add_argument("--dump-bpf", action="store_true", help="print the BPF C that would be compiled, with its -D settings, and exit")
+    p.add_argument("--bus", default=None, metavar="BUS", help="D-Bus to serve on: system, session, none or an address (default: system, or none with --foreground)")
+    p.add_argument("--state-dir", metavar="DIR", help=f"alert history directory (default: {STATE_DIR}; none with --foreground unless given)")
+    p.add_argument("--no-journal", action="store_true", help="do not send alerts to journald even when it is running")
+    p.add_argument("--no-sched", action="store_true", help="do not attach the scheduler (stall attribution) program")
+    p.add_argument("--stats-on-exit", action="store_true", help='print {"stats": {...}} as JSON on stderr at exit (also on SIGUSR1)')
+    p.add_argument("--version", action="version", version=f"linnixd {__version__}")
+    return p
+
+
+def _load_policy_or_exit(path: str) -> Any:
+    from .config import PolicyError, load_policy
+
+    try:
+        return load_policy(path)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(f"linnixd: {problem}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
+
+
+def _dump_bpf(policy: Any) -> int:
+    from .collector.lifecycle import LifecycleCollector
+
+    print(LifecycleCollector(policy.daemon.short_lived_s).dump_source())
+    try:
+        from .collector.sched import SchedCollector
+
+        print(SchedCollector().dump_source())
+    except (ImportError, AttributeError):
+        pass
+    return EXIT_OK
+
+
+def run(args: argparse.Namespace) -> int:
+    from .collector.bpfload import KernelFeatureError
+    from .notify import Notifier
+    from .paths import default_policy
+
+    policy_path = str(args.policy or default_policy())
+    policy = _load_policy_or_exit(policy_path)
+    if args.dump_bpf:
+        return _dump_bpf(policy)
+    if args.bus is None:
+        args.bus = "none" if args.foreground else "system"
+    state_dir = args.state_dir or (None if args.foreground else STATE_DIR)
+
+    from .collector.lifecycle import LifecycleCollector
+    from .hostmodel import HostModel
+    from .sinks import QueuedSink
+    from .sinks.journal import JournalSink, journald_present
+    from .sinks.stdout import StdoutSink
+
+    history = None
+    if state_dir:
+        from .history import AlertHistory
+
+        try:
+            Path(state_dir).mkdir(parents=True, exist_ok=True)
+            history = AlertHistory(
+                str(Path(state_dir) / HISTORY_DB),
+                max_age_days=policy.daemon.history_days,
+                max_count=policy.daemon.history_max,
+            )
+        except Exception as exc:
+            log(f"cannot open alert history in {state_dir}: {exc}")
+            return EXIT_UNAVAILABLE
+
+    lifecycle = LifecycleCollector(policy.daemon.short_lived_s)
+    sched = None
+    try:
+        lifecycle.start()
+        if not args.no_sched and ("noisy_neighbour" in policy.enabled_rules() or "circuit_breaker" in policy.enabled_rules()):
+            try:
+                from .collector.sched import SchedCollector
+            except ImportError:
+                SchedCollector = None  # type: ignore[assignment,misc]
+            if SchedCollector is not None:
+                sched = SchedCollector()
+                sched.start()
+    except KernelFeatureError as exc:
+        log(str(exc))
+        lifecycle.close()
+        return EXIT_OSERR
+
+    model = HostModel(max_processes=policy.daemon.max_processes, max_cgroups=policy.daemon.max_cgroups)
+    model.seed()
+    daemon = Daemon(policy_path, policy, lifecycle=lifecycle, sched=sched, model=model, history=history)
+    if args.foreground:
+        daemon.sinks.append(QueuedSink(StdoutSink(args.output), on_error=log))
+    if not args.no_journal and journald_present():
+        try:
+            daemon.sinks.append(QueuedSink(JournalSink(), on_error=log))
+        except ImportError:
+            log("journald is running but python3-systemd is missing: alerts are not journaled")
+
+    triggers = None
+    try:
+        from .collector.psi import PsiTriggers
+
+        psi_cfg = policy.rules.psi_saturation
+        # a 2 s window is the shortest unprivileged triggers accept (kernel >= 6.5)
+        triggers = PsiTriggers(list(psi_cfg.resources), psi_cfg.some_pct, 2.0)
+        daemon.psi_mode = triggers.mode
+    except Exception as exc:
+        log(f"PSI triggers unavailable, polling every tick: {exc}")
+
+    notifier = Notifier()
+    runner = Runner(daemon, args, notifier, triggers)
+    try:
+        code = asyncio.run(runner.run())
+    finally:
+        if args.stats_on_exit:
+            runner.dump_stats()
+        daemon.close()
+        if triggers is not None:
+            triggers.close()
+    return code
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.check_config:
+        from .config import main_check_config
+
+        return main_check_config([args.check_config])
+    try:
+        return run(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception as exc:  # the last line of defence: one line, never a traceback
+        log(f"internal error: {exc!r}")
+        return EXIT_SOFTWARE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The journald sink: one structured entry per alert (MESSAGE_ID per rule, LINNIX_* fields)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from ..constants import MESSAGE_IDS, SEVERITY_PRIORITY
+from ..model import Alert
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+
+
+def journald_present() -> bool:
+    return os.path.exists(JOURNAL_SOCKET)
+
+
+def journal_fields(alert: Alert) -> dict[str, Any]:
+    """The journal entry for an alert: `journalctl LINNIX_RULE=fork_storm` selects it."""
+    c = alert.culprit
+    message_id = MESSAGE_IDS["resolved"] if alert.state == "resolved" else MESSAGE_IDS[alert.rule]
+    fields: dict[str, Any] = {
+        "MESSAGE": f"{alert.rule} {alert.state}: {alert.summary}",
+        "MESSAGE_ID": message_id,
+        "PRIORITY": str(SEVERITY_PRIORITY["info"] if alert.state == "resolved" else SEVERITY_PRIORITY[alert.severity]),
+        "SYSLOG_IDENTIFIER": "linnixd",
+        "LINNIX_RULE": alert.rule,
+        "LINNIX_STATE": alert.state,
+        "LINNIX_SEVERITY": alert.severity,
+        "LINNIX_ALERT_ID": alert.id,
+        "LINNIX_INCIDENT": alert.incident,
+        "LINNIX_CULPRIT_KIND": c.kind,
+        "LINNIX_EVIDENCE": json.dumps(dict(alert.evidence), sort_keys=True, default=str),
+    }
+    optional = {
+        "LINNIX_PID": c.pid,
+        "LINNIX_COMM": c.comm,
+        "LINNIX_UNIT": c.unit,
+        "LINNIX_CGROUP": c.cgroup,
+        "LINNIX_PARENT_PID": c.parent_pid,
+        "LINNIX_PARENT_COMM": c.parent_comm,
+        "LINNIX_ROOT_PID": c.root_pid,
+    }
+    for key, value in optional.items():
+        if value is not None:
+            fields[key] = str(value)
+    return fields
+
+
+class JournalSink:
+    """Sends alerts to journald through systemd-python (python3-systemd)."""
+
+    name = "journald"
+
+    def __init__(self) -> None:
+        from systemd import journal  # imported here: only needed where journald runs
+
+        self._send = journal.send
+
+    def write(self, alert: Alert) -> None:
+        fields = journal_fields(alert)
+        message = fields.pop("MESSAGE")
+        self._send(message, **fields)
