@@ -256,7 +256,8 @@ class Daemon:
         old_enabled = set(self.policy.enabled_rules())
         self.policy = new
         for rule in old_enabled - set(new.enabled_rules()):
-            self.tracker.forget(rule)
+            for alert in self.tracker.forget(rule):
+                self.emit(alert)
         self.window = collections.deque(self.window, maxlen=window_length(new))
         if self.lifecycle is not None:
             self.lifecycle.set_short_lived(new.daemon.short_lived_s)

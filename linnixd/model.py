@@ -170,6 +170,14 @@ class StallSnapshot:
     runqueue: Mapping[str, CgroupRunqueue] = field(default_factory=dict)  # by cgroup path
     edges: Sequence[StallEdge] = ()
     unresolved_us: int = 0  # stall whose cgroup ids could not be resolved to a path
+    unattributed_us: int = 0  # wait no culprit could be named for (CPU idle, log too short)
+    unresolved_preemptions: int = 0  # preemptions between cgroups not resolvable to a path
+    # Monotonic health counters of the scheduler program since attach.
+    no_enqueue: int = 0  # switch-ins without a recorded enqueue time (attach, LRU eviction)
+    migrated_waits: int = 0  # waits that ended on another CPU than they were queued on
+    lost_waits: int = 0  # waits whose task's cgroup was never observed (not attributed)
+    recovered_waits: int = 0  # waits settled from the task's last-seen cgroup (missed sched_switch)
+    aggregation_overflows: int = 0  # kernel map inserts refused because a map was full
 
 
 @dataclass(frozen=True)

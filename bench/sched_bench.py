@@ -1,0 +1,121 @@
+"""Cost of bpf/sched.c: stress-ng --switch throughput with and without it, paired and interleaved."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from linnixd.collector.sched import SchedCollector  # noqa: E402
+
+METRIC = re.compile(r"\]\s+switch\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)")
+STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
+SWITCH_PROG = b"tracepoint__sched__sched_switch"
+
+
+def ctxt() -> int:
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("ctxt "):
+                return int(line.split()[1])
+    raise RuntimeError("/proc/stat has no ctxt line")
+
+
+def run_stress(seconds: int) -> tuple[float, int, float]:
+    """(bogo ops/s, context switches host-wide, stress-ng cpu seconds) of one run."""
+    before = ctxt()
+    out = subprocess.run(
+        ["stress-ng", "--switch", "2", "-t", str(seconds), "--metrics-brief"],
+        capture_output=True, text=True, check=True,
+    )
+    switches = ctxt() - before
+    m = METRIC.search(out.stdout + out.stderr)
+    if m is None:
+        raise RuntimeError("stress-ng printed no switch metrics line")
+    ops, real_s, usr_s, sys_s = int(m.group(1)), float(m.group(2)), float(m.group(3)), float(m.group(4))
+    return ops / real_s, switches, usr_s + sys_s
+
+
+def prog_cost(collector: SchedCollector) -> Optional[tuple[int, int]]:
+    """(run_time_ns, run_cnt) of the sched_switch program from its fdinfo (needs bpf_stats)."""
+    fd = collector._bpf.funcs[SWITCH_PROG].fd
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines() if ":" in line
+    )
+    if "run_time_ns" not in fields:
+        return None
+    return int(fields["run_time_ns"]), int(fields["run_cnt"])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--pairs", type=int, default=5)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--tick", type=float, default=0.5, help="map read interval while attached, as the daemon")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("sched_bench: needs root (loads BPF)", file=sys.stderr)
+        return 77
+    ratios, added_ns = [], []
+    for i in range(args.pairs):
+        a_ops, a_sw, a_cpu = run_stress(args.seconds)
+        collector = SchedCollector()
+        collector.start()
+        stop = threading.Event()
+
+        def reader(c: SchedCollector = collector) -> None:
+            while not stop.wait(args.tick):
+                c.read(lambda cid: None)
+
+        t = threading.Thread(target=reader)
+        t.start()
+        try:
+            b_ops, b_sw, b_cpu = run_stress(args.seconds)
+        finally:
+            stop.set()
+            t.join()
+            collector.close()
+        ratio = b_ops / a_ops
+        extra = (b_cpu / b_sw - a_cpu / a_sw) * 1e9
+        ratios.append(ratio)
+        added_ns.append(extra)
+        line = (f"pair {i + 1}: without {a_ops:,.0f} ops/s ({a_sw / args.seconds:,.0f} switches/s), "
+                f"with {b_ops:,.0f} ops/s ({b_sw / args.seconds:,.0f} switches/s), ratio {ratio:.3f}, "
+                f"stress-ng cpu per switch {extra:+.0f} ns")
+        print(line, flush=True)
+    print(f"throughput ratio (median of {len(ratios)} pairs): {statistics.median(ratios):.3f} (goal >= 0.95)")
+    print(f"added stress-ng cpu per context switch (median): {statistics.median(added_ns):+.0f} ns")
+    per = program_run_ns(args.seconds)
+    if per is not None:
+        print(f"sched_switch program run time (kernel bpf_stats, separate run): {per:.0f} ns per switch")
+    return 0
+
+
+def program_run_ns(seconds: int) -> Optional[float]:
+    """Mean run time of the sched_switch program over one attached run, from kernel bpf_stats."""
+    old = Path(STATS_SYSCTL).read_text().strip()
+    Path(STATS_SYSCTL).write_text("1")  # host-wide setting: only for this run, restored below
+    collector = SchedCollector()
+    try:
+        collector.start()
+        before = prog_cost(collector)
+        run_stress(seconds)
+        after = prog_cost(collector)
+    finally:
+        collector.close()
+        Path(STATS_SYSCTL).write_text(old)
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,547 @@
+"""The daemon on D-Bus: org.linnix.linnixd1.Manager methods, properties, the Alert signal, the polkit gate.
+
+Interface org.linnix.linnixd1.Manager on /org/linnix/linnixd1 (stable signatures):
+
+    Status() -> s                                  JSON object (Daemon.status())
+    RecentAlerts(d since, s rule, u limit) -> s    JSON array of Alert.to_dict(), newest first
+    OpenIncidents() -> s                           JSON array of Alert.to_dict()
+    TopCgroups(u limit) -> s                       JSON array of cgroup rows
+    StallTable(u limit) -> s                       JSON array of {victim, culprit, stall_ms, share, window_s}
+    ReloadPolicy() -> s                            one-line result; polkit org.linnix.linnixd1.reload-policy
+    signal Alert(s rule, s severity, s summary, a{sv} details)
+    properties (read-only): Version s, EnforcementEnabled b, PolicyPath s, StartedAt d,
+                            Events t, DroppedEvents t, Alerts t
+
+Every call is dispatched here from the raw message (bus.add_message_handler), because dbus-next's
+ServiceInterface hides the caller. Methods are exported with @exported; a method that is not
+also marked @read_only is authorized through polkit for the caller's unique name before it
+runs, so a forgotten marker means "authorization required", never "open".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+from xml.sax.saxutils import escape
+
+from dbus_next import BusType, Message, MessageType, Variant
+from dbus_next.aio import MessageBus
+from dbus_next.constants import MessageFlag, NameFlag, RequestNameReply
+
+from .constants import (
+    BUS_NAME,
+    ERROR_FAILED,
+    ERROR_INVALID_ARGS,
+    ERROR_NOT_AUTHORIZED,
+    ERROR_POLICY,
+    MANAGER_INTERFACE,
+    OBJECT_PATH,
+    POLKIT_ACT,
+    POLKIT_RELOAD,
+)
+from .model import Alert
+
+AUTH_TIMEOUT_S = 25.0  # a polkit that has not answered by then is a denial
+PROPERTIES_INTERVAL_S = 1.0  # PropertiesChanged for the counters at most this often
+MAX_ALERTS = 10_000
+MAX_ROWS = 1_000
+_RULE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
+
+POLKIT_NAME = "org.freedesktop.PolicyKit1"
+POLKIT_PATH = "/org/freedesktop/PolicyKit1/Authority"
+POLKIT_INTERFACE = "org.freedesktop.PolicyKit1.Authority"
+POLKIT_ALLOW_USER_INTERACTION = 1
+PROPERTIES_INTERFACE = "org.freedesktop.DBus.Properties"
+INTROSPECTABLE_INTERFACE = "org.freedesktop.DBus.Introspectable"
+DBUS_UNKNOWN_METHOD = "org.freedesktop.DBus.Error.UnknownMethod"
+DBUS_UNKNOWN_PROPERTY = "org.freedesktop.DBus.Error.UnknownProperty"
+DBUS_UNKNOWN_INTERFACE = "org.freedesktop.DBus.Error.UnknownInterface"
+DBUS_PROPERTY_READ_ONLY = "org.freedesktop.DBus.Error.PropertyReadOnly"
+DBUS_INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
+
+
+def log(message: str) -> None:
+    print(f"linnixd: {message}", file=sys.stderr, flush=True)
+
+
+class BusError(Exception):
+    """An error reply: a D-Bus error name and a one-line message."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+        self.message = " ".join(message.splitlines())
+
+
+@dataclass(frozen=True)
+class Export:
+    """One exported method: its D-Bus shape and, unless read-only, the polkit action it needs."""
+
+    name: str
+    in_args: tuple[tuple[str, str], ...]  # (name, signature)
+    out_args: tuple[tuple[str, str], ...]
+    read_only: bool
+    action: str
+    doc: str
+    fn: Callable[..., Any]
+
+    @property
+    def in_signature(self) -> str:
+        return "".join(sig for _, sig in self.in_args)
+
+    @property
+    def out_signature(self) -> str:
+        return "".join(sig for _, sig in self.out_args)
+
+
+def exported(
+    name: str,
+    in_args: tuple[tuple[str, str], ...] = (),
+    out_args: tuple[tuple[str, str], ...] = (("result", "s"),),
+    *,
+    action: str = POLKIT_ACT,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Export a method. It needs polkit `action` (default: the most privileged one) unless @read_only."""
+
+    def mark(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn.__bus_export__ = (name, in_args, out_args, action)  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+def read_only(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark an exported method as a read that any local user may call without polkit."""
+    fn.__bus_read_only__ = True  # type: ignore[attr-defined]
+    return fn
+
+
+def collect_exports(cls: type) -> dict[str, Export]:
+    out: dict[str, Export] = {}
+    attrs = {k: v for klass in reversed(cls.__mro__) for k, v in vars(klass).items()}
+    for attr in attrs.values():
+        spec = getattr(attr, "__bus_export__", None)
+        if spec is None:
+            continue
+        name, in_args, out_args, action = spec
+        out[name] = Export(
+            name=name,
+            in_args=in_args,
+            out_args=out_args,
+            read_only=bool(getattr(attr, "__bus_read_only__", False)),
+            action=action,
+            doc=" ".join((attr.__doc__ or "").split()),
+            fn=attr,
+        )
+    return out
+
+
+def _limit(value: int, most: int) -> int:
+    if not 1 <= value <= most:
+        raise BusError(ERROR_INVALID_ARGS, f"limit must be between 1 and {most}, got {value}")
+    return value
+
+
+def _to_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _variant(value: Any) -> Optional[Variant]:
+    """A D-Bus variant for a plain value (None and containers have no flat form)."""
+    if isinstance(value, bool):
+        return Variant("b", value)
+    if isinstance(value, int):
+        return Variant("x", value) if -(2**63) <= value < 2**63 else Variant("d", float(value))
+    if isinstance(value, float):
+        return Variant("d", value)
+    if isinstance(value, str):
+        return Variant("s", value)
+    return None
+
+
+def alert_details(alert: Alert) -> dict[str, Variant]:
+    """The Alert signal's a{sv}: identity, culprit, evidence as JSON and each numeric evidence flat."""
+    c = alert.culprit
+    plain: dict[str, Any] = {
+        "state": alert.state,
+        "id": alert.id,
+        "incident": alert.incident,
+        "ts": float(alert.ts),
+        "kind": c.kind,
+        "pid": c.pid,
+        "comm": c.comm,
+        "unit": c.unit,
+        "cgroup": c.cgroup,
+        "parent_pid": c.parent_pid,
+        "parent_comm": c.parent_comm,
+        "root_pid": c.root_pid,
+        "culprit": c.label(),
+    }
+    if c.parent_pid is not None:
+        plain["parent"] = f"{c.parent_comm or '?'}[{c.parent_pid}]"
+    details = {k: v for k, v in ((k, _variant(v)) for k, v in plain.items()) if v is not None}
+    details["evidence"] = Variant("s", _to_json(dict(alert.evidence)))
+    for key, value in alert.evidence.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat = _variant(value)
+            if flat is not None:
+                details[f"evidence.{key}"] = flat
+    return details
+
+
+class BusService:
+    """Adapts a Daemon core to one bus connection; create it with serve()."""
+
+    def __init__(self, daemon: Any, bus: MessageBus, *, auth_timeout_s: float = AUTH_TIMEOUT_S) -> None:
+        self.daemon = daemon
+        self.bus = bus
+        self.auth_timeout_s = auth_timeout_s
+        self.exports = collect_exports(type(self))
+        self.internal_errors = 0  # calls that failed inside the daemon (ERROR_FAILED replies)
+        self.send_failures = 0  # signals and replies the connection could not send
+        self._closed = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._cancel_ids = itertools.count(1)
+        self._last_props: dict[str, Any] = {}
+        self._props_task: Optional[asyncio.Task[Any]] = None
+        self._disconnect_task: Optional[asyncio.Task[Any]] = None
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.bus.add_message_handler(self._on_message)
+        self.daemon.add_alert_listener(self.send_alert)
+        reply = await self.bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+            raise RuntimeError(f"the bus name {BUS_NAME} is taken: is another linnixd running?")
+        self._last_props = self._changing_properties()
+        self._props_task = asyncio.ensure_future(self._properties_loop())
+        self._disconnect_task = asyncio.ensure_future(self._watch_disconnect())
+
+    async def _watch_disconnect(self) -> None:
+        """Say so when the bus goes away (the daemon keeps monitoring without it)."""
+        try:
+            await self.bus.wait_for_disconnect()
+            reason = ""
+        except Exception as exc:
+            reason = f": {exc!r}"
+        if not self._closed:
+            self._closed = True
+            if self._props_task is not None:
+                self._props_task.cancel()
+            log(f"lost the bus connection{reason}; alerts still go to the other sinks")
+
+    def close(self) -> None:
+        self._closed = True
+        if self._props_task is not None:
+            self._props_task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        self.bus.disconnect()
+
+    # ---- the exported methods -----------------------------------------------------------
+
+    @read_only
+    @exported("Status")
+    def Status(self) -> str:
+        """The daemon's state as a JSON object: version, policy, rules, counters, open incidents."""
+        return _to_json(self.daemon.status())
+
+    @read_only
+    @exported("RecentAlerts", (("since", "d"), ("rule", "s"), ("limit", "u")))
+    def RecentAlerts(self, since: float, rule: str, limit: int) -> str:
+        """Alerts from the history with ts >= since (epoch s), of rule ("" = any), newest first, as JSON."""
+        if not math.isfinite(since) or since < 0:
+            raise BusError(ERROR_INVALID_ARGS, f"since must be an epoch time >= 0, got {since}")
+        if rule and not _RULE_NAME.match(rule):
+            raise BusError(ERROR_INVALID_ARGS, f"rule must be a rule name like fork_storm, got {rule[:80]!r}")
+        alerts = self.daemon.recent_alerts(since=since, rule=rule, limit=_limit(limit, MAX_ALERTS))
+        return _to_json([a.to_dict() for a in alerts])
+
+    @read_only
+    @exported("OpenIncidents")
+    def OpenIncidents(self) -> str:
+        """The firing alerts of incidents not yet resolved, as a JSON array."""
+        return _to_json([a.to_dict() for a in self.daemon.open_incidents()])
+
+    @read_only
+    @exported("TopCgroups", (("limit", "u"),))
+    def TopCgroups(self, limit: int) -> str:
+        """Cgroups by pressure: path, unit, cpu/io/memory some %, run-queue wait ms, memory bytes (JSON)."""
+        return _to_json(self.daemon.top_cgroups(limit=_limit(limit, MAX_ROWS)))
+
+    @read_only
+    @exported("StallTable", (("limit", "u"),))
+    def StallTable(self, limit: int) -> str:
+        """Who made whom wait for a CPU: victim, culprit, stall_ms, share, window_s (JSON)."""
+        return _to_json(self.daemon.stall_table(limit=_limit(limit, MAX_ROWS)))
+
+    @exported("ReloadPolicy", action=POLKIT_RELOAD)
+    def ReloadPolicy(self) -> str:
+        """Re-read the policy file; a bad file is refused (PolicyInvalid) and the old policy keeps running."""
+        try:
+            return str(self.daemon.reload_policy())
+        except Exception as exc:
+            from .config import PolicyError
+
+            if isinstance(exc, PolicyError):
+                raise BusError(ERROR_POLICY, "; ".join(exc.problems) or str(exc)) from None
+            raise
+
+    # ---- properties and the Alert signal ------------------------------------------------
+
+    def properties(self) -> dict[str, Variant]:
+        c = self.daemon.counters()
+        return {
+            "Version": Variant("s", str(self.daemon.version)),
+            "EnforcementEnabled": Variant("b", bool(self.daemon.enforcement_enabled)),
+            "PolicyPath": Variant("s", str(self.daemon.policy_path)),
+            "StartedAt": Variant("d", float(self.daemon.started_at)),
+            "Events": Variant("t", int(c.events)),
+            "DroppedEvents": Variant("t", int(c.dropped_events)),
+            "Alerts": Variant("t", int(c.alerts)),
+        }
+
+    def _changing_properties(self) -> dict[str, Any]:
+        return {k: v.value for k, v in self.properties().items() if k not in ("Version", "StartedAt")}
+
+    async def _properties_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PROPERTIES_INTERVAL_S)
+            self.emit_properties_changed()
+
+    def emit_properties_changed(self) -> None:
+        """PropertiesChanged with the properties that differ from the last emission, if any."""
+        props = self.properties()
+        now = self._changing_properties()
+        changed = {k: props[k] for k, v in now.items() if self._last_props.get(k) != v}
+        self._last_props = now
+        if changed:
+            self._send(Message.new_signal(OBJECT_PATH, PROPERTIES_INTERFACE, "PropertiesChanged", "sa{sv}as", [MANAGER_INTERFACE, changed, []]))
+
+    def send_alert(self, alert: Alert) -> None:
+        """Daemon alert listener: broadcast Alert(rule, severity, summary, details)."""
+        if self._closed:
+            return
+        self._send(Message.new_signal(OBJECT_PATH, MANAGER_INTERFACE, "Alert", "sssa{sv}", [alert.rule, alert.severity, alert.summary, alert_details(alert)]))
+
+    def _send(self, msg: Message) -> None:
+        if self._closed or not self.bus.connected:
+            self.send_failures += 1
+            return
+        self.bus.send(msg).add_done_callback(self._count_send_failure)
+
+    def _count_send_failure(self, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            self.send_failures += 1
+
+    # ---- dispatch -----------------------------------------------------------------------
+
+    def _on_message(self, msg: Message) -> bool:
+        """Handles every method call to our object; returns False for the rest (dbus-next answers)."""
+        if msg.message_type != MessageType.METHOD_CALL:
+            return False
+        if msg.path != OBJECT_PATH:
+            if msg.interface == INTROSPECTABLE_INTERFACE and msg.member == "Introspect" and _is_ancestor(msg.path):
+                self._reply(msg, "s", [_ancestor_xml(msg.path)])
+                return True
+            return False
+        if msg.interface == PROPERTIES_INTERFACE:
+            self._on_properties(msg)
+        elif msg.interface == INTROSPECTABLE_INTERFACE:
+            self._reply(msg, "s", [self.introspect()])
+        elif msg.interface == MANAGER_INTERFACE or (msg.interface is None and msg.member in self.exports):
+            self._on_method(msg)
+        else:
+            return False
+        return True
+
+    def _on_method(self, msg: Message) -> None:
+        export = self.exports.get(msg.member)
+        if export is None:
+            self._error(msg, DBUS_UNKNOWN_METHOD, f"{MANAGER_INTERFACE} has no method {msg.member}")
+            return
+        if msg.signature != export.in_signature:
+            self._error(msg, ERROR_INVALID_ARGS, f"{export.name} takes ({export.in_signature}), got ({msg.signature})")
+            return
+        if export.read_only:
+            self._send(self._run(export, msg))
+            return
+        task = asyncio.ensure_future(self._run_authorized(export, msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_authorized(self, export: Export, msg: Message) -> None:
+        allowed, why = await self.check_authorization(msg.sender, export.action)
+        if self._closed:
+            return
+        if not allowed:
+            self._error(msg, ERROR_NOT_AUTHORIZED, f"{export.name} needs polkit action {export.action}: {why}")
+            return
+        self._send(self._run(export, msg))
+
+    def _run(self, export: Export, msg: Message) -> Message:
+        """Call the method; every failure becomes a named error with one line, never a traceback."""
+        try:
+            result = export.fn(self, *msg.body)
+            return Message.new_method_return(msg, export.out_signature, [result])
+        except BusError as exc:
+            return Message.new_error(msg, exc.name, exc.message)
+        except Exception as exc:
+            self.internal_errors += 1
+            line = " ".join(str(exc).splitlines()) or type(exc).__name__
+            log(f"{export.name} failed: {type(exc).__name__}: {line}")
+            return Message.new_error(msg, ERROR_FAILED, f"{export.name} failed: {line}")
+
+    async def check_authorization(self, sender: Optional[str], action: str) -> tuple[bool, str]:
+        """polkit CheckAuthorization for the caller's unique name; any failure or timeout denies."""
+        if not sender or not sender.startswith(":"):
+            return False, "the caller has no unique bus name"
+        cancel_id = f"linnixd-{next(self._cancel_ids)}"
+        call = Message(
+            destination=POLKIT_NAME,
+            path=POLKIT_PATH,
+            interface=POLKIT_INTERFACE,
+            member="CheckAuthorization",
+            signature="(sa{sv})sa{ss}us",
+            body=[["system-bus-name", {"name": Variant("s", sender)}], action, {}, POLKIT_ALLOW_USER_INTERACTION, cancel_id],
+        )
+        try:
+            reply = await asyncio.wait_for(self.bus.call(call), self.auth_timeout_s)
+        except asyncio.TimeoutError:
+            self._cancel_check(cancel_id)
+            return False, f"polkit did not answer within {self.auth_timeout_s:g} s"
+        except Exception as exc:
+            return False, f"polkit check failed: {exc}"
+        if reply is None or reply.message_type != MessageType.METHOD_RETURN:
+            detail = reply.body[0] if reply is not None and reply.body else ""
+            return False, f"polkit check failed: {getattr(reply, 'error_name', 'no reply')}: {detail}"
+        try:
+            is_authorized, is_challenge, _details = reply.body[0]
+        except (TypeError, ValueError, IndexError):
+            return False, "polkit sent a malformed answer"
+        if is_authorized is True:
+            return True, ""
+        return False, "authentication is required and no agent answered" if is_challenge else "denied by polkit"
+
+    def _cancel_check(self, cancel_id: str) -> None:
+        self._send(
+            Message(
+                destination=POLKIT_NAME,
+                path=POLKIT_PATH,
+                interface=POLKIT_INTERFACE,
+                member="CancelCheckAuthorization",
+                signature="s",
+                body=[cancel_id],
+                flags=MessageFlag.NO_REPLY_EXPECTED,  # nothing to wait for
+            )
+        )
+
+    def _on_properties(self, msg: Message) -> None:
+        props = self.properties()
+        if msg.member == "Get" and msg.signature == "ss":
+            iface, name = msg.body
+            if iface not in (MANAGER_INTERFACE, "") or name not in props:
+                self._error(msg, DBUS_UNKNOWN_PROPERTY, f"no property {iface}.{name}")
+            else:
+                self._reply(msg, "v", [props[name]])
+        elif msg.member == "GetAll" and msg.signature == "s":
+            if msg.body[0] not in (MANAGER_INTERFACE, ""):
+                self._error(msg, DBUS_UNKNOWN_INTERFACE, f"no interface {msg.body[0]} on {OBJECT_PATH}")
+            else:
+                self._reply(msg, "a{sv}", [props])
+        elif msg.member == "Set" and msg.signature == "ssv":
+            self._error(msg, DBUS_PROPERTY_READ_ONLY, "every linnixd property is read-only")
+        else:
+            self._error(msg, DBUS_INVALID_ARGS, f"no method {PROPERTIES_INTERFACE}.{msg.member}({msg.signature})")
+
+    def _reply(self, msg: Message, signature: str, body: list[Any]) -> None:
+        self._send(Message.new_method_return(msg, signature, body))
+
+    def _error(self, msg: Message, name: str, text: str) -> None:
+        self._send(Message.new_error(msg, name, text))
+
+    def introspect(self) -> str:
+        """Introspection XML generated from the exports, with each method's contract as a comment."""
+        parts = [_XML_HEADER, "<node>", f' <interface name="{MANAGER_INTERFACE}">']
+        for export in self.exports.values():
+            gate = "any local user" if export.read_only else f"polkit {export.action}"
+            parts.append(f"  <!-- {escape(export.doc)} ({gate}) -->")
+            parts.append(f'  <method name="{export.name}">')
+            for name, sig in export.in_args:
+                parts.append(f'   <arg name="{name}" type="{sig}" direction="in"/>')
+            for name, sig in export.out_args:
+                parts.append(f'   <arg name="{name}" type="{sig}" direction="out"/>')
+            parts.append("  </method>")
+        parts.append("  <!-- One per alert, firing or resolved; details: state, id, incident, ts, pid, comm, unit, cgroup, parent, evidence (JSON) and evidence.<key> numbers -->")
+        parts.append('  <signal name="Alert"><arg name="rule" type="s"/><arg name="severity" type="s"/><arg name="summary" type="s"/><arg name="details" type="a{sv}"/></signal>')
+        for name, value in self.properties().items():
+            parts.append(f'  <property name="{name}" type="{value.signature}" access="read"/>')
+        parts.append(" </interface>")
+        parts.append(_STANDARD_INTERFACES)
+        parts.append("</node>")
+        return "\n".join(parts)
+
+
+_XML_HEADER = (
+    '<!DOCTYPE node PUBLIC "-//freedesktop//DTD D-BUS Object Introspection 1.0//EN"\n'
+    ' "http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd">'
+)
+_STANDARD_INTERFACES = """ <interface name="org.freedesktop.DBus.Introspectable">
+  <method name="Introspect"><arg name="data" type="s" direction="out"/></method>
+ </interface>
+ <interface name="org.freedesktop.DBus.Peer">
+  <method name="Ping"/>
+  <method name="GetMachineId"><arg name="machine_uuid" type="s" direction="out"/></method>
+ </interface>
+ <interface name="org.freedesktop.DBus.Properties">
+  <method name="Get"><arg name="interface" type="s" direction="in"/><arg name="name" type="s" direction="in"/><arg name="value" type="v" direction="out"/></method>
+  <method name="GetAll"><arg name="interface" type="s" direction="in"/><arg name="props" type="a{sv}" direction="out"/></method>
+  <method name="Set"><arg name="interface" type="s" direction="in"/><arg name="name" type="s" direction="in"/><arg name="value" type="v" direction="in"/></method>
+  <signal name="PropertiesChanged"><arg name="interface" type="s"/><arg name="changed" type="a{sv}"/><arg name="invalidated" type="as"/></signal>
+ </interface>"""
+
+
+def _is_ancestor(path: Optional[str]) -> bool:
+    return bool(path) and (path == "/" or OBJECT_PATH.startswith(str(path).rstrip("/") + "/"))
+
+
+def _ancestor_xml(path: Optional[str]) -> str:
+    """Introspection of /, /org, /org/linnix: one child node leading to our object (busctl tree)."""
+    below = OBJECT_PATH[len(str(path).rstrip("/")) + 1 :]
+    return f'{_XML_HEADER}\n<node>\n <node name="{below.split("/")[0]}"/>\n</node>'
+
+
+def bus_options(bus: str) -> dict[str, Any]:
+    """MessageBus keyword arguments for "system", "session" or a D-Bus address."""
+    if bus == "system":
+        return {"bus_type": BusType.SYSTEM}
+    if bus == "session":
+        return {"bus_type": BusType.SESSION}
+    return {"bus_address": bus}
+
+
+async def connect(bus: str) -> MessageBus:
+    """A connected asyncio MessageBus for "system", "session" or an address (unix:path=...)."""
+    return await MessageBus(**bus_options(bus)).connect()
+
+
+async def serve(daemon: Any, bus: str = "system", *, auth_timeout_s: float = AUTH_TIMEOUT_S) -> BusService:
+    """Connect to `bus`, own org.linnix.linnixd1 and serve `daemon` until BusService.close().
+
+    Raises (one-line messages) when the bus is unreachable or the name cannot be owned.
+    """
+    connection = await connect(bus)
+    service = BusService(daemon, connection, auth_timeout_s=auth_timeout_s)
+    try:
+        await service.start()
+    except Exception:
+        service.close()
+        raise
+    return service

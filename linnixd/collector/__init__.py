@@ -1,0 +1,1 @@
+"""Collectors: read the kernel (BPF maps, /proc, cgroupfs, PSI) once per tick."""

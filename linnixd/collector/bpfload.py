@@ -1,0 +1,133 @@
+"""Compiling and loading BPF C with bcc, turning every missing kernel feature into one clear line."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+BTF_PATH = "/sys/kernel/btf/vmlinux"
+
+
+class KernelFeatureError(Exception):
+    """A kernel feature, file or privilege linnixd needs is missing; str() is the one-line fix."""
+
+
+def tracefs_root() -> str | None:
+    for root in TRACEFS_CANDIDATES:
+        if os.path.exists(os.path.join(root, "events", "sched", "sched_switch", "format")):
+            return root
+    return None
+
+
+def preflight(tracepoints: Sequence[str] = ()) -> None:
+    """Check what bcc needs before spending ~0.5 s in LLVM; raise KernelFeatureError if missing."""
+    try:
+        import bcc  # noqa: F401  (its import is the check)
+    except ImportError:
+        raise KernelFeatureError("bcc is not installed: apt install python3-bpfcc (and run with /usr/bin/python3)") from None
+    root = tracefs_root()
+    if root is None:
+        if not os.access("/sys/kernel", os.R_OK | os.X_OK):
+            raise KernelFeatureError("cannot read /sys/kernel: run as root or with CAP_DAC_READ_SEARCH")
+        raise KernelFeatureError("tracefs is not mounted: mount -t tracefs nodev /sys/kernel/tracing")
+    for tp in tracepoints:
+        fmt = os.path.join(root, "events", tp, "format")
+        if not os.path.exists(fmt):
+            raise KernelFeatureError(f"tracepoint {tp} is missing from this kernel ({fmt})")
+        if not os.access(fmt, os.R_OK):
+            raise KernelFeatureError(f"cannot read {fmt}: needs CAP_DAC_READ_SEARCH (bcc reads tracepoint formats)")
+    build = Path("/lib/modules") / platform.release() / "build"
+    if not (build / "Makefile").exists() and not Path(BTF_PATH).exists():
+        raise KernelFeatureError(
+            f"kernel headers missing: {build} does not exist (apt install linux-headers-amd64; "
+            "on a kernel without its own headers, link build and source to /usr/src/linux-headers-*)"
+        )
+    if not (build / "Makefile").exists():
+        raise KernelFeatureError(
+            f"kernel headers missing: {build} does not exist (apt install linux-headers-$(uname -r), "
+            "or link it to the newest /usr/src/linux-headers-*-amd64 as .ci/setup-host does)"
+        )
+
+
+def ringbuf_supported() -> bool:
+    """True when the kernel offers BPF ring buffers (BPF_MAP_TYPE_RINGBUF, Linux >= 5.8).
+
+    Decided by asking the kernel to create a tiny ring buffer map, not from the version number.
+    """
+    try:
+        from bcc import libbcc  # type: ignore[attr-defined]
+    except ImportError:
+        return False
+    map_type_ringbuf = 27  # enum bpf_map_type: BPF_MAP_TYPE_RINGBUF
+    create = libbcc.lib.bcc_create_map
+    create.restype = ctypes.c_int
+    create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    fd = create(map_type_ringbuf, b"lx_probe_rb", 0, 0, 4096, 0)
+    if fd < 0:
+        return False
+    os.close(fd)
+    return True
+
+
+def source_text(src: Path, cflags: Sequence[str]) -> str:
+    """What would be compiled: the -D settings as a header comment, then the C source."""
+    header = "\n".join(f"// cflag: {flag}" for flag in cflags)
+    return f"// {src}\n{header}\n{src.read_text()}"
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[io.StringIO]:
+    """Capture fd 2 while LLVM runs (its diagnostics bypass sys.stderr); a file, so it never fills."""
+    buf = io.StringIO()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield buf
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            buf.write(tmp.read().decode(errors="replace"))
+
+
+def _first_error(text: str) -> str:
+    for line in text.splitlines():
+        if "error:" in line:
+            return line.strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else "unknown error"
+
+
+def compile_program(src: Path, cflags: Sequence[str]) -> Any:
+    """BPF(src_file=...) with errors mapped to KernelFeatureError; returns the bcc.BPF object."""
+    from bcc import BPF
+
+    if not src.is_file():
+        raise KernelFeatureError(f"BPF source {src} is missing (set LINNIXD_BPF_DIR or reinstall linnixd)")
+    try:
+        with _captured_stderr() as err:
+            try:
+                return BPF(src_file=str(src).encode(), cflags=list(cflags))
+            except Exception as exc:
+                failure: Exception = exc
+    except OSError as exc:
+        raise KernelFeatureError(f"cannot compile {src.name}: {exc}") from None
+    text = err.getvalue()
+    message = str(failure)
+    if "Operation not permitted" in message or "Permission denied" in message or "EPERM" in text:
+        raise KernelFeatureError(
+            f"permission denied loading {src.name}: needs CAP_BPF, CAP_PERFMON and CAP_DAC_READ_SEARCH (or root)"
+        ) from None
+    if "Failed to compile" in message or "error:" in text:
+        raise KernelFeatureError(f"cannot compile {src.name}: {_first_error(text)}") from None
+    if "Failed to attach" in message or "attach" in message:
+        raise KernelFeatureError(f"cannot attach {src.name}: {message.splitlines()[0]}") from None
+    raise KernelFeatureError(f"cannot load {src.name}: {message.splitlines()[0] if message else _first_error(text)}") from None

@@ -1,0 +1,304 @@
+"""cgroup v2 ids -> paths, owners (unit, container, pod) from paths, and per-cgroup counters."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional
+
+from ..model import CgroupSample, Owner, PsiSample
+
+UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap")
+UNRESOLVED = "<unresolved>"
+
+# Container scopes of the systemd cgroup driver: (pattern, runtime).
+_SCOPE_CONTAINERS = (
+    (re.compile(r"^docker-([0-9a-f]{12,64})\.scope$"), "docker"),
+    (re.compile(r"^libpod-(?!conmon-)([0-9a-f]{12,64})\.scope$"), "podman"),
+    (re.compile(r"^cri-containerd-([0-9a-f]{12,64})\.scope$"), "containerd"),
+    (re.compile(r"^crio-(?!conmon-)([0-9a-f]{12,64})\.scope$"), "cri-o"),
+)
+_HEX_ID = re.compile(r"^[0-9a-f]{64}$")
+_POD_CGROUPFS = re.compile(r"^pod([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$")
+_POD_SYSTEMD = re.compile(
+    r"^kubepods(?:-burstable|-besteffort|-guaranteed)?-pod"
+    r"([0-9a-f]{8}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{12})\.slice$"
+)
+
+
+def owner_of(path: str) -> Owner:
+    """Who owns the cgroup at `path` (relative to the cgroup2 mount), from its name alone."""
+    parts = [p for p in path.split("/") if p]
+    if not parts:
+        return Owner(kind="root", name="/")
+    unit = next((p for p in reversed(parts) if p.endswith(UNIT_SUFFIXES)), None)
+    pod_uid: Optional[str] = None
+    in_kubepods = False
+    container: Optional[tuple[str, str, Optional[str]]] = None  # (name, id, runtime)
+    for i, part in enumerate(parts):
+        if part.startswith("kubepods"):
+            in_kubepods = True
+        m = _POD_SYSTEMD.match(part) or _POD_CGROUPFS.match(part)
+        if m:
+            # the systemd driver escapes '-' as '_' in slice names: turn them back
+            pod_uid = m.group(1).replace("_", "-")
+            continue
+        for pattern, runtime in _SCOPE_CONTAINERS:
+            sm = pattern.match(part)
+            if sm:
+                container = (part, sm.group(1), runtime)
+                break
+        else:
+            if _HEX_ID.match(part):
+                prev = parts[i - 1] if i > 0 else ""
+                if prev == "docker":
+                    container = (part, part, "docker")
+                elif pod_uid is not None or in_kubepods:
+                    # cgroupfs driver: the runtime is not in the path
+                    container = (part, part, None)
+            elif part.startswith("libpod-") and i > 0 and parts[i - 1] == "libpod_parent":
+                container = (part, part[len("libpod-") :], "podman")
+    if container is not None:
+        name, cid, runtime = container
+        return Owner("container", name, unit=unit, container_id=cid, runtime=runtime, pod_uid=pod_uid)
+    if pod_uid is not None:
+        return Owner("pod", f"pod{pod_uid}", unit=unit, pod_uid=pod_uid)
+    if unit is not None:
+        return Owner("unit", unit, unit=unit)
+    return Owner("unknown", path)
+
+
+def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> Optional[str]:
+    """Mount point of the cgroup2 hierarchy (unified or hybrid), or None."""
+    return _find_mount(mountinfo, lambda fstype, opts: fstype == "cgroup2")
+
+
+def v1_memory_mount(mountinfo: str = "/proc/self/mountinfo") -> Optional[str]:
+    """Mount point of the cgroup v1 memory hierarchy, or None on a pure cgroup2 host."""
+    return _find_mount(mountinfo, lambda fstype, opts: fstype == "cgroup" and "memory" in opts)
+
+
+def _find_mount(mountinfo: str, want: Callable[[str, list[str]], bool]) -> Optional[str]:
+    with open(mountinfo) as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            rfields = right.split()
+            if len(fields) < 5 or len(rfields) < 3:
+                continue
+            if fields[3] == "/" and want(rfields[0], rfields[2].split(",")):
+                return fields[4].replace("\\040", " ")
+    return None
+
+
+@dataclass
+class _CpuPrev:
+    usage_us: int
+    nr_throttled: Optional[int]
+    throttled_us: Optional[int]
+
+
+class CgroupResolver:
+    """Maps cgroup ids (kernfs inode == bpf_get_current_cgroup_id()) to paths, bounded and lazy."""
+
+    def __init__(
+        self,
+        max_cgroups: int = 4096,
+        mount: Optional[str] = None,
+        min_rewalk_s: float = 1.0,
+        v1_memory: Optional[str] = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        found = mount or cgroup2_mount()
+        if found is None:
+            raise FileNotFoundError("no cgroup2 hierarchy mounted (see /proc/self/mountinfo)")
+        self.mount: str = found.rstrip("/") or "/"
+        self.v1_memory = v1_memory if v1_memory is not None else v1_memory_mount()
+        self.max_cgroups = max_cgroups
+        self.min_rewalk_s = min_rewalk_s
+        self._clock = clock
+        self._by_id: OrderedDict[int, str] = OrderedDict()  # LRU order: least recently used first
+        self._by_path: dict[str, int] = {}
+        self._pending: dict[int, float] = {}  # unknown id -> when it was first asked for
+        self._unresolvable: OrderedDict[int, None] = OrderedDict()  # negative cache
+        self._owners: dict[str, Owner] = {}
+        self._cpu_prev: dict[str, _CpuPrev] = {}
+        self._last_walk = -1e18
+        self.walks = 0
+        self.evicted = 0
+        self.unresolved = 0
+
+    # ---- ids and paths ------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Walk the cgroup2 tree now: learn new cgroups, forget removed ones."""
+        started = self._clock()
+        found: dict[int, str] = {}
+        root_ino = os.stat(self.mount).st_ino
+        found[root_ino] = "/"
+        stack = [(self.mount, "")]
+        while stack:
+            directory, rel = stack.pop()
+            try:
+                entries = list(os.scandir(directory))
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # removed while walking
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    child = f"{rel}/{e.name}"
+                    # kernfs reports the node id as d_ino, so no stat() per directory
+                    found[e.inode()] = child
+                    stack.append((e.path, child))
+        self._last_walk = started
+        self.walks += 1
+        for cid in [c for c in self._by_id if c not in found]:
+            self._forget(cid)
+        for cid, path in found.items():
+            if cid in self._by_id:
+                if self._by_id[cid] != path:  # cgroup2 allows rename(2) within a parent
+                    self._by_path.pop(self._by_id[cid], None)
+                    self._by_id[cid] = path
+                    self._by_path[path] = cid
+            elif len(self._by_id) < self.max_cgroups or cid in self._pending:
+                # past the cap only ids someone asked for are held; the rest stay on disk
+                self._admit(cid, path)
+        for cid, asked in list(self._pending.items()):
+            if cid in self._by_id:
+                del self._pending[cid]
+            elif asked <= started:
+                del self._pending[cid]
+                self.unresolved += 1
+                self._unresolvable[cid] = None
+                while len(self._unresolvable) > self.max_cgroups:
+                    self._unresolvable.popitem(last=False)
+
+    def _admit(self, cid: int, path: str) -> None:
+        self._by_id[cid] = path
+        self._by_path[path] = cid
+        while len(self._by_id) > self.max_cgroups:
+            # least recently used first; the root is always held
+            old = next((k for k, v in self._by_id.items() if v != "/"), cid)
+            old_path = self._by_id.pop(old)
+            self._by_path.pop(old_path, None)
+            self._owners.pop(old_path, None)
+            self._cpu_prev.pop(old_path, None)
+            self.evicted += 1
+
+    def _forget(self, cid: int) -> None:
+        path = self._by_id.pop(cid)
+        self._by_path.pop(path, None)
+        self._owners.pop(path, None)
+        self._cpu_prev.pop(path, None)
+
+    def resolve(self, cgroup_id: int) -> Optional[str]:
+        """Path of a cgroup id; unknown ids trigger a (rate-limited) re-walk of the tree."""
+        path = self._by_id.get(cgroup_id)
+        if path is not None:
+            self._by_id.move_to_end(cgroup_id)
+            return path
+        if cgroup_id in self._unresolvable:
+            return None
+        self._pending.setdefault(cgroup_id, self._clock())
+        if self._clock() - self._last_walk >= self.min_rewalk_s:
+            self.refresh()
+            path = self._by_id.get(cgroup_id)
+        return path
+
+    def id_of(self, path: str) -> Optional[int]:
+        """Id of the cgroup at `path` (stat when not known yet); None when it does not exist."""
+        cid = self._by_path.get(path)
+        if cid is not None:
+            self._by_id.move_to_end(cid)
+            return cid
+        try:
+            cid = os.stat(self.directory(path)).st_ino
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        self._pending.pop(cid, None)
+        self._unresolvable.pop(cid, None)
+        self._admit(cid, path)
+        return cid
+
+    def directory(self, path: str) -> str:
+        return self.mount if path == "/" else self.mount + path
+
+    def owner(self, path: str) -> Owner:
+        owner = self._owners.get(path)
+        if owner is None:
+            owner = owner_of(path)
+            if path in self._by_path:  # cache only what the cap holds
+                self._owners[path] = owner
+        return owner
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    # ---- per-cgroup counters ------------------------------------------------------------
+
+    def sample(
+        self,
+        path: str,
+        pressure: Mapping[str, PsiSample],
+        v1_memory_path: Optional[str] = None,
+    ) -> Optional[CgroupSample]:
+        """Memory and cpu.stat deltas of one cgroup; None when it no longer exists."""
+        cid = self.id_of(path)
+        if cid is None:
+            return None
+        directory = self.directory(path)
+        memory = _read_int(directory + "/memory.current")
+        if memory is None and self.v1_memory is not None and v1_memory_path is not None:
+            base = self.v1_memory if v1_memory_path == "/" else self.v1_memory + v1_memory_path
+            memory = _read_int(base + "/memory.usage_in_bytes")
+        cpu_usage = nr_thr = thr_us = None
+        stat = _read_keyed(directory + "/cpu.stat")
+        if stat is not None and "usage_usec" in stat:
+            now = _CpuPrev(stat["usage_usec"], stat.get("nr_throttled"), stat.get("throttled_usec"))
+            prev = self._cpu_prev.get(path)
+            if path in self._by_path:
+                self._cpu_prev[path] = now
+            if prev is not None:
+                cpu_usage = max(0, now.usage_us - prev.usage_us)
+                nr_thr = _delta(now.nr_throttled, prev.nr_throttled)
+                thr_us = _delta(now.throttled_us, prev.throttled_us)
+        return CgroupSample(
+            id=cid,
+            path=path,
+            owner=self.owner(path),
+            pressure=dict(pressure),
+            memory_bytes=memory,
+            cpu_usage_us=cpu_usage,
+            nr_throttled=nr_thr,
+            throttled_us=thr_us,
+        )
+
+
+def _delta(now: Optional[int], prev: Optional[int]) -> Optional[int]:
+    if now is None or prev is None:
+        return None
+    return max(0, now - prev)
+
+
+def _read_int(path: str) -> Optional[int]:
+    try:
+        with open(path, "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_keyed(path: str) -> Optional[dict[str, int]]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read().decode()
+    except OSError:
+        return None
+    out: dict[str, int] = {}
+    for line in data.splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().isdigit():
+            out[key] = int(value)
+    return out

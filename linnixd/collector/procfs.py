@@ -1,0 +1,260 @@
+"""/proc scanner: per-process CPU, memory, threads, fds and cgroup; host CPU and file handles."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+SLOW_REFRESH_S = 10.0  # limits and cgroup membership are re-read this often per process
+FD_PREFILTER = 0.5  # count fds only when FDSize reaches this share of the soft limit
+CMDLINE_MAX = 4096
+
+
+@dataclass(slots=True)
+class ProcEntry:
+    """One live process as the scanner tracks it between ticks (mutable, internal to the model)."""
+
+    pid: int
+    start_ticks: int  # field 22 of stat: identifies the process across pid reuse
+    ppid: int
+    comm: str
+    cpu_ticks: int  # utime + stime
+    rss_pages: int
+    threads: int
+    uid: int = -1
+    cmdline: Optional[str] = None  # None: read it on the next scan
+    cgroup: str = "/"
+    v1_memory: Optional[str] = None  # path in the v1 memory hierarchy, on hybrid hosts
+    fd_size: int = 0
+    fd_count: Optional[int] = None
+    fd_soft_limit: Optional[int] = None  # None = unlimited or unknown
+    slow_read_at: float = -1e18  # monotonic time of the last limits/cgroup read
+    first_seen: float = 0.0
+    cpu_pct: float = 0.0
+
+    @property
+    def start_time(self) -> float:
+        return self.start_ticks / CLK_TCK
+
+    @property
+    def rss_bytes(self) -> int:
+        return self.rss_pages * PAGE_SIZE
+
+
+@dataclass(frozen=True)
+class SystemStat:
+    """Host-wide figures from one scan."""
+
+    ncpu: int
+    cpu_util_pct: float  # busy share of all CPUs over the interval, 0-100
+    forks_total: int  # `processes` line of /proc/stat: forks since boot
+    file_nr: int
+    file_max: int
+
+
+@dataclass
+class ScanCounters:
+    """Monotonic counts of what a scan could not read."""
+
+    permission_errors: int = 0  # files of a process we were not allowed to read
+    fd_denied: int = 0  # fd counts refused (no ptrace read access to /proc/PID/fd)
+    fd_counted: int = 0  # fd directories listed (past the FDSize pre-filter)
+    scans: int = 0
+
+
+@dataclass
+class Scan:
+    """Result of one scan: live processes by pid and the host figures."""
+
+    processes: dict[int, ProcEntry]
+    system: SystemStat
+    interval_s: float
+    new: list[int] = field(default_factory=list)  # pids first seen in this scan
+
+
+class ProcScanner:
+    """Reads /proc once per tick; remembers each process between ticks for CPU deltas."""
+
+    def __init__(self, proc: str = "/proc", clock: Callable[[], float] = time.monotonic) -> None:
+        self.proc = proc
+        self._clock = clock
+        self.procs: dict[int, ProcEntry] = {}
+        self.counters = ScanCounters()
+        self._last_mono: Optional[float] = None
+        self._last_boot: Optional[float] = None
+        self._last_cpu: Optional[tuple[int, int]] = None  # (busy, total) jiffies of /proc/stat
+        self._ncpu = os.cpu_count() or 1
+
+    def invalidate(self, pid: int) -> None:
+        """The process exec'd: re-read its cmdline (and cgroup, limits) on the next scan."""
+        entry = self.procs.get(pid)
+        if entry is not None:
+            entry.cmdline = None
+            entry.slow_read_at = -1e18
+
+    def forget(self, pid: int) -> None:
+        self.procs.pop(pid, None)
+
+    def scan(self) -> Scan:
+        now = self._clock()
+        boot_now = time.clock_gettime(time.CLOCK_BOOTTIME)
+        interval = 0.0 if self._last_mono is None else now - self._last_mono
+        prev_boot = self._last_boot
+        old = self.procs
+        fresh: dict[int, ProcEntry] = {}
+        new: list[int] = []
+        proc = self.proc
+        with os.scandir(proc) as it:
+            for d in it:
+                name = d.name
+                if not name.isdigit():
+                    continue
+                pid = int(name)
+                base = f"{proc}/{name}"
+                try:
+                    entry = self._read(pid, base, old.get(pid), now, interval, prev_boot)
+                except (FileNotFoundError, ProcessLookupError):
+                    continue  # exited while we read it: normal
+                except PermissionError:
+                    self.counters.permission_errors += 1
+                    continue
+                if entry is None:
+                    continue
+                if entry.first_seen == now:
+                    new.append(pid)
+                fresh[pid] = entry
+        self.procs = fresh
+        self._last_mono = now
+        self._last_boot = boot_now
+        self.counters.scans += 1
+        return Scan(fresh, self._system(), interval, new)
+
+    def _read(
+        self,
+        pid: int,
+        base: str,
+        prev: Optional[ProcEntry],
+        now: float,
+        interval: float,
+        prev_boot: Optional[float],
+    ) -> Optional[ProcEntry]:
+        with open(base + "/stat", "rb") as f:
+            raw = f.read().decode("utf-8", "replace")
+        # comm may contain spaces and ')': it ends at the LAST ')'
+        lp = raw.find("(")
+        rp = raw.rfind(")")
+        if lp < 0 or rp < 0:
+            return None
+        comm = raw[lp + 1 : rp]
+        fields = raw[rp + 2 :].split()
+        # fields[0] is field 3 (state) of proc(5)
+        ppid = int(fields[1])
+        cpu_ticks = int(fields[11]) + int(fields[12])
+        threads = int(fields[17])
+        start_ticks = int(fields[19])
+        rss_pages = int(fields[21])
+        if prev is not None and prev.start_ticks == start_ticks:
+            entry = prev
+            delta = cpu_ticks - entry.cpu_ticks
+            entry.cpu_pct = 100.0 * delta / CLK_TCK / interval if interval > 0 else 0.0
+            entry.ppid, entry.comm, entry.cpu_ticks = ppid, comm, cpu_ticks
+            entry.rss_pages, entry.threads = rss_pages, threads
+        else:
+            entry = ProcEntry(pid, start_ticks, ppid, comm, cpu_ticks, rss_pages, threads, first_seen=now)
+            started_inside = prev_boot is not None and start_ticks / CLK_TCK >= prev_boot
+            if started_inside and interval > 0:
+                entry.cpu_pct = 100.0 * cpu_ticks / CLK_TCK / interval
+        try:
+            if entry.cmdline is None:
+                entry.cmdline = _read_cmdline(base, comm)
+            self._read_status(base, entry)
+            if now - entry.slow_read_at >= SLOW_REFRESH_S:
+                entry.slow_read_at = now
+                entry.fd_soft_limit = _read_fd_limit(base)
+                self._read_cgroup(base, entry)
+        except PermissionError:
+            # stat was readable, so the process is kept with what could be read
+            self.counters.permission_errors += 1
+        self._count_fds(base, entry)
+        return entry
+
+    def _read_status(self, base: str, entry: ProcEntry) -> None:
+        with open(base + "/status", "rb") as f:
+            status = f.read()
+        i = status.find(b"\nUid:")
+        if i >= 0:
+            entry.uid = int(status[i + 5 : status.index(b"\n", i + 1)].split()[0])
+        i = status.find(b"\nFDSize:")
+        # kernel threads and zombies have no fd table
+        entry.fd_size = int(status[i + 8 : status.index(b"\n", i + 1)]) if i >= 0 else 0
+
+    def _read_cgroup(self, base: str, entry: ProcEntry) -> None:
+        with open(base + "/cgroup", "rb") as f:
+            lines = f.read().decode("utf-8", "replace").splitlines()
+        for line in lines:
+            hid, _, rest = line.partition(":")
+            controllers, _, path = rest.partition(":")
+            if hid == "0" and controllers == "":
+                entry.cgroup = path or "/"
+            elif "memory" in controllers.split(","):
+                entry.v1_memory = path or "/"
+
+    def _count_fds(self, base: str, entry: ProcEntry) -> None:
+        # FDSize is the fd table's capacity, which the kernel grows in powers of two
+        # (BITS_PER_LONG, then doubling), so it is always >= the open fd count and at most
+        # about twice it: a world-readable, cheap upper bound that spares most listdir calls
+        limit = entry.fd_soft_limit
+        if limit is None or entry.fd_size < FD_PREFILTER * limit:
+            entry.fd_count = None
+            return
+        try:
+            entry.fd_count = len(os.listdir(base + "/fd"))
+            self.counters.fd_counted += 1
+        except PermissionError:
+            entry.fd_count = None
+            self.counters.fd_denied += 1
+
+    def _system(self) -> SystemStat:
+        util = 0.0
+        forks = 0
+        with open(self.proc + "/stat", "rb") as f:
+            for line in f.read().decode().splitlines():
+                if line.startswith("cpu "):
+                    v = [int(x) for x in line.split()[1:]]
+                    # user nice system idle iowait irq softirq steal (guest is inside user)
+                    total = sum(v[:8])
+                    busy = total - v[3] - (v[4] if len(v) > 4 else 0)
+                    if self._last_cpu is not None and total > self._last_cpu[1]:
+                        util = 100.0 * (busy - self._last_cpu[0]) / (total - self._last_cpu[1])
+                    self._last_cpu = (busy, total)
+                elif line.startswith("processes "):
+                    forks = int(line.split()[1])
+        file_nr = file_max = 0
+        try:
+            with open(self.proc + "/sys/fs/file-nr", "rb") as f:
+                file_nr = int(f.read().split()[0])
+            with open(self.proc + "/sys/fs/file-max", "rb") as f:
+                file_max = int(f.read())
+        except (OSError, ValueError):
+            pass  # /proc/sys not mounted in some containers: reported as 0
+        return SystemStat(self._ncpu, max(0.0, min(100.0, util)), forks, file_nr, file_max)
+
+
+def _read_cmdline(base: str, comm: str) -> str:
+    with open(base + "/cmdline", "rb") as f:
+        raw = f.read(CMDLINE_MAX)
+    text = raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
+    return text or f"[{comm}]"  # kernel threads have an empty cmdline
+
+
+def _read_fd_limit(base: str) -> Optional[int]:
+    with open(base + "/limits", "rb") as f:
+        for line in f.read().decode().splitlines():
+            if line.startswith("Max open files"):
+                soft = line[len("Max open files") :].split()[0]
+                return None if soft == "unlimited" else int(soft)
+    return None

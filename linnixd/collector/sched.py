@@ -1,0 +1,225 @@
+"""The scheduler collector: loads bpf/sched.c and turns its monotonic maps into StallSnapshots."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..model import CgroupRunqueue, StallEdge, StallSnapshot
+from ..paths import bpf_dir
+from .bpfload import KernelFeatureError, compile_program, preflight, tracefs_root
+
+TRACEPOINTS = ("sched/sched_switch", "sched/sched_wakeup", "sched/sched_wakeup_new")
+NSLOTS = 32  # log2 histogram slots, as in bpf/sched.c
+
+# Index of each counter in the kernel's `stats` array (enum stat in bpf/sched.c).
+STAT_TASK_INSERTS, STAT_NO_ENQUEUE, STAT_MIGRATED, STAT_UNATTRIBUTED_NS = 0, 1, 2, 3
+STAT_LOST_WAITS, STAT_LOST_NS, STAT_OVERFLOWS, STAT_RECOVERED = 4, 5, 6, 7
+NSTATS = 8
+
+# Ids unresolvable for this many reads in a row with no new activity are dropped from the maps.
+FORGET_AFTER_READS = 2
+
+_FLAG = re.compile(r"\{\s*(0x[0-9a-fA-F]+|\d+)\s*,\s*\"([A-Za-z])\"\s*\}")
+
+
+def switch_state_flags(format_path: Optional[str] = None) -> dict[str, int]:
+    """prev_state letters -> bits as this kernel reports them, plus "+" (preempted: one bit above)."""
+    if format_path is None:
+        format_path = f"{tracefs_root() or '/sys/kernel/tracing'}/events/sched/sched_switch/format"
+    try:
+        text = Path(format_path).read_text()
+    except OSError as exc:
+        raise KernelFeatureError(f"cannot read {format_path}: {exc.strerror} (is tracefs mounted?)") from None
+    flags = {letter: int(v, 0) for v, letter in _FLAG.findall(text.partition("print fmt:")[2])}
+    if "prev_state" not in text or "X" not in flags or "Z" not in flags:
+        raise KernelFeatureError(f"{format_path} has no prev_state flags (X, Z) to decode")
+    flags["+"] = max(flags.values()) << 1
+    return flags
+
+
+@dataclass
+class _IdState:
+    path: Optional[str]  # path at the previous read (None = unresolved then)
+    unresolved_reads: int = 0
+
+
+@dataclass
+class _Deltas:
+    runq: dict[int, tuple[int, int, list[int]]] = field(default_factory=dict)
+    edges: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
+
+
+class SchedCollector:
+    """Run-queue wait, preemptions and who-stalls-whom per cgroup, as per-interval deltas."""
+
+    def __init__(self, task_entries: int = 32768, agg_entries: int = 8192, src: Optional[Path] = None) -> None:
+        self.task_entries = task_entries
+        self.agg_entries = agg_entries
+        self.src = src or bpf_dir() / "sched.c"
+        self._bpf: Any = None
+        self._prev_runq: dict[int, tuple[int, int, list[int]]] = {}
+        self._prev_edges: dict[tuple[int, int], tuple[int, int]] = {}
+        self._prev_unattributed_ns = 0
+        self._ids: dict[int, _IdState] = {}
+        self.forgotten_ids = 0  # ids dropped from the kernel maps after their cgroup vanished
+
+    def cflags(self) -> list[str]:
+        flags = switch_state_flags()
+        return [
+            f"-DTASK_ENTRIES={self.task_entries}",
+            f"-DAGG_ENTRIES={self.agg_entries}",
+            f"-DTASK_REPORT_MAX={flags['+']:#x}",
+            f"-DTASK_STATE_X={flags['X']:#x}",
+            f"-DTASK_STATE_Z={flags['Z']:#x}",
+        ]
+
+    def start(self) -> None:
+        """Compile and attach bpf/sched.c; KernelFeatureError names anything missing."""
+        preflight(TRACEPOINTS)
+        self._bpf = compile_program(Path(self.src), self.cflags())
+
+    def close(self) -> None:
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+
+    def stats(self) -> list[int]:
+        """Monotonic kernel counters (see the STAT_* indexes), summed over CPUs."""
+        table = self._bpf[b"stats"]
+        return [int(table.sum(table.Key(i)).value) for i in range(NSTATS)]
+
+    def read(self, resolve: Callable[[int], Optional[str]]) -> StallSnapshot:
+        """Deltas since the previous read, cgroup ids resolved to paths with `resolve`."""
+        runq_now = {
+            int(k.value): (
+                sum(int(c.wait_ns) for c in per_cpu),
+                sum(int(c.waits) for c in per_cpu),
+                [sum(int(c.hist[i]) for c in per_cpu) for i in range(NSLOTS)],
+            )
+            for k, per_cpu in self._bpf[b"runq"].items()
+        }
+        edges_now = {
+            (int(k.victim), int(k.culprit)): (
+                sum(int(c.stall_ns) for c in per_cpu),
+                sum(int(c.preemptions) for c in per_cpu),
+            )
+            for k, per_cpu in self._bpf[b"edges"].items()
+        }
+        stats = self.stats()
+        deltas = self._deltas(runq_now, edges_now)
+        cache: dict[int, Optional[str]] = {}
+        snapshot = self.attribute(deltas, resolve, stats, cache)
+        self._forget_vanished(deltas, resolve, cache)
+        return snapshot
+
+    def _deltas(
+        self,
+        runq_now: dict[int, tuple[int, int, list[int]]],
+        edges_now: dict[tuple[int, int], tuple[int, int]],
+    ) -> _Deltas:
+        out = _Deltas()
+        for cid, (wait, waits, hist) in runq_now.items():
+            pw, pn, ph = self._prev_runq.get(cid, (0, 0, [0] * NSLOTS))
+            if waits != pn:
+                out.runq[cid] = (wait - pw, waits - pn, [a - b for a, b in zip(hist, ph)])
+        for key, (stall, pre) in edges_now.items():
+            ps, pp = self._prev_edges.get(key, (0, 0))
+            if stall != ps or pre != pp:
+                out.edges[key] = (stall - ps, pre - pp)
+        self._prev_runq = runq_now
+        self._prev_edges = edges_now
+        return out
+
+    def _path(self, cid: int, resolve: Callable[[int], Optional[str]], cache: dict[int, Optional[str]]) -> Optional[str]:
+        """Path for this window, or None when unresolvable or ambiguous (id reused mid-window)."""
+        if cid in cache:
+            return cache[cid]
+        now = resolve(cid)
+        state = self._ids.get(cid)
+        path = now
+        if state is not None and state.path is not None and now is not None and state.path != now:
+            path = None  # same id, another cgroup: part of this window may belong to the old one
+        if state is None:
+            self._ids[cid] = state = _IdState(now)
+        state.path = now
+        state.unresolved_reads = state.unresolved_reads + 1 if now is None else 0
+        cache[cid] = path
+        return path
+
+    def attribute(
+        self,
+        deltas: _Deltas,
+        resolve: Callable[[int], Optional[str]],
+        stats: list[int],
+        cache: dict[int, Optional[str]],
+    ) -> StallSnapshot:
+        """Turn id-keyed deltas into a path-keyed StallSnapshot; unresolved stall is counted."""
+        unresolved_ns = 0
+        unresolved_preemptions = 0
+        runq: dict[str, tuple[int, int, list[int]]] = {}
+        for cid, (wait, waits, hist) in deltas.runq.items():
+            path = self._path(cid, resolve, cache)
+            if path is None:
+                unresolved_ns += wait
+                continue
+            w0, n0, h0 = runq.get(path, (0, 0, [0] * NSLOTS))
+            runq[path] = (w0 + wait, n0 + waits, [a + b for a, b in zip(h0, hist)])
+        edges: dict[tuple[str, str], tuple[int, int]] = {}
+        for (vid, cid), (stall, pre) in deltas.edges.items():
+            victim = self._path(vid, resolve, cache)
+            culprit = self._path(cid, resolve, cache)
+            if victim is None or culprit is None:
+                # an unresolved victim's whole wait is already counted from its run queue
+                unresolved_ns += stall if victim is not None else 0
+                unresolved_preemptions += pre
+                continue
+            s0, p0 = edges.get((victim, culprit), (0, 0))
+            edges[(victim, culprit)] = (s0 + stall, p0 + pre)
+        unattributed_ns = stats[STAT_UNATTRIBUTED_NS] - self._prev_unattributed_ns
+        self._prev_unattributed_ns = stats[STAT_UNATTRIBUTED_NS]
+        return StallSnapshot(
+            runqueue={
+                p: CgroupRunqueue(p, wait_us=w // 1000, waits=n, hist_log2_us=tuple(h))
+                for p, (w, n, h) in runq.items()
+            },
+            edges=tuple(
+                StallEdge(victim=v, culprit=c, stall_us=s // 1000, preemptions=n)
+                for (v, c), (s, n) in sorted(edges.items(), key=lambda kv: -kv[1][0])
+            ),
+            unresolved_us=unresolved_ns // 1000,
+            unattributed_us=unattributed_ns // 1000,
+            unresolved_preemptions=unresolved_preemptions,
+            no_enqueue=stats[STAT_NO_ENQUEUE],
+            migrated_waits=stats[STAT_MIGRATED],
+            lost_waits=stats[STAT_LOST_WAITS],
+            recovered_waits=stats[STAT_RECOVERED],
+            aggregation_overflows=stats[STAT_OVERFLOWS],
+        )
+
+    def _forget_vanished(
+        self, deltas: _Deltas, resolve: Callable[[int], Optional[str]], cache: dict[int, Optional[str]]
+    ) -> None:
+        """Drop map keys of cgroups gone for a while; they had no activity, so nothing is lost."""
+        for cid in list(self._ids):
+            self._path(cid, resolve, cache)  # ids idle this window: is their cgroup still there?
+        active = set(deltas.runq) | {i for key in deltas.edges for i in key}
+        gone = {
+            cid
+            for cid, st in self._ids.items()
+            if st.unresolved_reads >= FORGET_AFTER_READS and cid not in active
+        }
+        if not gone:
+            return
+        runq, edges = self._bpf[b"runq"], self._bpf[b"edges"]
+        for cid in gone:
+            if cid in self._prev_runq:
+                del runq[runq.Key(cid)]
+                del self._prev_runq[cid]
+            del self._ids[cid]
+        for key in [k for k in self._prev_edges if k[0] in gone or k[1] in gone]:
+            del edges[edges.Key(*key)]
+            del self._prev_edges[key]
+        self.forgotten_ids += len(gone)

@@ -1,0 +1,512 @@
+"""linnixctl: the command line client of linnixd's D-Bus interface (plus check-config and demos)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import re
+import signal
+import sys
+import time
+from typing import Any, NoReturn, Optional, Sequence
+
+from dbus_next import Message, MessageType
+from dbus_next.constants import MessageFlag
+
+from .constants import (
+    BUS_NAME,
+    ERROR_INVALID_ARGS,
+    ERROR_NOT_AUTHORIZED,
+    ERROR_POLICY,
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_NOPERM,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    MANAGER_INTERFACE,
+    OBJECT_PATH,
+)
+from .model import Alert
+
+CALL_TIMEOUT_S = 30.0  # longer than the daemon's 25 s polkit timeout, so its answer wins
+_UNAVAILABLE = {
+    "org.freedesktop.DBus.Error.ServiceUnknown",
+    "org.freedesktop.DBus.Error.NameHasNoOwner",
+    "org.freedesktop.DBus.Error.NoReply",
+    "org.freedesktop.DBus.Error.Disconnected",
+    "org.freedesktop.DBus.Error.NoServer",
+}
+_DENIED = {
+    ERROR_NOT_AUTHORIZED,
+    "org.freedesktop.DBus.Error.AccessDenied",
+    "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired",
+}
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+class CtlError(Exception):
+    """A failure with its exit code; main() prints the one-line message."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def bus_label(bus: str) -> str:
+    return f"the {bus} bus" if bus in ("system", "session") else f"the bus at {bus}"
+
+
+def exit_code_for(error_name: str) -> int:
+    """The documented exit code for a D-Bus error name."""
+    if error_name in _UNAVAILABLE:
+        return EXIT_UNAVAILABLE
+    if error_name in _DENIED:
+        return EXIT_NOPERM
+    if error_name == ERROR_POLICY:
+        return EXIT_CONFIG
+    if error_name in (ERROR_INVALID_ARGS, "org.freedesktop.DBus.Error.InvalidArgs"):
+        return EXIT_USAGE
+    return EXIT_FAILURE
+
+
+def parse_since(text: str, now: Optional[float] = None) -> float:
+    """Epoch seconds from '10m', '2h', '3d', '90s', '1w' (ago) or an ISO time (local if no zone)."""
+    now = time.time() if now is None else now
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
+    if m:
+        return now - float(m.group(1)) * _UNITS[m.group(2)]
+    try:
+        when = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration like 10m, 2h, 3d or an ISO time like 2025-11-21T14:00, got {text!r}"
+        ) from None
+    if when.tzinfo is None:
+        when = when.astimezone()  # a time without a zone is local time, as people type it
+    return when.timestamp()
+
+
+class Client:
+    """One connection to linnixd over the chosen bus."""
+
+    def __init__(self, bus: str) -> None:
+        self.bus_spec = bus
+        self.bus: Any = None
+
+    async def __aenter__(self) -> Client:
+        from .bus import connect
+
+        try:
+            self.bus = await asyncio.wait_for(connect(self.bus_spec), CALL_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise CtlError(EXIT_UNAVAILABLE, f"{bus_label(self.bus_spec)} did not answer") from None
+        except Exception as exc:
+            detail = " ".join(str(exc).splitlines()) or type(exc).__name__
+            raise CtlError(EXIT_UNAVAILABLE, f"cannot reach {bus_label(self.bus_spec)}: {detail}") from None
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self.bus is not None:
+            self.bus.disconnect()
+
+    async def call(self, member: str, signature: str = "", body: Sequence[Any] = (), interactive: bool = False) -> Any:
+        """Call a Manager method; returns the first value of the reply or raises CtlError."""
+        msg = Message(
+            destination=BUS_NAME,
+            path=OBJECT_PATH,
+            interface=MANAGER_INTERFACE,
+            member=member,
+            signature=signature,
+            body=list(body),
+            flags=MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION if interactive else MessageFlag.NONE,
+        )
+        try:
+            reply = await asyncio.wait_for(self.bus.call(msg), CALL_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise CtlError(EXIT_UNAVAILABLE, f"linnixd did not answer {member} within {CALL_TIMEOUT_S:g} s") from None
+        except Exception as exc:
+            raise CtlError(EXIT_UNAVAILABLE, f"lost {bus_label(self.bus_spec)}: {exc}") from None
+        if reply.message_type == MessageType.ERROR:
+            raise self.error(reply)
+        return reply.body[0] if reply.body else None
+
+    def error(self, reply: Message) -> CtlError:
+        text = " ".join(str(reply.body[0]).splitlines()) if reply.body else reply.error_name
+        code = exit_code_for(reply.error_name)
+        if code == EXIT_UNAVAILABLE:
+            text = f"linnixd is not running (nobody owns {BUS_NAME} on {bus_label(self.bus_spec)})"
+        elif code == EXIT_NOPERM:
+            text = f"permission denied: {text}"
+        return CtlError(code, text)
+
+    async def call_json(self, member: str, signature: str = "", body: Sequence[Any] = ()) -> Any:
+        return json.loads(await self.call(member, signature, body))
+
+    async def has_owner(self) -> bool:
+        reply = await self.bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="NameHasOwner",
+                signature="s",
+                body=[BUS_NAME],
+            )
+        )
+        return bool(reply.message_type == MessageType.METHOD_RETURN and reply.body[0])
+
+    async def add_match(self, rule: str) -> None:
+        await self.bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="AddMatch",
+                signature="s",
+                body=[rule],
+            )
+        )
+
+
+# ---- output -----------------------------------------------------------------------------
+
+
+def emit(line: str) -> None:
+    print(line, flush=True)
+
+
+def _stamp(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _uptime(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {secs}s"
+
+
+def format_status(st: dict[str, Any]) -> list[str]:
+    started = float(st.get("started_at") or 0)
+    counters = st.get("counters") or {}
+    lines = [
+        f"linnixd {st.get('version', '?')}, running since {_stamp(started)} ({_uptime(time.time() - started)})",
+        f"policy:       {st.get('policy_path', '?')} (tick {st.get('tick_s', '?')} s)",
+        f"rules:        {', '.join(st.get('enabled_rules') or []) or 'none'}",
+        f"transport:    {st.get('transport') or 'none'}, psi {st.get('psi_mode', '?')}",
+        f"enforcement:  {'enabled' if st.get('enforcement_enabled') else 'disabled'}",
+        f"tracked:      {st.get('processes', 0)} processes, {st.get('cgroups', 0)} cgroups",
+        f"incidents:    {st.get('open_incidents', 0)} open",
+        "counters:     " + " ".join(f"{k}={v}" for k, v in counters.items()),
+    ]
+    return lines
+
+
+def format_alert(d: dict[str, Any]) -> str:
+    from .sinks.stdout import format_text
+
+    return format_text(Alert.from_dict(d))
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str = "{}") -> str:
+    value = row.get(key)
+    return "-" if value is None else fmt.format(value)
+
+
+def format_top(cgroups: list[dict[str, Any]], stalls: list[dict[str, Any]]) -> list[str]:
+    lines = [f"{'CPU%':>6} {'IO%':>6} {'MEM%':>6} {'RUNQ_MS':>8} {'MEMORY_MB':>10}  CGROUP (UNIT)"]
+    for row in cgroups:
+        mem = row.get("memory_bytes")
+        lines.append(
+            f"{_cell(row, 'cpu_some_pct', '{:.1f}'):>6} {_cell(row, 'io_some_pct', '{:.1f}'):>6} "
+            f"{_cell(row, 'memory_some_pct', '{:.1f}'):>6} {_cell(row, 'runq_wait_ms', '{:.1f}'):>8} "
+            f"{'-' if mem is None else f'{mem / 1048576:.1f}':>10}  {row.get('path', '?')}"
+            + (f" ({row['unit']})" if row.get("unit") else "")
+        )
+    if stalls:
+        lines.append("")
+        lines.extend(format_stalls(stalls))
+    return lines
+
+
+def format_stalls(stalls: list[dict[str, Any]]) -> list[str]:
+    lines = [f"{'STALL_MS':>9} {'SHARE':>6}  VICTIM <- CULPRIT"]
+    for row in stalls:
+        lines.append(
+            f"{_cell(row, 'stall_ms', '{:.1f}'):>9} {_cell(row, 'share', '{:.0%}'):>6}  "
+            f"{row.get('victim', '?')} <- {row.get('culprit', '?')}"
+        )
+    return lines
+
+
+def alert_from_signal(body: list[Any]) -> dict[str, Any]:
+    """Alert.to_dict() form of an Alert signal (rule, severity, summary, a{sv} details)."""
+    rule, severity, summary, details = body
+    plain = {k: v.value for k, v in details.items() if not k.startswith("evidence")}
+    evidence = details.get("evidence")
+    return {
+        **{k: plain.get(k) for k in ("pid", "comm", "cgroup", "unit", "parent_pid", "parent_comm", "root_pid")},
+        "id": plain.get("id", ""),
+        "incident": plain.get("incident", ""),
+        "state": plain.get("state", ""),
+        "ts": plain.get("ts", 0.0),
+        "kind": plain.get("kind", "process"),
+        "rule": rule,
+        "severity": severity,
+        "summary": summary,
+        "evidence": json.loads(evidence.value) if evidence is not None else {},
+    }
+
+
+# ---- commands ---------------------------------------------------------------------------
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    async with Client(args.bus) as c:
+        st = await c.call_json("Status")
+    if args.json:
+        emit(json.dumps(st, sort_keys=True))
+    else:
+        for line in format_status(st):
+            emit(line)
+    return EXIT_OK
+
+
+async def cmd_alerts(args: argparse.Namespace) -> int:
+    async with Client(args.bus) as c:
+        rows = await c.call_json("RecentAlerts", "dsu", [float(args.since), args.rule, args.limit])
+    rows.reverse()  # the daemon answers newest first; print in time order like journalctl
+    for row in rows:
+        emit(json.dumps(row, sort_keys=True) if args.json else format_alert(row))
+    if not rows and not args.json:
+        print("no alerts", file=sys.stderr)
+    return EXIT_OK
+
+
+async def cmd_incidents(args: argparse.Namespace) -> int:
+    async with Client(args.bus) as c:
+        rows = await c.call_json("OpenIncidents")
+    for row in rows:
+        emit(json.dumps(row, sort_keys=True) if args.json else format_alert(row))
+    if not rows and not args.json:
+        print("no open incidents", file=sys.stderr)
+    return EXIT_OK
+
+
+async def cmd_top(args: argparse.Namespace) -> int:
+    async with Client(args.bus) as c:
+        cgroups = await c.call_json("TopCgroups", "u", [args.limit])
+        stalls = await c.call_json("StallTable", "u", [args.limit])
+    if args.json:
+        emit(json.dumps({"cgroups": cgroups, "stalls": stalls}, sort_keys=True))
+    else:
+        for line in format_top(cgroups, stalls):
+            emit(line)
+    return EXIT_OK
+
+
+async def cmd_stalls(args: argparse.Namespace) -> int:
+    async with Client(args.bus) as c:
+        stalls = await c.call_json("StallTable", "u", [args.limit])
+    if args.json:
+        emit(json.dumps(stalls, sort_keys=True))
+    elif stalls:
+        for line in format_stalls(stalls):
+            emit(line)
+    else:
+        print("no stalls attributed in the current window", file=sys.stderr)
+    return EXIT_OK
+
+
+async def cmd_reload(args: argparse.Namespace) -> int:
+    async with Client(args.bus) as c:
+        emit(await c.call("ReloadPolicy", interactive=True))
+    return EXIT_OK
+
+
+async def cmd_watch(args: argparse.Namespace) -> int:
+    async with Client(args.bus) as c:
+        await c.add_match(
+            f"type='signal',sender='{BUS_NAME}',path='{OBJECT_PATH}',interface='{MANAGER_INTERFACE}',member='Alert'"
+        )
+        await c.add_match(
+            "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
+            f"member='NameOwnerChanged',arg0='{BUS_NAME}'"
+        )
+        if not await c.has_owner():
+            raise CtlError(EXIT_UNAVAILABLE, f"linnixd is not running (nobody owns {BUS_NAME} on {bus_label(args.bus)})")
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        seen = 0
+
+        def on_message(msg: Message) -> None:
+            nonlocal seen
+            if msg.message_type != MessageType.SIGNAL or done.done():
+                return
+            if msg.member == "NameOwnerChanged" and msg.body and msg.body[0] == BUS_NAME:
+                print(f"linnixctl: linnixd {'started' if msg.body[2] else 'stopped'}", file=sys.stderr, flush=True)
+            elif msg.interface == MANAGER_INTERFACE and msg.member == "Alert" and msg.signature == "sssa{sv}":
+                row = alert_from_signal(msg.body)
+                emit(json.dumps(row, sort_keys=True) if args.json else format_alert(row))
+                seen += 1
+                if args.count and seen >= args.count:
+                    done.set_result(EXIT_OK)
+
+        c.bus.add_message_handler(on_message)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: done.done() or done.set_result(EXIT_OK))
+        disconnect = asyncio.ensure_future(c.bus.wait_for_disconnect())
+        await asyncio.wait({done, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        if not done.done():
+            raise CtlError(EXIT_UNAVAILABLE, f"lost {bus_label(args.bus)}")
+        disconnect.cancel()
+        return done.result()
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from .config import main_check_config
+
+    return int(main_check_config([args.file]))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demos import main as demos_main
+
+    return int(demos_main(args.demo_args))
+
+
+# ---- command line -----------------------------------------------------------------------
+
+DESCRIPTION = """\
+linnixctl queries linnixd, the stall monitor, over D-Bus (name org.linnix.linnixd1):
+its state, the alert history, the incidents still open, the cgroups under pressure and
+who stalls whom. Reading needs no privilege; `reload` is authorized by polkit. It also
+validates policy files and runs bounded demo workloads that trip one rule each.
+"""
+
+EPILOG = """\
+exit status:
+  0   success
+  1   other failure
+  64  bad command line, or arguments the daemon refused
+  69  linnixd is not running, or the bus is unreachable
+  77  permission denied (bus policy or polkit)
+  78  invalid policy (check-config, reload)
+
+examples:
+  linnixctl status
+  linnixctl alerts --since 2h --rule fork_storm
+  linnixctl watch --json | jq .
+  linnixctl demo fork-storm
+
+see also: linnixd(8), linnixd-policy(5), busctl(1), journalctl(1)
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors exit 64 (EX_USAGE) with a one-line message."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="linnixctl", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bus", default="system", metavar="BUS", help="where linnixd is: system (default), session, or a D-Bus address such as unix:path=/run/x")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("status", help="the daemon's state: policy, rules, counters, open incidents")
+    s.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    s.set_defaults(run=cmd_status)
+
+    s = sub.add_parser("alerts", help="recent alerts from the history, oldest first")
+    s.add_argument("--since", type=parse_since, default=0.0, metavar="WHEN", help="only alerts from WHEN on: a duration ago (90s, 10m, 2h, 3d, 1w) or an ISO time (2025-11-21T14:00, local unless a zone is given)")
+    s.add_argument("--rule", default="", metavar="RULE", help="only alerts of this rule, e.g. fork_storm")
+    s.add_argument("--limit", type=_positive, default=20, metavar="N", help="at most the N newest alerts (default 20, at most 10000)")
+    s.add_argument("--json", action="store_true", help="one JSON object per line (the history record)")
+    s.set_defaults(run=cmd_alerts)
+
+    s = sub.add_parser("incidents", help="incidents still firing")
+    s.add_argument("--json", action="store_true", help="one JSON object per line")
+    s.set_defaults(run=cmd_incidents)
+
+    s = sub.add_parser("watch", help="print alerts as linnixd signals them, until interrupted")
+    s.add_argument("--json", action="store_true", help="one JSON object per line instead of a readable line")
+    s.add_argument("--count", type=_positive, metavar="N", help="exit after N alerts")
+    s.set_defaults(run=cmd_watch)
+
+    s = sub.add_parser("top", help="cgroups by pressure (cpu/io/memory some %%), run-queue wait, and the stall table")
+    s.add_argument("--limit", type=_positive, default=10, metavar="N", help="rows per table (default 10, at most 1000)")
+    s.add_argument("--json", action="store_true", help='one JSON object: {"cgroups": [...], "stalls": [...]}')
+    s.set_defaults(run=cmd_top)
+
+    s = sub.add_parser("stalls", help="who made whom wait for a CPU over the stall window")
+    s.add_argument("--limit", type=_positive, default=20, metavar="N", help="rows (default 20, at most 1000)")
+    s.add_argument("--json", action="store_true", help="print the table as a JSON array")
+    s.set_defaults(run=cmd_stalls)
+
+    s = sub.add_parser("reload", help="make linnixd re-read its policy (polkit: org.linnix.linnixd1.reload-policy)")
+    s.set_defaults(run=cmd_reload)
+
+    s = sub.add_parser("check-config", help="validate a policy file without a daemon (0 valid, 78 invalid)")
+    s.add_argument("file", metavar="FILE", help="the policy file, e.g. /etc/linnixd/rules.yaml")
+    s.set_defaults(run=cmd_check_config)
+
+    # everything after `demo` belongs to the demos' own parser (linnixctl demo --help)
+    s = sub.add_parser("demo", add_help=False, help="run a bounded workload that trips one rule (linnixctl demo --help)")
+    s.set_defaults(run=cmd_demo, demo_args=[])
+    return p
+
+
+def _split_demo(argv: list[str]) -> tuple[list[str], Optional[list[str]]]:
+    """(linnixctl's own arguments, the demo's arguments or None when the command is not demo)."""
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--bus":
+            i += 2
+        elif argv[i].startswith("-"):
+            i += 1
+        else:
+            return (argv[: i + 1], argv[i + 1 :]) if argv[i] == "demo" else (argv, None)
+    return argv, None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    own, demo_args = _split_demo(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(own)
+    if demo_args is not None:
+        args.demo_args = demo_args
+    try:
+        result = args.run(args)
+        return int(asyncio.run(result) if asyncio.iscoroutine(result) else result)
+    except CtlError as exc:
+        print(f"linnixctl: {exc}", file=sys.stderr)
+        return exc.code
+    except BrokenPipeError:
+        return EXIT_OK  # the reader went away (linnixctl watch | head)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""What every detector shares: the Detector protocol, exclusion matching and window helpers."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence
+
+from ..model import Culprit, Finding, ProcessSample, Snapshot
+
+# Float slack when comparing covered time against a sustain/window length (ticks jitter by ns).
+TIME_EPS = 1e-6
+MIB = float(1 << 20)  # "MB" in linnixd evidence is a mebibyte: 2^20 bytes
+
+
+class Detector(Protocol):
+    """A pure rule: a window of snapshots (oldest first) and the rule's policy section in, findings out."""
+
+    rule: str
+
+    def evaluate(self, window: Sequence[Snapshot], cfg: Any) -> list[Finding]: ...
+
+
+class Exclusions:
+    """The rule's `exclude` section (fnmatch globs on unit, cgroup path and comm)."""
+
+    def __init__(self, cfg: Any) -> None:
+        ex = getattr(cfg, "exclude", None)
+        self.units: tuple[str, ...] = tuple(getattr(ex, "units", None) or ())
+        self.cgroups: tuple[str, ...] = tuple(getattr(ex, "cgroups", None) or ())
+        self.comms: tuple[str, ...] = tuple(getattr(ex, "comms", None) or ())
+
+    def matches(
+        self, unit: Optional[str] = None, cgroup: Optional[str] = None, comm: Optional[str] = None
+    ) -> bool:
+        """True when any given name matches its exclude list."""
+        return (
+            _any_match(unit, self.units)
+            or _any_match(cgroup, self.cgroups)
+            or _any_match(comm, self.comms)
+        )
+
+    def culprit(self, c: Culprit) -> bool:
+        """True when the culprit (its unit, cgroup or comm) is excluded."""
+        return self.matches(c.unit, c.cgroup, c.comm)
+
+
+def _any_match(name: Optional[str], patterns: Iterable[str]) -> bool:
+    if name is None:
+        return False
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def sustained_tail(window: Sequence[Snapshot], sustain_s: float) -> Optional[Sequence[Snapshot]]:
+    """The newest snapshots whose intervals together cover the last `sustain_s` seconds.
+
+    None when the window does not reach that far back yet (a rule cannot be sustained on
+    history it has not seen).
+    """
+    if not window:
+        return None
+    newest_ts = window[-1].ts
+    for i in range(len(window) - 1, -1, -1):
+        snap = window[i]
+        if newest_ts - (snap.ts - snap.interval_s) >= sustain_s - TIME_EPS:
+            return window[i:]
+    return None
+
+
+def recent(window: Sequence[Snapshot], window_s: float) -> Sequence[Snapshot]:
+    """The snapshots whose intervals lie within the last `window_s` seconds (may cover less)."""
+    if not window:
+        return window
+    start = window[-1].ts - window_s
+    for i, snap in enumerate(window):
+        if snap.ts - snap.interval_s >= start - TIME_EPS:
+            return window[i:]
+    return window[len(window) :]
+
+
+def covered_s(snaps: Sequence[Snapshot]) -> float:
+    """Seconds covered by consecutive snapshots (newest ts minus the oldest interval's start)."""
+    if not snaps:
+        return 0.0
+    return snaps[-1].ts - (snaps[0].ts - snaps[0].interval_s)
+
+
+def process_key(p: ProcessSample) -> str:
+    """Culprit key of a process: pid plus start time, so a reused pid is a new culprit."""
+    return f"pid:{p.pid}:{p.start_time:g}"
+
+
+def same_process(snap: Snapshot, p: ProcessSample) -> Optional[ProcessSample]:
+    """The sample of process `p` in `snap`, or None when absent or the pid now names another process."""
+    q = snap.processes.get(p.pid)
+    if q is None or q.start_time != p.start_time:
+        return None
+    return q
+
+
+def process_culprit(p: ProcessSample, processes: Mapping[int, ProcessSample], kind: str = "process") -> Culprit:
+    """A culprit naming process `p` and, when known, its parent."""
+    parent = processes.get(p.ppid)
+    return Culprit(
+        kind=kind,
+        pid=p.pid,
+        comm=p.comm,
+        cgroup=p.cgroup,
+        unit=p.unit,
+        parent_pid=p.ppid,
+        parent_comm=parent.comm if parent is not None else None,
+        root_pid=p.pid if kind == "tree" else None,
+    )
+
+
+def cgroup_unit(snap: Snapshot, path: str) -> Optional[str]:
+    """The systemd unit that holds a cgroup, when the snapshot knows it."""
+    cg = snap.cgroups.get(path)
+    if cg is None:
+        return None
+    return cg.owner.unit or (cg.owner.name if cg.owner.kind == "unit" else None)
+
+
+def severity(cfg: Any) -> str:
+    return str(getattr(cfg, "severity", "warning"))
+
+
+def is_ancestor_cgroup(ancestor: str, path: str) -> bool:
+    """True when `ancestor` strictly contains cgroup `path`."""
+    if ancestor == path:
+        return False
+    if ancestor == "/":
+        return True
+    return path.startswith(ancestor.rstrip("/") + "/")
+

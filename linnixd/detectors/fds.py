@@ -1,0 +1,87 @@
+"""fd_exhaustion: a process near its RLIMIT_NOFILE soft limit, or the host near fs.file-max."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from ..model import Culprit, Finding, Snapshot
+from .base import Exclusions, process_culprit, process_key, severity
+
+TOP_HOLDERS = 3  # fd holders named in a system-wide finding
+
+
+class FdExhaustionDetector:
+    """Newest snapshot only: fd use is a level, and the collector counts fds only near the limit."""
+
+    rule = "fd_exhaustion"
+
+    def evaluate(self, window: Sequence[Snapshot], cfg: Any) -> list[Finding]:
+        if not window:
+            return []
+        newest = window[-1]
+        ex = Exclusions(cfg)
+        process_pct = float(cfg.process_pct)
+        findings = []
+        for p in newest.processes.values():
+            if p.fd_count is None or not p.fd_soft_limit:
+                continue
+            pct = 100.0 * p.fd_count / p.fd_soft_limit
+            if pct < process_pct:
+                continue
+            culprit = process_culprit(p, newest.processes)
+            if ex.culprit(culprit):
+                continue
+            findings.append(
+                Finding(
+                    rule=self.rule,
+                    key=process_key(p),
+                    severity=severity(cfg),
+                    summary=(
+                        f"fd exhaustion: {culprit.label()} holds {p.fd_count} of "
+                        f"{p.fd_soft_limit} fds ({pct:.0f}% of its soft limit)"
+                    ),
+                    culprit=culprit,
+                    evidence={
+                        "fd_count": p.fd_count,
+                        "fd_limit": p.fd_soft_limit,
+                        "pct": round(pct, 1),
+                        "threshold_pct": process_pct,
+                    },
+                )
+            )
+        if newest.file_max > 0:
+            pct = 100.0 * newest.file_nr / newest.file_max
+            if pct >= float(cfg.system_pct):
+                findings.append(self._system(newest, pct, cfg, ex))
+        return findings
+
+    def _system(self, newest: Snapshot, pct: float, cfg: Any, ex: Exclusions) -> Finding:
+        holders = sorted(
+            (
+                p
+                for p in newest.processes.values()
+                if p.fd_count is not None and not ex.matches(p.unit, p.cgroup, p.comm)
+            ),
+            key=lambda p: (-(p.fd_count or 0), p.pid),
+        )[:TOP_HOLDERS]
+        named = ", ".join(f"{p.comm}[{p.pid}] {p.fd_count}" for p in holders) or "no fd counts"
+        return Finding(
+            rule=self.rule,
+            key="system:fds",
+            severity=severity(cfg),
+            summary=(
+                f"fd exhaustion: host has {newest.file_nr} of {newest.file_max} file handles "
+                f"({pct:.0f}%), top holders {named}"
+            ),
+            culprit=Culprit(kind="system"),
+            evidence={
+                "fd_count": newest.file_nr,
+                "fd_limit": newest.file_max,
+                "pct": round(pct, 1),
+                "threshold_pct": float(cfg.system_pct),
+                "top_holders": [
+                    {"pid": p.pid, "comm": p.comm, "fd_count": p.fd_count, "unit": p.unit}
+                    for p in holders
+                ],
+            },
+        )

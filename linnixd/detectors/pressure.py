@@ -1,0 +1,142 @@
+"""psi_saturation: sustained "some" pressure per resource, for the host and for each cgroup."""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Optional, Sequence
+
+from ..model import Culprit, Finding, PsiSample, Snapshot
+from .base import Exclusions, cgroup_unit, is_ancestor_cgroup, severity, sustained_tail
+
+
+def _sustained(
+    tail: Sequence[Snapshot], limit: float, sample: Any
+) -> Optional[list[PsiSample]]:
+    """The samples of one pressure source over `tail` when every one is above `limit`, else None."""
+    out = []
+    for snap in tail:
+        s = sample(snap)
+        if s is None or s.some_pct <= limit:
+            return None
+        out.append(s)
+    return out
+
+
+class PsiSaturationDetector:
+    """Some-pressure above some_pct in every interval of the last sustain_s."""
+
+    rule = "psi_saturation"
+
+    def evaluate(self, window: Sequence[Snapshot], cfg: Any) -> list[Finding]:
+        tail = sustained_tail(window, float(cfg.sustain_s))
+        if tail is None:
+            return []
+        newest = window[-1]
+        limit = float(cfg.some_pct)
+        ex = Exclusions(cfg)
+        findings = []
+        for res in cfg.resources:
+            system = _sustained(tail, limit, lambda s, res=res: s.system_pressure.get(res))
+            if system is not None:
+                findings.append(self._system(tail, res, system, cfg, ex))
+            hot: dict[str, list[PsiSample]] = {}
+            for path, cg in newest.cgroups.items():
+                now = cg.pressure.get(res)
+                if path == "/" or now is None or now.some_pct <= limit:
+                    continue  # root cgroup pressure is the host's, reported above
+                samples = _sustained(
+                    tail, limit, lambda s, path=path, res=res: _cgroup_psi(s, path, res)
+                )
+                if samples is not None:
+                    hot[path] = samples
+            for path, samples in sorted(hot.items()):
+                # name the most specific saturated cgroup, not every slice above it
+                if any(is_ancestor_cgroup(path, other) for other in hot):
+                    continue
+                unit = cgroup_unit(newest, path)
+                culprit = Culprit(kind="cgroup", cgroup=path, unit=unit)
+                if ex.culprit(culprit):
+                    continue
+                mean = sum(s.some_pct for s in samples) / len(samples)
+                findings.append(
+                    Finding(
+                        rule=self.rule,
+                        key=f"cgroup:{path}:{res}",
+                        severity=severity(cfg),
+                        summary=(
+                            f"{res} pressure: {unit or path} stalled {mean:.0f}% of the time "
+                            f"for {float(cfg.sustain_s):g} s"
+                        ),
+                        culprit=culprit,
+                        evidence=_evidence(res, samples, cfg),
+                    )
+                )
+        return findings
+
+    def _system(
+        self, tail: Sequence[Snapshot], res: str, samples: list[PsiSample], cfg: Any, ex: Exclusions
+    ) -> Finding:
+        newest = tail[-1]
+        paths = [p for p in newest.cgroups if p != "/"]
+        # leaves only: a slice's stall time already contains its children's
+        inner = {a for p in paths for a in _ancestors(p)}
+        leaves = [p for p in paths if p not in inner]
+        stall: collections.Counter[str] = collections.Counter()
+        for snap in tail:
+            for path in leaves:
+                s = _cgroup_psi(snap, path, res)
+                if s is not None and s.some_stall_us:
+                    stall[path] += s.some_stall_us
+        system_us = sum(s.some_stall_us for s in samples)
+        top = []
+        for path, us in stall.most_common():
+            unit = cgroup_unit(newest, path)
+            if ex.matches(unit=unit, cgroup=path):
+                continue
+            top.append(
+                {
+                    "cgroup": path,
+                    "unit": unit,
+                    "stall_ms": round(us / 1000, 1),
+                    "share": round(min(1.0, us / system_us), 3) if system_us else 0.0,
+                }
+            )
+            if len(top) >= int(getattr(cfg, "top", 3)):
+                break
+        mean = sum(s.some_pct for s in samples) / len(samples)
+        named = ", ".join(f"{t['unit'] or t['cgroup']} ({t['share']:.0%})" for t in top)
+        return Finding(
+            rule=self.rule,
+            key=f"system:{res}",
+            severity=severity(cfg),
+            summary=(
+                f"{res} pressure: host stalled {mean:.0f}% of the time for "
+                f"{float(cfg.sustain_s):g} s" + (f", most stalled: {named}" if named else "")
+            ),
+            culprit=Culprit(kind="system"),
+            evidence={**_evidence(res, samples, cfg), "top_cgroups": top},
+        )
+
+
+def _ancestors(path: str) -> list[str]:
+    """Every strict ancestor of a cgroup path, the root included."""
+    parts = path.strip("/").split("/")
+    return ["/" + "/".join(parts[:i]) for i in range(len(parts))]
+
+
+def _cgroup_psi(snap: Snapshot, path: str, res: str) -> Optional[PsiSample]:
+    cg = snap.cgroups.get(path)
+    return cg.pressure.get(res) if cg is not None else None
+
+
+def _evidence(res: str, samples: list[PsiSample], cfg: Any) -> dict[str, Any]:
+    return {
+        "resource": res,
+        "some_pct": round(sum(s.some_pct for s in samples) / len(samples), 1),
+        "min_some_pct": round(min(s.some_pct for s in samples), 1),
+        "some_avg10": samples[-1].some_avg10,
+        "full_pct": round(sum(s.full_pct for s in samples) / len(samples), 1),
+        "threshold_pct": float(cfg.some_pct),
+        "sustain_s": float(cfg.sustain_s),
+        "stall_ms": round(sum(s.some_stall_us for s in samples) / 1000, 1),
+    }

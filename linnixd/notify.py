@@ -1,0 +1,51 @@
+"""sd_notify for the daemon: READY, RELOADING, STOPPING, WATCHDOG and STATUS through sdnotify."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+import sdnotify
+
+
+class Notifier:
+    """Tells the service manager about the daemon's state; does nothing without NOTIFY_SOCKET."""
+
+    def __init__(self) -> None:
+        self._notifier: Optional[sdnotify.SystemdNotifier] = None
+        self.failures = 0  # notifications the socket refused (counted, never raised)
+        if os.environ.get("NOTIFY_SOCKET"):
+            try:
+                # debug=True makes sdnotify raise instead of swallowing, so failures get counted
+                self._notifier = sdnotify.SystemdNotifier(debug=True)
+            except OSError:
+                self.failures += 1
+
+    @property
+    def enabled(self) -> bool:
+        return self._notifier is not None
+
+    def _send(self, state: str) -> None:
+        if self._notifier is not None:
+            try:
+                self._notifier.notify(state)
+            except OSError:
+                self.failures += 1
+
+    def ready(self) -> None:
+        self._send("READY=1")
+
+    def status(self, text: str) -> None:
+        # one line: STATUS ends at the first newline
+        self._send("STATUS=" + " ".join(text.splitlines()))
+
+    def reloading(self) -> None:
+        # MONOTONIC_USEC lets systemd >= 253 (Type=notify-reload) match the reload to its READY=1
+        self._send(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+
+    def watchdog(self) -> None:
+        self._send("WATCHDOG=1")
+
+    def stopping(self) -> None:
+        self._send("STOPPING=1")

@@ -1,0 +1,159 @@
+"""Builders for synthetic Snapshots and rule configs, shared by the detector tests."""
+
+from __future__ import annotations
+
+import types
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import yaml
+
+from linnixd.model import (
+    CgroupSample,
+    ExitRecord,
+    LifecycleCounts,
+    Owner,
+    ProcessSample,
+    PsiSample,
+    Snapshot,
+)
+
+POLICY = Path(__file__).resolve().parent.parent / "policy" / "rules.yaml"
+TICK = 0.5
+T0 = 1000.0  # monotonic time of the first snapshot
+WALL0 = 1_700_000_000.0
+
+
+def _namespace(value: Any) -> Any:
+    if isinstance(value, dict):
+        return types.SimpleNamespace(**{k: _namespace(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return [_namespace(v) for v in value]
+    return value
+
+
+def rule_cfg(rule: str, **overrides: Any) -> Any:
+    """The shipped policy's section for `rule` with attribute access; `exclude=` takes a dict."""
+    section = dict(yaml.safe_load(POLICY.read_text())["rules"][rule])
+    section.update(overrides)
+    section["exclude"] = {"units": [], "cgroups": [], "comms": [], **section.get("exclude", {})}
+    return _namespace(section)
+
+
+def proc(
+    pid: int,
+    ppid: int = 1,
+    comm: str = "",
+    *,
+    cpu: float = 0.0,
+    rss: int = 10 << 20,
+    start: Optional[float] = None,
+    cgroup: str = "/system.slice/app.service",
+    unit: Optional[str] = "app.service",
+    fds: Optional[int] = None,
+    fd_limit: Optional[int] = None,
+    threads: int = 1,
+) -> ProcessSample:
+    """A process sample; start time defaults to pid/100 so each pid has a stable identity."""
+    return ProcessSample(
+        pid=pid,
+        ppid=ppid,
+        comm=comm or f"proc{pid}",
+        cmdline=comm or f"proc{pid}",
+        start_time=start if start is not None else pid / 100.0,
+        uid=0,
+        cgroup=cgroup,
+        unit=unit,
+        cpu_pct=cpu,
+        rss_bytes=rss,
+        threads=threads,
+        fd_count=fds,
+        fd_soft_limit=fd_limit,
+    )
+
+
+def psi(some_pct: float, interval: float = TICK, avg10: float = 0.0) -> PsiSample:
+    """A pressure sample whose interval-based some_pct is `some_pct`."""
+    stall_us = int(round(some_pct * interval * 1e4))
+    return PsiSample(avg10 or some_pct, 0.0, stall_us, 0, interval)
+
+
+def cgroup(
+    path: str,
+    cid: Optional[int] = None,
+    *,
+    unit: Optional[str] = None,
+    memory: Optional[int] = None,
+    pressure: Optional[Mapping[str, PsiSample]] = None,
+) -> CgroupSample:
+    """A cgroup sample; a path ending in .service/.scope is owned by that unit unless told."""
+    leaf = path.rsplit("/", 1)[-1]
+    if unit is None and leaf.endswith((".service", ".scope")):
+        unit = leaf
+    owner = Owner("unit", unit, unit=unit) if unit else Owner("unknown", path)
+    return CgroupSample(
+        id=cid if cid is not None else zlib.crc32(path.encode()) % 100_000 + 1,
+        path=path,
+        owner=owner,
+        pressure=dict(pressure or {}),
+        memory_bytes=memory,
+    )
+
+
+def snap(
+    i: int,
+    processes: Iterable[ProcessSample] = (),
+    *,
+    interval: float = TICK,
+    by_parent: Optional[Mapping[int, LifecycleCounts]] = None,
+    by_cgroup: Optional[Mapping[str, LifecycleCounts]] = None,
+    cgroups: Iterable[CgroupSample] = (),
+    system_pressure: Optional[Mapping[str, PsiSample]] = None,
+    exits: Sequence[ExitRecord] = (),
+    file_nr: int = 0,
+    file_max: int = 0,
+    ts: Optional[float] = None,
+) -> Snapshot:
+    """Snapshot number `i` of a series ticking every `interval` seconds from T0."""
+    t = ts if ts is not None else T0 + i * interval
+    procs = {p.pid: p for p in processes}
+    by_parent = dict(by_parent or {})
+    total = LifecycleCounts()
+    for c in by_parent.values():
+        total = total + c
+    return Snapshot(
+        ts=t,
+        wall=WALL0 + (t - T0),
+        interval_s=interval,
+        ncpu=2,
+        processes=procs,
+        total=total,
+        by_parent=by_parent,
+        by_cgroup=dict(by_cgroup or {}),
+        cgroups={c.path: c for c in cgroups},
+        system_pressure=dict(system_pressure or {}),
+        cpu_util_pct=0.0,
+        file_nr=file_nr,
+        file_max=file_max,
+        exits=tuple(exits),
+    )
+
+
+def series(n: int, make: Callable[[int], Snapshot]) -> list[Snapshot]:
+    """`n` snapshots built by `make(i)`, oldest first."""
+    return [make(i) for i in range(n)]
+
+
+def exit_record(
+    pid: int,
+    ppid: int,
+    comm: str,
+    cgroup_id: int,
+    *,
+    code: Optional[int] = 0,
+    signal: Optional[int] = None,
+    lifetime: Optional[float] = 0.05,
+    ts: float = T0,
+) -> ExitRecord:
+    return ExitRecord(pid, ppid, cgroup_id, comm, code, signal, lifetime, ts)

@@ -1,0 +1,75 @@
+"""fd_exhaustion and psi_saturation on synthetic snapshots: thresholds, culprits, top contributors."""
+
+from __future__ import annotations
+
+from linnixd.detectors.fds import FdExhaustionDetector
+from linnixd.detectors.pressure import PsiSaturationDetector
+from snapshots import cgroup, proc, psi, rule_cfg, series, snap
+
+FDS = FdExhaustionDetector()
+PSI = PsiSaturationDetector()
+DB = "/system.slice/db.service"
+WEB = "/system.slice/web.service"
+
+
+def fd_snap(fds: int, file_nr: int = 1000):
+    return [snap(0, [proc(1, 0, "init", fds=20, fd_limit=None), proc(300, 1, "postgres", fds=fds, fd_limit=1024, cgroup=DB, unit="db.service"),
+                     proc(301, 1, "nginx", fds=500, fd_limit=65536)], file_nr=file_nr, file_max=10_000)]
+
+
+def test_fd_exhaustion_process_both_sides() -> None:
+    [f] = FDS.evaluate(fd_snap(820), rule_cfg("fd_exhaustion"))  # 80.08% of 1024
+    assert f.key == "pid:300:3" and (f.culprit.pid, f.culprit.comm, f.culprit.unit) == (300, "postgres", "db.service")
+    assert f.evidence == {"fd_count": 820, "fd_limit": 1024, "pct": 80.1, "threshold_pct": 80.0}
+    assert FDS.evaluate(fd_snap(819), rule_cfg("fd_exhaustion")) == []  # 79.98%
+    assert FDS.evaluate(fd_snap(820), rule_cfg("fd_exhaustion", exclude={"cgroups": ["/system.slice/db*"]})) == []
+
+
+def test_fd_exhaustion_system_names_top_holders() -> None:
+    [f] = FDS.evaluate(fd_snap(100, file_nr=9000), rule_cfg("fd_exhaustion"))
+    assert f.key == "system:fds" and f.culprit.kind == "system"
+    assert f.evidence["fd_count"] == 9000 and f.evidence["fd_limit"] == 10_000 and f.evidence["pct"] == 90.0
+    assert [h["pid"] for h in f.evidence["top_holders"]] == [301, 300, 1]
+    assert "nginx[301] 500" in f.summary
+    assert FDS.evaluate(fd_snap(100, file_nr=8999), rule_cfg("fd_exhaustion")) == []
+
+
+def psi_window(system_pct: list[float], db_pct: float = 30.0, web_pct: float = 10.0, slice_pct: float = 35.0):
+    def make(i: int):
+        cgs = [
+            cgroup("/system.slice", pressure={"cpu": psi(slice_pct)}),
+            cgroup(DB, pressure={"cpu": psi(db_pct)}),
+            cgroup(WEB, pressure={"cpu": psi(web_pct)}),
+        ]
+        return snap(i, cgroups=cgs, system_pressure={"cpu": psi(system_pct[i]), "io": psi(1.0)})
+
+    return series(len(system_pct), make)
+
+
+def test_psi_saturation_system_names_top_cgroups() -> None:
+    window = psi_window([0.0] * 2 + [41.0] * 10)  # last 5 s above 40%
+    [f] = PSI.evaluate(window, rule_cfg("psi_saturation"))
+    assert f.key == "system:cpu" and f.culprit.kind == "system" and f.severity == "critical"
+    ev = f.evidence
+    assert ev["resource"] == "cpu" and ev["some_pct"] == 41.0 and ev["sustain_s"] == 5.0
+    # leaves only (system.slice contains both); share of the host's stall time
+    assert ev["top_cgroups"] == [
+        {"cgroup": DB, "unit": "db.service", "stall_ms": 1500.0, "share": 0.732},
+        {"cgroup": WEB, "unit": "web.service", "stall_ms": 500.0, "share": 0.244},
+    ]
+    assert "db.service (73%)" in f.summary
+    assert PSI.evaluate(psi_window([40.0] * 12), rule_cfg("psi_saturation")) == []  # must exceed
+    assert PSI.evaluate(psi_window([0.0] * 3 + [90.0] * 9), rule_cfg("psi_saturation")) == []  # 4.5 s
+
+
+def test_psi_saturation_per_cgroup_names_the_most_specific() -> None:
+    window = psi_window([45.0] * 12, db_pct=50.0, slice_pct=45.0)
+    findings = {f.key: f for f in PSI.evaluate(window, rule_cfg("psi_saturation"))}
+    # system.slice is at 45% too, but db.service inside it is the specific one
+    assert set(findings) == {"system:cpu", f"cgroup:{DB}:cpu"}
+    f = findings[f"cgroup:{DB}:cpu"]
+    assert (f.culprit.kind, f.culprit.cgroup, f.culprit.unit) == ("cgroup", DB, "db.service")
+    assert f.evidence["some_pct"] == 50.0
+    cfg = rule_cfg("psi_saturation", exclude={"units": ["db.service"]})
+    assert {f.key for f in PSI.evaluate(window, cfg)} == {"system:cpu"}
+    assert PSI.evaluate(window, rule_cfg("psi_saturation", resources=["io", "memory"])) == []
