@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import ctypes
 import json
 import math
 import os
@@ -102,8 +103,11 @@ class Daemon:
         if self.sched is not None:
             stall = self.sched.read(self.model.resolve_cgroup)
         snap: Snapshot = self.model.snapshot(lt, time.monotonic(), time.time(), stall)
-        self.window.append(snap)
-        self.evaluate()
+        if self.ticks > 0:
+            self.window.append(snap)
+            self.evaluate()
+        # else: the first read covers everything since attach (compile time included), not one
+        # tick: it sets the baselines and its counts go into the totals, but rates would be wrong.
         self.ticks += 1
         self.last_tick_mono = time.monotonic()
         self.last_tick_cost_s = self.last_tick_mono - started
@@ -277,6 +281,14 @@ class Daemon:
         for part in (self.sched, self.lifecycle):
             if part is not None:
                 part.close()
+
+
+def _release_compiler_memory() -> None:
+    """Give LLVM's freed compile-time heap back to the kernel: steady RSS, not the compile peak."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _vm_kb(field: str) -> int:
@@ -520,6 +532,7 @@ def run(args: argparse.Namespace) -> int:
         log(str(exc))
         lifecycle.close()
         return EXIT_OSERR
+    _release_compiler_memory()
 
     model = HostModel(max_processes=policy.daemon.max_processes, max_cgroups=policy.daemon.max_cgroups)
     model.seed()
