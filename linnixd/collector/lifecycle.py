@@ -1,0 +1,341 @@
+"""The process-lifecycle collector: bpf/lifecycle.c loaded, its maps and records read as ticks."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..model import ExecRecord, ExitRecord, LifecycleCounts, LifecycleTick
+from ..paths import bpf_dir
+from .bpfload import KernelFeatureError, compile_program, preflight, ringbuf_supported, source_text
+
+TRACEPOINTS = (
+    "task/task_newtask",
+    "sched/sched_process_exec",
+    "sched/sched_process_exit",
+    "syscalls/sys_enter_exit_group",
+    "signal/signal_deliver",
+)
+
+# Slots of bpf/lifecycle.c's health array.
+H_DROP_EXEC, H_DROP_EXIT, H_OVERFLOW, H_UNTRACKED = range(4)
+NHEALTH = 4
+REC_EXEC, REC_EXIT = 1, 2
+F_LIFETIME, F_CODE, F_SIGNAL = 1, 2, 4
+
+RECORD_BYTES = 64 + 8  # struct record plus the ring buffer's per-record header
+RINGBUF_BYTES = 10_000 * RECORD_BYTES  # one second of 10k records/s
+PERF_MIN_PAGES = 8
+
+Counts = tuple[int, int, int, int, int]
+ZERO: Counts = (0, 0, 0, 0, 0)
+
+
+class _Record(ct.Structure):
+    """struct record of bpf/lifecycle.c."""
+
+    _fields_ = [
+        ("ts", ct.c_uint64),
+        ("cgroup_id", ct.c_uint64),
+        ("lifetime_ns", ct.c_uint64),
+        ("kind", ct.c_uint32),
+        ("pid", ct.c_uint32),
+        ("ppid", ct.c_uint32),
+        ("exit_code", ct.c_int32),
+        ("sig", ct.c_uint32),
+        ("flags", ct.c_uint32),
+        ("comm", ct.c_char * 16),
+    ]
+
+
+def _pow2_at_least(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> Optional[str]:
+    """Mount point of the cgroup v2 hierarchy, or None when there is none."""
+    with open(mountinfo) as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split(" ", 1)[0] == "cgroup2":
+                return left.split(" ")[4]
+    return None
+
+
+def live_cgroup_ids() -> set[int]:
+    """Inode numbers (== cgroup ids) of every directory under the cgroup2 mount."""
+    mount = cgroup2_mount()
+    if mount is None:
+        return set()
+    ids = {os.stat(mount).st_ino}
+    for directory, subdirs, _ in os.walk(mount):
+        for d in subdirs:
+            try:
+                ids.add(os.stat(os.path.join(directory, d)).st_ino)
+            except OSError:
+                pass  # removed while walking: it is gone either way
+    return ids
+
+
+def _delta(now: Counts, prev: Counts) -> LifecycleCounts:
+    return LifecycleCounts(*(a - b for a, b in zip(now, prev)))
+
+
+class _KeyedCounts:
+    """Monotonic per-key counters of one kernel hash: deltas per read, stale keys pruned."""
+
+    def __init__(self, table: Any, prune_after: int) -> None:
+        self.table = table
+        self.prune_after = prune_after
+        self.prev: dict[int, Counts] = {}
+        self.idle: dict[int, int] = {}  # ticks each key has not changed
+
+    def read(self) -> dict[int, LifecycleCounts]:
+        now: dict[int, Counts] = {
+            int(k.value): tuple(v.v) for k, v in self.table.items()  # type: ignore[misc]
+        }
+        out: dict[int, LifecycleCounts] = {}
+        for key, val in now.items():
+            old = self.prev.get(key, ZERO)
+            if val != old:
+                out[key] = _delta(val, old)
+                self.idle[key] = 0
+            else:
+                self.idle[key] = self.idle.get(key, 0) + 1
+        for gone in self.prev.keys() - now.keys():
+            self.idle.pop(gone, None)
+        self.prev = now
+        return out
+
+    def prune(self, alive: Callable[[list[int]], set[int]]) -> int:
+        """Delete keys idle for prune_after reads whose owner no longer exists; returns how many.
+
+        A key is re-read just before its delete; an increment landing between that read and
+        the delete (an exit whose creator died long ago, or a reused pid) is the one loss window.
+        """
+        stale = [k for k, n in self.idle.items() if n >= self.prune_after]
+        if not stale:
+            return 0
+        living = alive(stale)
+        removed = 0
+        for key in stale:
+            self.idle[key] = 0  # alive or not, look again only after another prune_after reads
+            if key in living:
+                continue
+            ckey = self.table.Key(key)
+            try:
+                if tuple(self.table[ckey].v) != self.prev.get(key):
+                    continue
+                del self.table[ckey]
+            except KeyError:
+                pass  # already gone
+            self.prev.pop(key, None)
+            self.idle.pop(key, None)
+            removed += 1
+        return removed
+
+
+def _live_tgids(keys: list[int]) -> set[int]:
+    return {k for k in keys if os.path.exists(f"/proc/{k}")}
+
+
+class LifecycleCollector:
+    """Counts forks, threads, execs and exits in the kernel; streams exec/exit records."""
+
+    def __init__(
+        self,
+        short_lived_s: float = 1.0,
+        *,
+        use_ringbuf: bool | None = None,
+        buffer_pages: int | None = None,
+        parent_entries: int = 16384,
+        cgroup_entries: int = 4096,
+        task_entries: int = 65536,
+        prune_after_ticks: int = 10,
+        cgroup_exists: Callable[[int], bool] | None = None,
+        src: Path | None = None,
+    ) -> None:
+        """`buffer_pages`: ring buffer size, or perf buffer pages per CPU (a power of two).
+
+        `cgroup_exists`: tells whether a cgroup id still exists (default: a scan of the cgroup2
+        mount, only when some cgroup key has gone idle).
+        """
+        if short_lived_s <= 0:
+            raise ValueError(f"short_lived_s must be positive, got {short_lived_s}")
+        self.short_lived_s = short_lived_s
+        self.use_ringbuf = use_ringbuf
+        self.buffer_pages = buffer_pages
+        self.parent_entries = parent_entries
+        self.cgroup_entries = cgroup_entries
+        self.task_entries = task_entries
+        self.prune_after_ticks = prune_after_ticks
+        self.cgroup_exists = cgroup_exists
+        self.src = src or bpf_dir() / "lifecycle.c"
+        self._bpf: Any = None
+        self._transport: Optional[str] = None
+        self._parents: Optional[_KeyedCounts] = None
+        self._cgroups: Optional[_KeyedCounts] = None
+        self._prev_total: Counts = ZERO
+        self._execs: list[ExecRecord] = []
+        self._exits: list[ExitRecord] = []
+        self._health = [0] * NHEALTH
+        self.pruned_keys = 0  # monotonic: idle map entries removed for dead tgids/cgroups
+
+    @property
+    def transport(self) -> Optional[str]:
+        """Record transport: "ringbuf" or "perfbuf" once started, None before."""
+        return self._transport
+
+    def _ringbuf_pages(self) -> int:
+        if self.buffer_pages is not None:
+            return self.buffer_pages
+        return _pow2_at_least(-(-RINGBUF_BYTES // os.sysconf("SC_PAGE_SIZE")))
+
+    def _perf_pages(self) -> int:
+        if self.buffer_pages is not None:
+            return self.buffer_pages
+        per_cpu = -(-RINGBUF_BYTES // (os.cpu_count() or 1) // os.sysconf("SC_PAGE_SIZE"))
+        return max(PERF_MIN_PAGES, _pow2_at_least(per_cpu))
+
+    def cflags(self, ringbuf: bool) -> list[str]:
+        flags = [
+            f"-DPARENT_ENTRIES={self.parent_entries}",
+            f"-DCGROUP_ENTRIES={self.cgroup_entries}",
+            f"-DTASK_ENTRIES={self.task_entries}",
+            f"-DDEFAULT_SHORT_NS={self._short_ns()}ULL",
+        ]
+        if ringbuf:
+            flags.append(f"-DRINGBUF_PAGES={self._ringbuf_pages()}")
+        else:
+            flags.append("-DUSE_PERFBUF")
+        return flags
+
+    def _short_ns(self) -> int:
+        return int(self.short_lived_s * 1e9)
+
+    def _want_ringbuf(self) -> bool:
+        return ringbuf_supported() if self.use_ringbuf is None else self.use_ringbuf
+
+    def dump_source(self) -> str:
+        """The C source exactly as start() would compile it, -D values first."""
+        return source_text(self.src, self.cflags(self._want_ringbuf()))
+
+    def start(self) -> None:
+        """Check the kernel, compile and attach; raises KernelFeatureError with the fix."""
+        preflight(TRACEPOINTS)
+        ringbuf = self._want_ringbuf()
+        self._bpf = compile_program(self.src, self.cflags(ringbuf))
+        self._write_threshold()
+        table = self._bpf[b"records"]
+        try:
+            if ringbuf:
+                table.open_ring_buffer(self._on_ringbuf)
+            else:
+                # Losses are counted by the kernel program (failed perf_submit); this only
+                # keeps bcc from printing its own "Possibly lost" line for the same events.
+                table.open_perf_buffer(
+                    self._on_perfbuf, page_cnt=self._perf_pages(), lost_cb=lambda _n: None
+                )
+        except Exception as exc:  # bcc raises bare Exception (e.g. mmap refused by RLIMIT_MEMLOCK)
+            self.close()
+            kind = "ring" if ringbuf else "perf"
+            raise KernelFeatureError(f"cannot open the BPF {kind} buffer: {exc}") from None
+        self._transport = "ringbuf" if ringbuf else "perfbuf"
+        self._prev_total = ZERO  # a fresh program counts from zero, also after close() + start()
+        self._health = [0] * NHEALTH
+        self._parents = _KeyedCounts(self._bpf[b"by_parent"], self.prune_after_ticks)
+        self._cgroups = _KeyedCounts(self._bpf[b"by_cgroup"], self.prune_after_ticks)
+
+    def set_short_lived(self, seconds: float) -> None:
+        """Change the short-lived threshold; takes effect in the kernel at once, no recompile."""
+        if seconds <= 0:
+            raise ValueError(f"short-lived threshold must be positive, got {seconds}")
+        self.short_lived_s = seconds
+        if self._bpf is not None:
+            self._write_threshold()
+
+    def _write_threshold(self) -> None:
+        table = self._bpf[b"config"]
+        table[table.Key(0)] = table.Leaf(self._short_ns())
+
+    def _record(self, data: Any) -> None:
+        r = ct.cast(data, ct.POINTER(_Record)).contents
+        comm = r.comm.decode(errors="replace")
+        ts = r.ts / 1e9
+        if r.kind == REC_EXEC:
+            self._execs.append(ExecRecord(r.pid, r.ppid, r.cgroup_id, comm, ts))
+            return
+        code: Optional[int] = None
+        sig: Optional[int] = None
+        if r.flags & F_CODE:
+            code = r.exit_code  # what the process asked for; a signal seen then hit a sibling
+        elif r.flags & F_SIGNAL:
+            sig = r.sig
+        lifetime = r.lifetime_ns / 1e9 if r.flags & F_LIFETIME else None
+        self._exits.append(ExitRecord(r.pid, r.ppid, r.cgroup_id, comm, code, sig, lifetime, ts))
+
+    def _on_ringbuf(self, _ctx: Any, data: Any, _size: int) -> int:
+        self._record(data)
+        return 0
+
+    def _on_perfbuf(self, _cpu: int, data: Any, _size: int) -> None:
+        self._record(data)
+
+    def _health_counters(self) -> list[int]:
+        table = self._bpf[b"health"]
+        return [int(table.sum(table.Key(i)).value) for i in range(NHEALTH)]
+
+    def read(self) -> LifecycleTick:
+        """Deltas since the previous read (the first one: since attach) plus the new records."""
+        if self._bpf is None or self._parents is None or self._cgroups is None:
+            raise RuntimeError("LifecycleCollector.read() before start()")
+        total_now: Counts = tuple(  # type: ignore[assignment]
+            sum(cpu.v[i] for cpu in self._bpf[b"totals"][ct.c_int(0)]) for i in range(5)
+        )
+        by_parent = self._parents.read()
+        by_cgroup = self._cgroups.read()
+        self._health = self._health_counters()
+        # Records are consumed after the counters are read: a record may run one tick ahead of
+        # its counter, never behind it.
+        self._execs, self._exits = [], []
+        if self._transport == "ringbuf":
+            self._bpf.ring_buffer_consume()
+        else:
+            self._bpf.perf_buffer_poll(timeout=0)
+        total = _delta(total_now, self._prev_total)
+        self._prev_total = total_now
+        self.pruned_keys += self._parents.prune(_live_tgids)
+        self.pruned_keys += self._cgroups.prune(self._live_cgroups)
+        h = self._health
+        return LifecycleTick(
+            total=total,
+            by_parent=by_parent,
+            by_cgroup_id=by_cgroup,
+            execs=self._execs,
+            exits=self._exits,
+            events=total_now[0] + total_now[1] + total_now[2] + total_now[3],
+            dropped_events=h[H_DROP_EXEC] + h[H_DROP_EXIT],
+            aggregation_overflows=h[H_OVERFLOW],
+            untracked_exits=h[H_UNTRACKED],
+        )
+
+    def dropped_records(self) -> dict[str, int]:
+        """Monotonic drops by record kind as of the last read (their sum is dropped_events)."""
+        return {"exec": self._health[H_DROP_EXEC], "exit": self._health[H_DROP_EXIT]}
+
+    def _live_cgroups(self, ids: list[int]) -> set[int]:
+        if self.cgroup_exists is not None:
+            return {i for i in ids if self.cgroup_exists(i)}
+        return live_cgroup_ids() & set(ids)
+
+    def close(self) -> None:
+        """Detach and free the kernel side; safe to call twice or before start()."""
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+        self._transport = None
