@@ -7,7 +7,7 @@ import subprocess
 import time
 import types
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import pytest
 import yaml
@@ -40,12 +40,17 @@ def rule_cfg(name: str) -> Any:
     return _ns(yaml.safe_load((REPO / "policy" / "rules.yaml").read_text())["rules"][name])
 
 
-def foreign_excluded(groups: dict[str, str]) -> Any:
+def foreign_excluded(groups: dict[str, str], snaps: Sequence[Snapshot] = ()) -> Any:
     """noisy_neighbour policy that never blames cgroups outside this test (others load the host)."""
     cfg = rule_cfg("noisy_neighbour")
     mount, ours = groups["mount"], os.path.basename(groups["base"])
-    tops = [f"/{d}" for d in os.listdir(mount) if os.path.isdir(f"{mount}/{d}") and d != ours]
-    cfg.exclude.cgroups = ["/"] + tops + [f"{t}/*" for t in tops]
+    tops = {f"/{d}" for d in os.listdir(mount) if os.path.isdir(f"{mount}/{d}") and d != ours}
+    # cgroups that came and went during the run (other tests, other tools) are foreign too
+    for snap in snaps:
+        for edge in snap.stall.edges if snap.stall is not None else ():
+            if not edge.culprit.startswith(f"/{ours}"):
+                tops.add(edge.culprit)
+    cfg.exclude.cgroups = ["/"] + sorted(tops) + [f"{t}/*" for t in sorted(tops)]
     return cfg
 
 
@@ -199,7 +204,7 @@ def test_culprit_gets_the_victims_stall(collector: SchedCollector, groups: dict[
     assert to_bystander == 0
     # the victim preempted the spinner's slice or was preempted by it: both are counted as edges
     assert sum(e.preemptions for s in stalls for e in s.edges if {e.victim, e.culprit} == {v, c}) > 0
-    findings = NoisyNeighbourDetector().evaluate(snaps, foreign_excluded(groups))
+    findings = NoisyNeighbourDetector().evaluate(snaps, foreign_excluded(groups, snaps))
     mine = [f for f in findings if f.evidence["victim"] == v]
     assert len(mine) == 1
     f = mine[0]
@@ -221,7 +226,7 @@ def test_no_contention_no_alert(collector: SchedCollector, groups: dict[str, str
     print("findings (others' load may stall the victim):", [f.summary for f in findings])
     assert [f for f in findings if f.evidence["victim"] == v and f.culprit.cgroup == c] == []
     # with foreign load out of the picture nothing of ours is blamed
-    assert [f for f in NoisyNeighbourDetector().evaluate(snaps, foreign_excluded(groups)) if f.evidence["victim"] == v] == []
+    assert [f for f in NoisyNeighbourDetector().evaluate(snaps, foreign_excluded(groups, snaps)) if f.evidence["victim"] == v] == []
 
 
 @needs_root
