@@ -34,14 +34,17 @@ def preflight(tracepoints: Sequence[str] = ()) -> None:
         raise KernelFeatureError("bcc is not installed: apt install python3-bpfcc (and run with /usr/bin/python3)") from None
     root = tracefs_root()
     if root is None:
-        if not os.access("/sys/kernel", os.R_OK | os.X_OK):
-            raise KernelFeatureError("cannot read /sys/kernel: run as root or with CAP_DAC_READ_SEARCH")
+        if _unreadable(os.path.join(TRACEFS_CANDIDATES[0], "README")) == "denied":
+            raise KernelFeatureError(
+                "cannot read /sys/kernel/tracing: needs CAP_DAC_READ_SEARCH (bcc reads tracepoint formats)"
+            )
         raise KernelFeatureError("tracefs is not mounted: mount -t tracefs nodev /sys/kernel/tracing")
     for tp in tracepoints:
         fmt = os.path.join(root, "events", tp, "format")
-        if not os.path.exists(fmt):
+        problem = _unreadable(fmt)
+        if problem == "missing":
             raise KernelFeatureError(f"tracepoint {tp} is missing from this kernel ({fmt})")
-        if not os.access(fmt, os.R_OK):
+        if problem == "denied":
             raise KernelFeatureError(f"cannot read {fmt}: needs CAP_DAC_READ_SEARCH (bcc reads tracepoint formats)")
     build = Path("/lib/modules") / platform.release() / "build"
     if not (build / "Makefile").exists() and not Path(BTF_PATH).exists():
@@ -54,6 +57,24 @@ def preflight(tracepoints: Sequence[str] = ()) -> None:
             f"kernel headers missing: {build} does not exist (apt install linux-headers-$(uname -r), "
             "or link it to the newest /usr/src/linux-headers-*-amd64 as .ci/setup-host does)"
         )
+
+
+def _unreadable(path: str) -> str | None:
+    """"missing", "denied" or None, by really opening the file.
+
+    os.access() would be wrong here: it ignores capabilities such as CAP_DAC_READ_SEARCH,
+    which is exactly how the service user reads tracefs.
+    """
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except FileNotFoundError:
+        return "missing"
+    except PermissionError:
+        return "denied"
+    except OSError:
+        return "denied"
+    return None
 
 
 def ringbuf_supported() -> bool:
@@ -98,6 +119,14 @@ def _captured_stderr() -> Iterator[io.StringIO]:
             buf.write(tmp.read().decode(errors="replace"))
 
 
+def _perf_paranoid() -> int:
+    try:
+        with open("/proc/sys/kernel/perf_event_paranoid") as fh:
+            return int(fh.read().strip())
+    except (OSError, ValueError):
+        return 2
+
+
 def _first_error(text: str) -> str:
     for line in text.splitlines():
         if "error:" in line:
@@ -129,5 +158,11 @@ def compile_program(src: Path, cflags: Sequence[str]) -> Any:
     if "Failed to compile" in message or "error:" in text:
         raise KernelFeatureError(f"cannot compile {src.name}: {_first_error(text)}") from None
     if "Failed to attach" in message or "attach" in message:
+        if _perf_paranoid() > 2:
+            raise KernelFeatureError(
+                f"cannot attach {src.name}: kernel.perf_event_paranoid={_perf_paranoid()} refuses "
+                "tracepoints without CAP_SYS_ADMIN; set it to 2 (the linnixd package ships "
+                "/usr/lib/sysctl.d/50-linnixd.conf: sysctl --system)"
+            ) from None
         raise KernelFeatureError(f"cannot attach {src.name}: {message.splitlines()[0]}") from None
     raise KernelFeatureError(f"cannot load {src.name}: {message.splitlines()[0] if message else _first_error(text)}") from None
