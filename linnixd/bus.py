@@ -8,6 +8,12 @@ Interface org.linnix.linnixd1.Manager on /org/linnix/linnixd1 (stable signatures
     TopCgroups(u limit) -> s                       JSON array of cgroup rows
     StallTable(u limit) -> s                       JSON array of {victim, culprit, stall_ms, share, window_s}
     ReloadPolicy() -> s                            one-line result; polkit org.linnix.linnixd1.reload-policy
+    EnableEnforcement(b dry_run) -> s              polkit org.linnix.linnixd1.manage-enforcement
+    DisableEnforcement() -> s                      polkit org.linnix.linnixd1.manage-enforcement
+    ListActions() -> s                             JSON array of active actions (the ledger)
+    Throttle(s unit, d cpu_pct, d duration_s) -> s polkit org.linnix.linnixd1.act
+    Unthrottle(s unit) -> s                        polkit org.linnix.linnixd1.act
+    signal ActionTaken(s unit, s action, s before, s after, s rule, s incident), ActionReverted(same)
     signal Alert(s rule, s severity, s summary, a{sv} details)
     properties (read-only): Version s, EnforcementEnabled b, PolicyPath s, StartedAt d,
                             Events t, DroppedEvents t, Alerts t
@@ -21,6 +27,8 @@ runs, so a forgotten marker means "authorization required", never "open".
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import inspect
 import itertools
 import json
 import math
@@ -43,6 +51,7 @@ from .constants import (
     MANAGER_INTERFACE,
     OBJECT_PATH,
     POLKIT_ACT,
+    POLKIT_ENFORCEMENT,
     POLKIT_RELOAD,
 )
 from .model import Alert
@@ -52,6 +61,8 @@ PROPERTIES_INTERVAL_S = 1.0  # PropertiesChanged for the counters at most this o
 MAX_ALERTS = 10_000
 MAX_ROWS = 1_000
 _RULE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
+_CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("linnixd_caller", default="")  # unique name of the call being run
+ACTION_SIGNALS = ("ActionTaken", "ActionReverted")
 
 POLKIT_NAME = "org.freedesktop.PolicyKit1"
 POLKIT_PATH = "/org/freedesktop/PolicyKit1/Authority"
@@ -217,6 +228,8 @@ class BusService:
     async def start(self) -> None:
         self.bus.add_message_handler(self._on_message)
         self.daemon.add_alert_listener(self.send_alert)
+        if self._enforcer() is not None:
+            self._enforcer().listeners.append(self.send_action)
         reply = await self.bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
             raise RuntimeError(f"the bus name {BUS_NAME} is taken: is another linnixd running?")
@@ -294,6 +307,80 @@ class BusService:
                 raise BusError(ERROR_POLICY, "; ".join(exc.problems) or str(exc)) from None
             raise
 
+    @exported("EnableEnforcement", (("dry_run", "b"),), action=POLKIT_ENFORCEMENT)
+    async def EnableEnforcement(self, dry_run: bool) -> str:
+        """Let linnixd act on the rules that have an action (dry_run: only journal what it would do)."""
+        enforcer = self._require_enforcer()
+        return str(await enforcer.set_enabled(True, bool(dry_run), await self.caller()))
+
+    @exported("DisableEnforcement", action=POLKIT_ENFORCEMENT)
+    async def DisableEnforcement(self) -> str:
+        """Back to monitor-only; actions taken by rules are reverted (manual ones run out)."""
+        enforcer = self._require_enforcer()
+        return str(await enforcer.set_enabled(False, False, await self.caller()))
+
+    @read_only
+    @exported("ListActions")
+    def ListActions(self) -> str:
+        """Actions applied and not yet reverted: unit, action, before, after, rule, incident, expires_at (JSON)."""
+        return _to_json(self._require_enforcer().list_actions())
+
+    @exported("Throttle", (("unit", "s"), ("cpu_pct", "d"), ("duration_s", "d")), action=POLKIT_ACT)
+    async def Throttle(self, unit: str, cpu_pct: float, duration_s: float) -> str:
+        """CPUQuota= on a unit for duration_s seconds (runtime only, reverted after), by hand."""
+        from .enforcement import EnforcementError
+
+        enforcer = self._require_enforcer()
+        if not (math.isfinite(cpu_pct) and 0 < cpu_pct <= 819200):
+            raise BusError(ERROR_INVALID_ARGS, f"cpu_pct must be in (0, 819200] percent of one CPU, got {cpu_pct}")
+        if not (math.isfinite(duration_s) and 0 < duration_s <= 86400):
+            raise BusError(ERROR_INVALID_ARGS, f"duration_s must be in (0, 86400], got {duration_s}")
+        try:
+            return str(await enforcer.throttle(unit, cpu_pct, duration_s, await self.caller()))
+        except EnforcementError as exc:
+            raise BusError(ERROR_INVALID_ARGS, str(exc)) from None
+
+    @exported("Unthrottle", (("unit", "s"),), action=POLKIT_ACT)
+    async def Unthrottle(self, unit: str) -> str:
+        """Restore a unit's CPUQuota= from before linnixd throttled it."""
+        from .enforcement import EnforcementError
+
+        try:
+            return str(await self._require_enforcer().unthrottle(unit))
+        except EnforcementError as exc:
+            raise BusError(ERROR_INVALID_ARGS, str(exc)) from None
+
+    def _enforcer(self) -> Any:
+        return getattr(self.daemon, "enforcer", None)
+
+    def _require_enforcer(self) -> Any:
+        enforcer = self._enforcer()
+        if enforcer is None:
+            raise BusError(ERROR_FAILED, "enforcement is unavailable: the daemon runs without a state directory")
+        return enforcer
+
+    async def caller(self) -> Any:
+        """Who is calling: uid and pid from the bus daemon for the caller's unique name."""
+        from .enforcement import Caller
+
+        sender = _CALLER.get()
+        values: list[Optional[int]] = []
+        for member in ("GetConnectionUnixUser", "GetConnectionUnixProcessID"):
+            msg = Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus", interface="org.freedesktop.DBus", member=member, signature="s", body=[sender])
+            try:
+                reply = await asyncio.wait_for(self.bus.call(msg), self.auth_timeout_s)
+                values.append(int(reply.body[0]) if reply is not None and reply.message_type == MessageType.METHOD_RETURN else None)
+            except Exception:  # recorded as unknown; the caller was authorized already
+                values.append(None)
+        return Caller(bus_name=sender, uid=values[0], pid=values[1])
+
+    def send_action(self, name: str, event: dict[str, str]) -> None:
+        """Enforcer listener: ActionTaken / ActionReverted(unit, action, before, after, rule, incident)."""
+        if self._closed or name not in ACTION_SIGNALS:
+            return
+        body = [event[k] for k in ("unit", "action", "before", "after", "rule", "incident")]
+        self._send(Message.new_signal(OBJECT_PATH, MANAGER_INTERFACE, name, "ssssss", body))
+
     # ---- properties and the Alert signal ------------------------------------------------
 
     def properties(self) -> dict[str, Variant]:
@@ -306,6 +393,7 @@ class BusService:
             "Events": Variant("t", int(c.events)),
             "DroppedEvents": Variant("t", int(c.dropped_events)),
             "Alerts": Variant("t", int(c.alerts)),
+            **({"DryRun": Variant("b", bool(self._enforcer().dry_run))} if self._enforcer() is not None else {}),
         }
 
     def _changing_properties(self) -> dict[str, Any]:
@@ -384,7 +472,23 @@ class BusService:
         if not allowed:
             self._error(msg, ERROR_NOT_AUTHORIZED, f"{export.name} needs polkit action {export.action}: {why}")
             return
-        self._send(self._run(export, msg))
+        self._send(await self._run_async(export, msg))
+
+    async def _run_async(self, export: Export, msg: Message) -> Message:
+        """_run for methods that may await (enforcement talks to systemd); the caller is in _CALLER."""
+        _CALLER.set(msg.sender or "")
+        try:
+            result = export.fn(self, *msg.body)
+            if inspect.isawaitable(result):
+                result = await result
+            return Message.new_method_return(msg, export.out_signature, [result])
+        except BusError as exc:
+            return Message.new_error(msg, exc.name, exc.message)
+        except Exception as exc:
+            self.internal_errors += 1
+            line = " ".join(str(exc).splitlines()) or type(exc).__name__
+            log(f"{export.name} failed: {type(exc).__name__}: {line}")
+            return Message.new_error(msg, ERROR_FAILED, f"{export.name} failed: {line}")
 
     def _run(self, export: Export, msg: Message) -> Message:
         """Call the method; every failure becomes a named error with one line, never a traceback."""
@@ -481,6 +585,8 @@ class BusService:
             parts.append("  </method>")
         parts.append("  <!-- One per alert, firing or resolved; details: state, id, incident, ts, pid, comm, unit, cgroup, parent, evidence (JSON) and evidence.<key> numbers -->")
         parts.append('  <signal name="Alert"><arg name="rule" type="s"/><arg name="severity" type="s"/><arg name="summary" type="s"/><arg name="details" type="a{sv}"/></signal>')
+        for name in ACTION_SIGNALS:
+            parts.append(f'  <signal name="{name}"><arg name="unit" type="s"/><arg name="action" type="s"/><arg name="before" type="s"/><arg name="after" type="s"/><arg name="rule" type="s"/><arg name="incident" type="s"/></signal>')
         for name, value in self.properties().items():
             parts.append(f'  <property name="{name}" type="{value.signature}" access="read"/>')
         parts.append(" </interface>")

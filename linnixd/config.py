@@ -185,12 +185,56 @@ class Rules(_Frozen):
     circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)
 
 
+ActionType = Literal["none", "throttle_cpu", "limit_memory", "freeze", "kill"]
+
+
+def _one_action_per_rule(cls: Any, actions: tuple[Any, ...]) -> tuple[Any, ...]:
+    seen: set[str] = set()
+    for action in actions:
+        if action.rule in seen:
+            raise ValueError(f"rule {action.rule} has more than one action")
+        seen.add(action.rule)
+    return actions
+
+
+class RuleAction(_Frozen):
+    """What enforcement does to the unit (or process) a rule blames, and for how long."""
+
+    rule: Literal[RULE_NAMES]  # type: ignore[valid-type]
+    type: ActionType = "none"
+    cpu_pct: float = Field(20.0, gt=0, le=MAX_CPU_PCT)  # throttle_cpu: CPUQuota=, percent of one CPU
+    memory_high_mb: float = Field(512.0, gt=0, le=1 << 30)  # limit_memory: MemoryHigh=
+    duration_s: float = Field(300.0, gt=0, le=86400)  # reverted after this long (or when resolved)
+    signal: Literal["TERM", "KILL"] = "TERM"  # kill: the signal sent to the culprit process
+
+
+class Enforcement(_Frozen):
+    """The `enforcement` section: per-rule actions, the rate limit and extra protected units."""
+
+    max_actions_per_min: int = Field(6, ge=1, le=600)
+    protected_units: tuple[str, ...] = ()  # fnmatch globs never acted on, besides the built-in list
+    actions: tuple[RuleAction, ...] = ()
+
+    if PYDANTIC_V2:
+        check_one_action_per_rule = pydantic.field_validator("actions")(_one_action_per_rule)
+    else:
+        check_one_action_per_rule = pydantic.validator("actions", allow_reuse=True)(_one_action_per_rule)
+
+
 class Policy(_Frozen):
     """The whole policy file."""
 
     version: Literal[1] = 1
     daemon: DaemonSettings = Field(default_factory=DaemonSettings)
     rules: Rules = Field(default_factory=Rules)
+    enforcement: Enforcement = Field(default_factory=Enforcement)
+
+    def action_for(self, rule: str) -> Optional[RuleAction]:
+        """The action configured for `rule`, or None when it only alerts (the default)."""
+        for action in self.enforcement.actions:
+            if action.rule == rule and action.type != "none":
+                return action
+        return None
 
     def rule(self, name: str) -> RuleSettings:
         """The section of rule `name`; KeyError for a name that is not a rule."""

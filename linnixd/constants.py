@@ -22,6 +22,8 @@ POLKIT_ACT = "org.linnix.linnixd1.act"
 DEFAULT_POLICY_PATH = "/etc/linnixd/rules.yaml"
 STATE_DIR = "/var/lib/linnixd"
 HISTORY_DB = "alerts.sqlite3"
+ENFORCEMENT_STATE = "enforcement.json"  # enabled / dry-run, who changed it last
+ACTION_LEDGER = "actions.json"  # actions applied and not yet reverted
 
 # Exit codes (sysexits.h / systemd conventions)
 EXIT_OK = 0

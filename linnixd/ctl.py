@@ -371,6 +371,59 @@ async def cmd_watch(args: argparse.Namespace) -> int:
         return done.result()
 
 
+async def cmd_enforcement(args: argparse.Namespace) -> int:
+    async with Client(args.bus) as c:
+        if args.command == "enable-enforcement":
+            emit(await c.call("EnableEnforcement", "b", [bool(args.dry_run)], interactive=True))
+        else:
+            emit(await c.call("DisableEnforcement", interactive=True))
+    return EXIT_OK
+
+
+def format_actions(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [f"{'UNIT':<32} {'ACTION':<13} {'BEFORE':>20} {'AFTER':>20} {'REVERT IN':>9}  RULE (INCIDENT)"]
+    for row in rows:
+        show = {k: "infinity" if row.get(k) == 2**64 - 1 else str(row.get(k)) for k in ("before", "after")}
+        left = max(0.0, float(row.get("expires_at", 0)) - time.time())
+        lines.append(
+            f"{row.get('unit', '?'):<32} {row.get('action', '?'):<13} {show['before']:>20} {show['after']:>20} "
+            f"{left:>8.0f}s  {row.get('rule', '?')} ({row.get('incident') or '-'})"
+        )
+    return lines
+
+
+async def cmd_actions(args: argparse.Namespace) -> int:
+    async with Client(args.bus) as c:
+        rows = await c.call_json("ListActions")
+    if args.json:
+        emit(json.dumps(rows, sort_keys=True))
+    elif rows:
+        for line in format_actions(rows):
+            emit(line)
+    else:
+        print("no active actions", file=sys.stderr)
+    return EXIT_OK
+
+
+async def cmd_throttle(args: argparse.Namespace) -> int:
+    async with Client(args.bus) as c:
+        if args.command == "throttle":
+            emit(await c.call("Throttle", "sdd", [args.unit, float(args.cpu), float(args.duration)], interactive=True))
+        else:
+            emit(await c.call("Unthrottle", "s", [args.unit], interactive=True))
+    return EXIT_OK
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text.rstrip("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage of one CPU like 20, got {text!r}") from None
+    if not 0 < value <= 819200:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 819200, got {text}")
+    return value
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from .config import main_check_config
 
@@ -467,6 +520,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("reload", help="make linnixd re-read its policy (polkit: org.linnix.linnixd1.reload-policy)")
     s.set_defaults(run=cmd_reload)
+
+    s = sub.add_parser("enable-enforcement", help="let linnixd act on rules that have an action (polkit: org.linnix.linnixd1.manage-enforcement)")
+    s.add_argument("--dry-run", action="store_true", help="only journal what would be done; change nothing")
+    s.set_defaults(run=cmd_enforcement)
+
+    s = sub.add_parser("disable-enforcement", help="back to monitor-only; actions taken by rules are reverted")
+    s.set_defaults(run=cmd_enforcement)
+
+    s = sub.add_parser("actions", help="actions in force: unit, action, value before and after, time left")
+    s.add_argument("--json", action="store_true", help="print the ledger as a JSON array")
+    s.set_defaults(run=cmd_actions)
+
+    s = sub.add_parser("throttle", help="cap a unit's CPU for a while (CPUQuota=, runtime; polkit: org.linnix.linnixd1.act)")
+    s.add_argument("unit", metavar="UNIT", help="the systemd unit, e.g. batch.service")
+    s.add_argument("--cpu", type=_percent, required=True, metavar="PCT", help="percent of one CPU (100 = one core)")
+    s.add_argument("--duration", type=_positive, default=300, metavar="S", help="seconds until it is reverted (default 300, at most 86400)")
+    s.set_defaults(run=cmd_throttle)
+
+    s = sub.add_parser("unthrottle", help="restore a unit's CPUQuota= from before linnixctl throttle")
+    s.add_argument("unit", metavar="UNIT", help="the systemd unit")
+    s.set_defaults(run=cmd_throttle)
 
     s = sub.add_parser("check-config", help="validate a policy file without a daemon (0 valid, 78 invalid)")
     s.add_argument("file", metavar="FILE", help="the policy file, e.g. /etc/linnixd/rules.yaml")

@@ -67,7 +67,7 @@ class Daemon:
         self.policy_path = policy_path
         self.policy = policy
         self.started_at = time.time()
-        self.enforcement_enabled = False
+        self.enforcer: Any = None  # enforcement.Enforcer, when there is a state directory
         self.lifecycle = lifecycle
         self.sched = sched
         self.model = model
@@ -163,6 +163,15 @@ class Daemon:
     def add_alert_listener(self, fn: Listener) -> None:
         self._listeners.append(fn)
 
+    @property
+    def enforcement_enabled(self) -> bool:
+        return self.enforcer is not None and bool(self.enforcer.enabled)
+
+    def start_time_of(self, pid: int) -> Optional[float]:
+        """The start time (s since boot) the newest snapshot saw for pid: what a kill must match."""
+        proc = self.window[-1].processes.get(pid) if self.window else None
+        return proc.start_time if proc is not None else None
+
     def add_history(self, history: Any) -> None:
         self.history = history
 
@@ -194,6 +203,7 @@ class Daemon:
             "scheduler_attribution": self.sched is not None,
             "psi_mode": self.psi_mode,
             "enforcement_enabled": self.enforcement_enabled,
+            **({"enforcement": self.enforcer.status()} if self.enforcer is not None else {}),
             "counters": asdict(self.counters()),
             "totals": asdict(self.totals),
             "open_incidents": len(self.tracker.open_incidents()),
@@ -345,10 +355,13 @@ class Runner:
             f"bus {self.args.bus}"
         )
         watchdog = asyncio.ensure_future(self._watchdog())
+        enforcing = asyncio.ensure_future(self.daemon.enforcer.run()) if self.daemon.enforcer is not None else None
         try:
             await self._tick_loop()
         finally:
             watchdog.cancel()
+            if enforcing is not None:
+                enforcing.cancel()
             self.notifier.stopping()
             if bus is not None and hasattr(bus, "close"):
                 res = bus.close()
@@ -431,7 +444,7 @@ exit status:
 
 files:
   /etc/linnixd/rules.yaml   the policy (linnixd-policy(5))
-  /var/lib/linnixd          alert history
+  /var/lib/linnixd          alert history, enforcement state and action ledger
 
 see also: linnixctl(1), linnixd-policy(5), journalctl(1)
 """
@@ -555,6 +568,16 @@ def run(args: argparse.Namespace) -> int:
         daemon.psi_mode = triggers.mode
     except Exception as exc:
         log(f"PSI triggers unavailable, polling every tick: {exc}")
+
+    if state_dir:
+        from .enforcement import Enforcer, journal_writer
+        from .systemd_units import SystemdUnits
+
+        # systemd is on the system bus whatever bus linnixd serves on
+        daemon.enforcer = Enforcer(state_dir, SystemdUnits("system"), lambda: daemon.policy, journal=journal_writer(), start_time_of=daemon.start_time_of)
+        daemon.add_alert_listener(daemon.enforcer.on_alert)
+        if daemon.enforcer.enabled:
+            log(f"enforcement is enabled{' (dry run)' if daemon.enforcer.dry_run else ''} (state in {state_dir})")
 
     notifier = Notifier()
     runner = Runner(daemon, args, notifier, triggers)

@@ -449,7 +449,7 @@ def test_an_unmarked_export_needs_authorization() -> None:
     exports = collect_exports(Extended)
     assert exports["Forgotten"].read_only is False and exports["Forgotten"].action == POLKIT_ACT
     assert exports["ReloadPolicy"].read_only is False and exports["ReloadPolicy"].action == POLKIT_RELOAD
-    assert {n for n, e in collect_exports(BusService).items() if e.read_only} == {"Status", "RecentAlerts", "OpenIncidents", "TopCgroups", "StallTable"}
+    assert {n for n, e in collect_exports(BusService).items() if e.read_only} == {"Status", "RecentAlerts", "OpenIncidents", "TopCgroups", "StallTable", "ListActions"}
 
 
 def test_second_instance_cannot_take_the_name(private_bus: PrivateBus, tmp_path: Path) -> None:

@@ -241,7 +241,7 @@ BAD = {
     "alias_points_at_its_use": (
         "word: &w high\nrules:\n  cpu_spike:\n    cpu_pct: *w\n",
         [
-            "{f}:1: word: unknown field (expected one of version, daemon, rules)",
+            "{f}:1: word: unknown field (expected one of version, daemon, rules, enforcement)",
             "{f}:4: rules.cpu_spike.cpu_pct: expected a number, got 'high'",
         ],
     ),

@@ -1,0 +1,382 @@
+"""The Enforcer: turns alerts and commands into guarded, ledgered, reverted actions on systemd units."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal as signals
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..constants import ACTION_LEDGER, ENFORCEMENT_STATE, MESSAGE_IDS
+from ..model import Alert
+from .base import Caller, EnforcementError, UnitGone, Units, log
+from .guard import RateLimiter, refusal
+from .kill import kill_process
+from .ledger import ActionRecord, read_json, show, write_json_atomic
+
+USEC_PER_PCT = 10_000  # CPUQuotaPerSecUSec per percent of one CPU (100 % = 1 s per s)
+RETRY_S = 30.0  # a revert that failed is tried again this much later
+PROPERTY = {"throttle_cpu": "CPUQuotaPerSecUSec", "limit_memory": "MemoryHigh", "freeze": "FreezerState"}
+MANUAL_RULE = "manual"
+
+Journal = Callable[[str, str, dict[str, str]], None]  # (message, MESSAGE_IDS key, fields)
+ActionListener = Callable[[str, dict[str, str]], None]  # ("ActionTaken" | "ActionReverted", event)
+
+
+def journal_writer() -> Journal:
+    """Daemon log line on stderr, plus a structured journald entry when journald runs."""
+    send: Optional[Callable[..., Any]] = None
+    from ..sinks.journal import journald_present
+
+    if journald_present():
+        try:
+            from systemd import journal  # python3-systemd
+
+            send = journal.send
+        except ImportError:
+            log("journald is running but python3-systemd is missing: enforcement is only logged")
+
+    def write(message: str, kind: str, fields: dict[str, str]) -> None:
+        log(message)
+        if send is not None:
+            try:
+                send(message, MESSAGE_ID=MESSAGE_IDS[kind], PRIORITY="5", SYSLOG_IDENTIFIER="linnixd", **fields)
+            except Exception as exc:  # the log line above already carries it
+                log(f"journald refused an enforcement entry: {exc}")
+
+    return write
+
+
+@dataclass
+class EnforcementCounters:
+    applied: int = 0
+    reverted: int = 0
+    refused: int = 0  # guard refusals (protected unit, no unit, already acted on)
+    rate_limited: int = 0
+    failed: int = 0  # systemd (or the kernel) refused; nothing applied
+    revert_failures: int = 0
+    dry_run: int = 0  # actions only journaled
+    dropped_records: int = 0  # ledger entries dropped because the unit was gone at revert
+
+
+@dataclass
+class _State:
+    enabled: bool = False
+    dry_run: bool = False
+    changed_at: float = 0.0
+    by: dict[str, Any] = field(default_factory=dict)
+
+
+class Enforcer:
+    """Applies, records and reverts actions; the daemon feeds it alerts, the bus its commands."""
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str],
+        units: Units,
+        policy: Callable[[], Any],
+        *,
+        journal: Optional[Journal] = None,
+        start_time_of: Callable[[int], Optional[float]] = lambda pid: None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.dir = Path(state_dir)
+        self.units = units
+        self.policy = policy
+        self.journal: Journal = journal or (lambda message, kind, fields: log(message))
+        self.start_time_of = start_time_of
+        self.clock = clock
+        self.counters = EnforcementCounters()
+        self.listeners: list[ActionListener] = []
+        self.limiter = RateLimiter(policy().enforcement.max_actions_per_min, monotonic)
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        raw = read_json(self.dir / ENFORCEMENT_STATE) or {}
+        self.state = _State(
+            enabled=bool(raw.get("enabled", False)),
+            dry_run=bool(raw.get("dry_run", False)),
+            changed_at=float(raw.get("changed_at", 0.0)),
+            by=dict(raw.get("by") or {}),
+        )
+        self.records: list[ActionRecord] = self._load_ledger()
+
+    # ---- state ------------------------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        return self.state.enabled
+
+    @property
+    def dry_run(self) -> bool:
+        return self.state.dry_run
+
+    def _load_ledger(self) -> list[ActionRecord]:
+        raw = read_json(self.dir / ACTION_LEDGER) or []
+        records = []
+        for entry in raw if isinstance(raw, list) else []:
+            try:
+                records.append(ActionRecord(**entry))
+            except TypeError as exc:
+                self.counters.dropped_records += 1
+                log(f"ledger entry dropped, not an action record: {exc}")
+        return records
+
+    def _save_ledger(self) -> None:
+        write_json_atomic(self.dir / ACTION_LEDGER, [asdict(r) for r in self.records])
+
+    async def set_enabled(self, enabled: bool, dry_run: bool, caller: Caller) -> str:
+        """Enable (optionally dry-run) or disable; persisted, journaled with who asked."""
+        async with self._lock:
+            self.state = _State(enabled=enabled, dry_run=dry_run and enabled, changed_at=self.clock(), by=asdict(caller))
+            write_json_atomic(self.dir / ENFORCEMENT_STATE, asdict(self.state))
+            mode = ("enabled (dry run: actions are only journaled)" if self.state.dry_run else "enabled") if enabled else "disabled"
+            self.journal(
+                f"enforcement {mode} by {caller.label()}",
+                "enforcement_changed",
+                {
+                    "LINNIX_ENFORCEMENT": "enabled" if enabled else "disabled",
+                    "LINNIX_DRY_RUN": "1" if self.state.dry_run else "0",
+                    "LINNIX_CALLER_UID": str(caller.uid),
+                    "LINNIX_CALLER_PID": str(caller.pid),
+                    "LINNIX_CALLER_BUS_NAME": caller.bus_name,
+                },
+            )
+        if not enabled:
+            automatic = [r for r in self.records if r.rule != MANUAL_RULE]
+            for record in automatic:
+                await self.revert(record, "enforcement disabled")
+        return f"enforcement {mode}"
+
+    def list_actions(self) -> list[dict[str, Any]]:
+        return [asdict(r) for r in self.records]
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "dry_run": self.dry_run,
+            "changed_at": self.state.changed_at,
+            "changed_by": self.state.by,
+            "active_actions": len(self.records),
+            "counters": asdict(self.counters),
+        }
+
+    # ---- alerts -----------------------------------------------------------------------
+
+    def on_alert(self, alert: Alert) -> None:
+        """Daemon alert listener: schedules handle() on the running loop."""
+        if alert.state == "resolved" and not any(r.incident == alert.incident for r in self.records):
+            return
+        if alert.state == "firing" and (not self.enabled or self.policy().action_for(alert.rule) is None):
+            return  # monitor only: the default
+        task = asyncio.ensure_future(self.handle(alert))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def handle(self, alert: Alert) -> Optional[ActionRecord]:
+        """Act on a firing alert (when enabled and configured), revert on its resolution."""
+        if alert.state == "resolved":
+            for record in [r for r in self.records if r.incident == alert.incident]:
+                await self.revert(record, "incident resolved")
+            return None
+        if not self.enabled:
+            return None
+        action = self.policy().action_for(alert.rule)
+        if action is None:
+            return None
+        c = alert.culprit
+        what = f"{action.type} for {alert.rule} incident {alert.incident} on {c.label()}"
+        why = refusal(c.unit, self.policy().enforcement.protected_units)
+        if why is None and action.type == "kill" and c.pid is None:
+            why = "the culprit is not one process"
+        if why is not None:
+            self.counters.refused += 1
+            log(f"not acting ({what}): {why}")
+            return None
+        self.limiter.per_min = self.policy().enforcement.max_actions_per_min
+        if not self.limiter.allow():
+            self.counters.rate_limited += 1
+            log(f"not acting ({what}): rate limit of {self.limiter.per_min} actions per minute reached")
+            return None
+        if action.type == "kill":
+            await self._kill(alert, action.signal)
+            return None
+        after = int(action.cpu_pct * USEC_PER_PCT) if action.type == "throttle_cpu" else (int(action.memory_high_mb * 1024 * 1024) if action.type == "limit_memory" else "frozen")
+        return await self.apply(str(c.unit), action.type, after, alert.rule, alert.incident, action.duration_s, dry_run=self.dry_run)
+
+    async def _kill(self, alert: Alert, sig_name: str) -> None:
+        c = alert.culprit
+        assert c.pid is not None
+        sig = signals.SIGKILL if sig_name == "KILL" else signals.SIGTERM
+        start = self.start_time_of(c.pid)
+        event = {"unit": str(c.unit), "action": "kill", "before": f"pid {c.pid}", "after": f"SIG{sig_name}", "rule": alert.rule, "incident": alert.incident}
+        if start is None:
+            self.counters.refused += 1
+            log(f"not killing {c.label()}: its start time is unknown, so a reused pid cannot be ruled out")
+            return
+        if self.dry_run:
+            self.counters.dry_run += 1
+            self.journal(f"dry run: would send SIG{sig_name} to {c.label()} (rule {alert.rule}, incident {alert.incident})", "action_taken", _fields(event, dry_run=True))
+            return
+        try:
+            kill_process(c.pid, start, sig)
+        except EnforcementError as exc:
+            self.counters.failed += 1
+            log(f"not killing {c.label()}: {exc}")
+            return
+        self.counters.applied += 1
+        self.journal(f"action taken: SIG{sig_name} sent to {c.label()} (rule {alert.rule}, incident {alert.incident})", "action_taken", _fields(event))
+        self._signal("ActionTaken", event)
+
+    # ---- apply and revert -------------------------------------------------------------
+
+    async def apply(self, unit: str, action: str, after: Any, rule: str, incident: str, duration_s: float, *, dry_run: bool = False) -> Optional[ActionRecord]:
+        """Read the unit's current value, record it, change it through systemd. None if not applied."""
+        prop = PROPERTY[action]
+        async with self._lock:
+            if any(r.unit == unit and r.prop == prop for r in self.records):
+                self.counters.refused += 1
+                log(f"not acting ({action} on {unit}): an earlier {action} on it is still active")
+                return None
+            try:
+                before = await self.units.get_property(unit, prop)
+            except EnforcementError as exc:
+                self.counters.failed += 1
+                log(f"not acting ({action} on {unit}): {exc}")
+                return None
+            if action == "freeze" and before != "running":
+                self.counters.refused += 1
+                log(f"not freezing {unit}: its freezer state is {before!r}, not 'running'")
+                return None
+            now = self.clock()
+            record = ActionRecord(
+                id=uuid.uuid4().hex, unit=unit, action=action, prop=prop, before=before, after=after,
+                rule=rule, incident=incident, applied_at=now, expires_at=now + duration_s,
+            )
+            if dry_run:
+                self.counters.dry_run += 1
+                self.journal(f"dry run: would {action} {unit}: {prop} {show(before)} -> {show(after)} for {duration_s:g} s (rule {rule}, incident {incident})", "action_taken", _fields(record.event(), dry_run=True))
+                return None
+            self.records.append(record)
+            self._save_ledger()  # write-ahead: a crash from here on is reverted at the next start
+            try:
+                if action == "freeze":
+                    await self.units.freeze(unit)
+                else:
+                    await self.units.set_property(unit, prop, int(after))
+            except EnforcementError as exc:
+                self.records.remove(record)
+                self._save_ledger()
+                self.counters.failed += 1
+                log(f"not acting ({action} on {unit}): {exc}")
+                return None
+            record.state = "applied"
+            self._save_ledger()
+            self.counters.applied += 1
+        self.journal(
+            f"action taken: {action} {unit}: {prop} {show(before)} -> {show(after)}, reverted in {duration_s:g} s or when incident {incident or '-'} resolves (rule {rule})",
+            "action_taken",
+            _fields(record.event()),
+        )
+        self._signal("ActionTaken", record.event())
+        return record
+
+    async def revert(self, record: ActionRecord, reason: str) -> bool:
+        """Restore the recorded before value; a failure keeps the record and retries later."""
+        async with self._lock:
+            if record not in self.records:
+                return True
+            try:
+                if record.action == "freeze":
+                    await self.units.thaw(record.unit)
+                else:
+                    await self.units.set_property(record.unit, record.prop, int(record.before))
+            except UnitGone as exc:
+                self.counters.dropped_records += 1
+                log(f"{record.action} on {record.unit} needs no revert: {exc}")
+            except EnforcementError as exc:
+                record.revert_failures += 1
+                record.retry_at = self.clock() + RETRY_S
+                self.counters.revert_failures += 1
+                self._save_ledger()
+                log(f"revert of {record.action} on {record.unit} failed ({reason}), retrying in {RETRY_S:g} s: {exc}")
+                return False
+            else:
+                self.counters.reverted += 1
+            self.records.remove(record)
+            self._save_ledger()
+        self.journal(
+            f"action reverted ({reason}): {record.action} {record.unit}: {record.prop} back to {show(record.before)} (rule {record.rule})",
+            "action_reverted",
+            _fields(record.event(), reason=reason),
+        )
+        self._signal("ActionReverted", record.event())
+        return True
+
+    async def revert_due(self) -> int:
+        """Revert every action whose duration is over (or whose failed revert is due again)."""
+        now = self.clock()
+        done = 0
+        for record in [r for r in self.records if r.expires_at <= now and r.retry_at <= now]:
+            done += await self.revert(record, "duration over")
+        return done
+
+    async def recover(self) -> int:
+        """At start: revert what a previous run left applied (or half-applied) in the ledger."""
+        left = list(self.records)
+        if left:
+            log(f"{len(left)} action(s) left behind by a previous run: reverting them")
+        done = 0
+        for record in left:
+            done += await self.revert(record, "left behind by a previous run")
+        return done
+
+    async def run(self, interval_s: float = 1.0) -> None:
+        """Recover, then revert due actions every interval until cancelled."""
+        await self.recover()
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.revert_due()
+            except Exception as exc:  # a broken pass must not end the reverts
+                log(f"enforcement revert pass failed: {exc!r}")
+
+    # ---- manual -------------------------------------------------------------------------
+
+    async def throttle(self, unit: str, cpu_pct: float, duration_s: float, caller: Caller) -> str:
+        """Manual CPUQuota= (linnixctl throttle); guarded, ledgered and reverted like the rest."""
+        why = refusal(unit, self.policy().enforcement.protected_units)
+        if why is not None:
+            raise EnforcementError(why)
+        record = await self.apply(unit, "throttle_cpu", int(cpu_pct * USEC_PER_PCT), MANUAL_RULE, f"manual:{caller.label()}", duration_s)
+        if record is None:
+            raise EnforcementError(f"{unit} was not throttled (see the daemon log)")
+        return f"{unit} throttled to {cpu_pct:g}% of one CPU for {duration_s:g} s (was {show(record.before)} CPUQuotaPerSecUSec)"
+
+    async def unthrottle(self, unit: str) -> str:
+        records = [r for r in self.records if r.unit == unit and r.action == "throttle_cpu"]
+        if not records:
+            raise EnforcementError(f"no active throttle on {unit[:80]}")
+        for record in records:
+            if not await self.revert(record, "unthrottled by hand"):
+                raise EnforcementError(f"restoring {unit} failed; retrying in {RETRY_S:g} s")
+        return f"{unit} unthrottled: CPUQuotaPerSecUSec back to {show(records[0].before)}"
+
+    def _signal(self, name: str, event: dict[str, str]) -> None:
+        for listener in self.listeners:
+            try:
+                listener(name, event)
+            except Exception as exc:
+                log(f"action listener failed: {exc!r}")
+
+
+def _fields(event: dict[str, str], *, dry_run: bool = False, reason: str = "") -> dict[str, str]:
+    fields = {f"LINNIX_ACTION_{k.upper()}": v for k, v in event.items()}
+    fields["LINNIX_DRY_RUN"] = "1" if dry_run else "0"
+    if reason:
+        fields["LINNIX_REVERT_REASON"] = reason
+    return fields

@@ -1,0 +1,334 @@
+"""In-VM assertions for the linnixd package: install, sandbox, alerts, bus, polkit, restarts, purge."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pwd
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+SHARE = Path("/mnt/share")
+PAYLOAD = SHARE / "payload"
+RESULTS = SHARE / "results"
+UNIT = "linnixd.service"
+UNIT_FILES = ("/lib/systemd/system/linnixd.service", "/usr/lib/systemd/system/linnixd.service")
+BUS = "org.linnix.linnixd1"
+PATH = "/org/linnix/linnixd1"
+IFACE = "org.linnix.linnixd1.Manager"
+TESTER = "linnixtester"
+# Capability numbers from linux/capability.h (stable ABI).
+CAP_NUMBERS = {"CAP_DAC_READ_SEARCH": 2, "CAP_SYS_PTRACE": 19, "CAP_PERFMON": 38, "CAP_BPF": 39}
+READY_TIMEOUT_S = 180.0  # bcc compiles at start: 4-6 s under TCG, more on a loaded host
+
+
+class Report:
+    """Collects PASS/FAIL lines and figures into the share, flushed after every assertion."""
+
+    def __init__(self) -> None:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        self.results = (RESULTS / "results.tsv").open("w")
+        self.figures = (RESULTS / "figures.tsv").open("w")
+        self.failed = 0
+
+    def check(self, name: str, ok: bool, detail: str) -> bool:
+        self.failed += 0 if ok else 1
+        flat = " ".join(detail.split())
+        # failures keep both ends of long output: the command's start and its final error
+        flat = flat if len(flat) <= 600 else flat[:250] + " ... " + flat[-340:]
+        line = f"{name}\t{'PASS' if ok else 'FAIL'}\t{flat}"
+        print(line, flush=True)
+        self.results.write(line + "\n")
+        self.results.flush()
+        return ok
+
+    def figure(self, name: str, value: str) -> None:
+        print(f"figure {name} = {value}", flush=True)
+        self.figures.write(f"{name}\t{value}\n")
+        self.figures.flush()
+
+
+def sh(*argv: str, user: Optional[str] = None, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """Runs a command (as `user` through runuser), never raising: the result is asserted on."""
+    if user:
+        argv = ("runuser", "-u", user, "--", *argv)
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        return subprocess.CompletedProcess(argv, 124, str(exc.stdout or ""), f"timed out after {timeout} s")
+
+
+def out(cp: subprocess.CompletedProcess[str]) -> str:
+    return f"rc={cp.returncode} {cp.stdout.strip()} {cp.stderr.strip()}"
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, step: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
+
+
+def prop(name: str) -> str:
+    return sh("systemctl", "show", "-P", name, UNIT).stdout.strip()
+
+
+def is_active() -> bool:
+    return sh("systemctl", "is-active", UNIT).stdout.strip() == "active"
+
+
+def journal_tail() -> str:
+    """The daemon's own lines (not systemd's restart chatter): what it said before dying."""
+    text = sh("journalctl", "-u", UNIT, "-n", "80", "--no-pager", "-o", "cat").stdout
+    print(text, flush=True)
+    own = [line for line in text.splitlines() if line.startswith(("linnixd:", "Traceback")) or "Error" in line]
+    return "\n".join(own[-4:])
+
+
+def unit_caps() -> list[str]:
+    """The capability names in the installed unit's AmbientCapabilities= line."""
+    for f in UNIT_FILES:
+        if os.path.exists(f):
+            for line in Path(f).read_text().splitlines():
+                if line.startswith("AmbientCapabilities="):
+                    return line.split("=", 1)[1].split()
+    return []
+
+
+def cap_mask(names: list[str]) -> int:
+    return sum(1 << CAP_NUMBERS[n] for n in names)
+
+
+def ready_seconds() -> float:
+    """Service start (exec) to READY=1, from systemd's own timestamps."""
+    start = int(prop("ExecMainStartTimestampMonotonic") or 0)
+    active = int(prop("ActiveEnterTimestampMonotonic") or 0)
+    return (active - start) / 1e6
+
+
+def history_rows() -> int:
+    """Rows mentioning fork_storm in the SQLite alert history (schema-agnostic)."""
+    dbs = glob.glob("/var/lib/linnixd/*.sqlite3")
+    if not dbs:
+        return -1
+    con = sqlite3.connect(f"file:{dbs[0]}?mode=ro", uri=True)
+    try:
+        n = 0
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for t in tables:
+            for row in con.execute(f'SELECT * FROM "{t}"'):
+                n += any("fork_storm" in str(v) for v in row)
+        return n
+    finally:
+        con.close()
+
+
+def dbus_call(member: str, user: Optional[str] = None) -> subprocess.CompletedProcess[str]:
+    return sh("dbus-send", "--system", "--print-reply", f"--dest={BUS}", PATH, f"{IFACE}.{member}", user=user)
+
+
+def fork_storm_entries() -> list[dict[str, str]]:
+    cp = sh("journalctl", "-u", UNIT, "LINNIX_RULE=fork_storm", "-o", "json", "--no-pager")
+    return [json.loads(line) for line in cp.stdout.splitlines() if line.strip()]
+
+
+def run(r: Report) -> None:
+    t_boot = float(Path("/proc/uptime").read_text().split()[0])
+    r.figure("vm_boot_to_test_s", f"{t_boot:.1f}")
+    r.figure("systemd_version", sh("systemctl", "--version").stdout.split("\n")[0])
+    r.figure("kernel", os.uname().release)
+
+    debs = sorted(PAYLOAD.glob("linnixd_*.deb"))
+    t0 = time.monotonic()
+    cp = sh("apt-get", "install", "-y", str(debs[0]) if debs else "linnixd_missing.deb", timeout=600)
+    r.figure("install_s", f"{time.monotonic() - t0:.1f}")
+    if not r.check("apt install ./linnixd_*.deb (offline)", cp.returncode == 0, out(cp)[-400:]):
+        return
+
+    unit_file = next((f for f in UNIT_FILES if os.path.exists(f)), "")
+    cp = sh("systemd-analyze", "verify", unit_file or "linnixd.service")
+    r.check("systemd-analyze verify linnixd.service", cp.returncode == 0 and not cp.stderr.strip(), out(cp))
+    cp = sh("systemd-analyze", "security", "--no-pager", UNIT)
+    m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", cp.stdout)
+    exposure = float(m.group(1)) if m else 99.0
+    r.figure("exposure", f"{exposure:.1f}")
+    r.check("systemd-analyze security exposure <= 4.0", exposure <= 4.0, f"exposure {exposure}")
+
+    pw = pwd.getpwnam("linnix") if sh("getent", "passwd", "linnix").returncode == 0 else None
+    r.check("sysusers created user linnix", pw is not None and pw.pw_uid < 1000 and pw.pw_shell.endswith("nologin"),
+            f"{pw}")
+    st = os.stat("/var/lib/linnixd") if os.path.isdir("/var/lib/linnixd") else None
+    r.check("state dir /var/lib/linnixd owned by linnix", st is not None and pw is not None and st.st_uid == pw.pw_uid,
+            f"stat {st}")
+    shipped = ["/usr/share/dbus-1/system.d/org.linnix.linnixd1.conf",
+               "/usr/share/polkit-1/actions/org.linnix.linnixd1.policy", "/etc/linnixd/rules.yaml"]
+    missing = [f for f in shipped if not os.path.exists(f)]
+    r.check("bus policy, polkit actions, policy file in place", not missing, f"missing {missing}")
+    conff = sh("dpkg-query", "-W", "-f=${Conffiles}", "linnixd").stdout
+    r.check("/etc/linnixd/rules.yaml is a conffile", "/etc/linnixd/rules.yaml" in conff, conff)
+    cp = sh("pkaction", "--action-id", "org.linnix.linnixd1.reload-policy", "--verbose")
+    r.check("polkit knows org.linnix.linnixd1.reload-policy (auth_admin_keep)",
+            cp.returncode == 0 and "auth_admin_keep" in cp.stdout, out(cp)[:300])
+    r.check("unit enabled", sh("systemctl", "is-enabled", UNIT).stdout.strip() == "enabled",
+            sh("systemctl", "is-enabled", UNIT).stdout)
+
+    probe_sandbox(r)
+
+    # a restart means the first start crashed: stop waiting then instead of watching a restart loop
+    active = wait_for(lambda: is_active() or prop("ActiveState") == "failed" or int(prop("NRestarts") or 0) > 0,
+                      READY_TIMEOUT_S) and is_active()
+    if not r.check("systemctl is-active linnixd", active, f"state {prop('ActiveState')}/{prop('SubState')}; "
+                   + journal_tail()[-300:]):
+        return
+    r.figure("start_to_ready_s", f"{ready_seconds():.1f}")
+    r.figure("boot_to_ready_s", f"{int(prop('ActiveEnterTimestampMonotonic')) / 1e6:.1f}")
+
+    pid = int(prop("MainPID"))
+    status = Path(f"/proc/{pid}/status").read_text()
+    uids = re.search(r"^Uid:\s+(.*)$", status, re.M).group(1).split()  # type: ignore[union-attr]
+    capeff = int(re.search(r"^CapEff:\s+(\w+)$", status, re.M).group(1), 16)  # type: ignore[union-attr]
+    want = cap_mask(unit_caps())
+    r.check("daemon runs as linnix", pw is not None and all(int(u) == pw.pw_uid for u in uids), f"Uid: {uids}")
+    r.check("CapEff equals the unit's capabilities", capeff == want and want != 0,
+            f"CapEff {capeff:#x}, unit {unit_caps()} = {want:#x}")
+
+    sh("useradd", "--create-home", TESTER)
+    monitor = subprocess.Popen(["runuser", "-u", TESTER, "--", "busctl", "monitor", "--system", BUS],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2)
+
+    demo = subprocess.Popen(["linnixctl", "demo", "fork-storm"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        demo_out = demo.communicate(timeout=120)[0]
+    except subprocess.TimeoutExpired:
+        demo.kill()
+        demo_out = demo.communicate()[0]
+    r.check("linnixctl demo fork-storm runs", demo.returncode == 0, f"rc={demo.returncode} {demo_out[-300:]}")
+    entries: list[dict[str, str]] = []
+
+    def alerted() -> bool:
+        entries[:] = fork_storm_entries()
+        return bool(entries)
+
+    wait_for(alerted, 30)
+    # the demo's leader prints "demo fork-storm: pid N (comm) in cgroup ..." naming the culprit
+    m = re.search(r"pid (\d+) \(([^)]+)\)", demo_out)
+    pids = {str(demo.pid)} | ({m.group(1)} if m else set())
+    demo_comm = m.group(2) if m else ""
+    named = [e for e in entries if pids & {e.get("LINNIX_PID"), e.get("LINNIX_PARENT_PID"), e.get("LINNIX_ROOT_PID")}
+             or (demo_comm and demo_comm in (e.get("LINNIX_COMM"), e.get("LINNIX_PARENT_COMM")))]
+    r.check("journalctl -u linnixd LINNIX_RULE=fork_storm names the demo's process", bool(named),
+            f"demo pid {demo.pid} comm {demo_comm!r}; {len(entries)} entries; first: "
+            + (entries[0].get("MESSAGE", "") if entries else "none"))
+
+    time.sleep(2)
+    monitor.terminate()
+    mon_out, mon_err = monitor.communicate(timeout=10)
+    r.check("busctl monitor as an unprivileged user captures the Alert signal",
+            "Member=Alert" in mon_out, f"{len(mon_out)} bytes; stderr {mon_err.strip()[:200]}")
+
+    for member in ("Status", "RecentAlerts", "OpenIncidents"):
+        cp = dbus_call(member, user=TESTER)
+        r.check(f"unprivileged {member} over the bus", cp.returncode == 0, out(cp)[:200])
+    cp = sh("linnixctl", "status", user=TESTER)
+    r.check("unprivileged linnixctl status", cp.returncode == 0, out(cp)[:200])
+    cp = dbus_call("ReloadPolicy", user=TESTER)
+    r.check("unprivileged ReloadPolicy refused by polkit", cp.returncode != 0 and "NotAuthorized" in cp.stderr,
+            out(cp)[:200])
+    cp = dbus_call("ReloadPolicy")
+    r.check("root ReloadPolicy succeeds", cp.returncode == 0, out(cp)[:200])
+    cp = sh("systemctl", "reload", UNIT)
+    r.check("systemctl reload (SIGHUP, RELOADING=1) keeps it active", cp.returncode == 0 and is_active(),
+            out(cp))
+
+    before = history_rows()
+    cp = sh("systemctl", "restart", UNIT, timeout=300)
+    after = history_rows()
+    r.figure("restart_to_ready_s", f"{ready_seconds():.1f}")
+    r.check("systemctl restart keeps the alert history", cp.returncode == 0 and is_active() and before > 0
+            and after >= before, f"fork_storm rows before {before}, after {after}; {out(cp)}")
+
+    old = int(prop("MainPID"))
+    restarts = int(prop("NRestarts") or 0)
+    os.kill(old, 9)
+    back = wait_for(lambda: is_active() and int(prop("MainPID") or 0) not in (0, old), READY_TIMEOUT_S)
+    r.check("kill -9 of the daemon gets it restarted", back and int(prop("NRestarts")) == restarts + 1,
+            f"old pid {old}, new pid {prop('MainPID')}, NRestarts {prop('NRestarts')}")
+
+
+def sandbox_argv(unit: str, drop: str = "") -> list[str]:
+    """systemd-run with the installed unit's sandbox and capabilities, less the capability `drop`."""
+    unit_file = next((f for f in UNIT_FILES if os.path.exists(f)), "")
+    service = Path(unit_file).read_text().split("[Service]", 1)[1].split("[Install]", 1)[0]
+    skip = ("Type=", "BusName=", "ExecStart=", "ExecReload=", "WatchdogSec=", "TimeoutStartSec=", "Restart",
+            "AmbientCapabilities=", "CapabilityBoundingSet=")
+    props = [line for line in service.splitlines() if line and not line.startswith(("#", *skip))]
+    caps = " ".join(c for c in unit_caps() if c != drop)
+    props += [f"AmbientCapabilities={caps}", f"CapabilityBoundingSet={caps}"]
+    return ["systemd-run", "--wait", "--pipe", "--quiet", "--collect", f"--unit={unit}"] + [
+        f"--property={p}" for p in props]
+
+
+def probe_sandbox(r: Report) -> None:
+    """bcc under the unit's exact sandbox as linnix, independent of the daemon; each capability needed."""
+    paranoid = Path("/proc/sys/kernel/perf_event_paranoid").read_text().strip()
+    r.check("kernel.perf_event_paranoid is 2 (50-linnixd.conf applied)", paranoid == "2", paranoid)
+    probe = "/run/linnix-probe.py"
+    Path(probe).write_text((PAYLOAD / "bcc_probe.py").read_text())
+    os.chmod(probe, 0o644)
+    cp = sh(*sandbox_argv("linnix-probe"), "/usr/bin/python3", "-B", probe, timeout=300)
+    lines = [line for line in cp.stdout.splitlines() if line.startswith("{")]
+    res = json.loads(lines[-1]) if lines else {}
+    if not lines:
+        print(cp.stderr, flush=True)
+    full = r.check("bcc compiles and counts 20 of 20 forks under the unit's sandbox as linnix",
+            cp.returncode == 0 and res.get("forks_counted") == res.get("forks_made") == 20
+            and res.get("uid") == pwd.getpwnam("linnix").pw_uid,
+            f"{res} {cp.stderr.strip()}")
+    r.check("fd_exhaustion: sandboxed linnix lists root's /proc/1/fd without CAP_SYS_PTRACE",
+            res.get("pid1_fds", -1) > 0 and not int(res.get("cap_eff", "0"), 16) & (1 << CAP_NUMBERS["CAP_SYS_PTRACE"]),
+            f"{res}")
+    for cap in unit_caps():
+        cp = sh(*sandbox_argv("linnix-probe-less", drop=cap), "/usr/bin/python3", "-B", probe, timeout=300)
+        # only meaningful when the probe passes with every capability
+        r.check(f"{cap} is necessary: the probe fails without it", full and cp.returncode != 0,
+                f"rc={cp.returncode} {cp.stdout.strip()} ... {cp.stderr.strip()[-200:]}")
+
+
+def purge(r: Report) -> None:
+    cp = sh("apt-get", "purge", "-y", "linnixd", timeout=300)
+    r.check("apt purge linnixd", cp.returncode == 0, out(cp)[-300:])
+    left = [f for f in (*UNIT_FILES, "/etc/systemd/system/multi-user.target.wants/linnixd.service",
+                        "/usr/share/dbus-1/system.d/org.linnix.linnixd1.conf",
+                        "/usr/share/polkit-1/actions/org.linnix.linnixd1.policy", "/var/lib/linnixd", "/etc/linnixd")
+            if os.path.lexists(f)]
+    r.check("purge leaves no unit, bus policy, polkit action, state or config", not left, f"left {left}")
+    user = sh("getent", "passwd", "linnix").returncode == 0 or sh("getent", "group", "linnix").returncode == 0
+    r.check("purge leaves no linnix user or group", not user, sh("getent", "passwd", "linnix").stdout)
+    cp = sh("systemctl", "cat", UNIT)
+    r.check("systemd no longer knows linnixd.service", cp.returncode != 0, out(cp)[:200])
+
+
+def main() -> int:
+    r = Report()
+    try:
+        run(r)
+    except Exception as exc:  # an assertion script crash is itself a failure, reported as one line
+        r.check("assertion script completed", False, f"{type(exc).__name__}: {exc}")
+    if sh("dpkg-query", "-W", "linnixd").returncode == 0:
+        purge(r)
+    (RESULTS / "done").write_text(f"{r.failed}\n")
+    return 1 if r.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
