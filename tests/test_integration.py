@@ -1,0 +1,334 @@
+"""End to end: the real daemon (real BPF) names each demo workload as the culprit of its rule.
+
+One daemon per module (default policy, JSON on stdout, read by a thread); each demo runs in
+its own cgroup2 directory via --cgroup, one after the other, and is stopped once its alert
+has been checked. Needs root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from linnixd.demos import DEMOS
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = "/usr/bin/python3"
+READY_TIMEOUT_S = 120.0  # bcc compiles at start-up; slow when the shared host is busy
+START_RE = re.compile(
+    r"^demo (?P<name>[a-z-]+): pid (?P<pid>\d+) \((?P<comm>[^)]+)\) in cgroup (?P<cgroup>\S+), "
+    r"expecting rule (?P<rule>\w+)$"
+)
+
+pytestmark = [
+    pytest.mark.bpf,
+    pytest.mark.skipif(os.geteuid() != 0, reason="loads BPF: needs root"),
+]
+
+
+def cgroup2_mount() -> Path:
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields, fstype = line.split(" - ", 1)
+        if fstype.startswith("cgroup2 "):
+            return Path(fields.split()[4])
+    raise AssertionError("no cgroup2 mount in /proc/self/mountinfo")
+
+
+def proc_stat_processes() -> int:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("processes "):
+            return int(line.split()[1])
+    raise AssertionError("no processes line in /proc/stat")
+
+
+class Daemon:
+    """linnixd --foreground --output json as a subprocess; alerts and stats collected by threads."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [PYTHON, "-m", "linnixd", "--foreground", "--output", "json", "--stats-on-exit",
+             "--policy", str(ROOT / "policy" / "rules.yaml")],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        self.alerts: list[dict[str, Any]] = []
+        self.changed = threading.Condition()
+        self.stats: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.log: list[str] = []
+        self.ready = threading.Event()
+        self.threads = [threading.Thread(target=self._stdout, daemon=True),
+                        threading.Thread(target=self._stderr, daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    def _stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self.changed:
+                try:
+                    self.alerts.append(json.loads(line))
+                except json.JSONDecodeError:
+                    self.log.append("stdout: " + line.rstrip())
+                self.changed.notify_all()
+
+    def _stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            line = line.rstrip()
+            if line.startswith('{"stats"'):
+                self.stats.put(json.loads(line)["stats"])
+                continue
+            self.log.append(line)
+            if line.startswith("linnixd: ready"):
+                self.ready.set()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not self.ready.wait(0.2):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("linnixd did not become ready:\n" + "\n".join(self.log[-10:]))
+
+    def wait_alert(
+        self, match: Callable[[dict[str, Any]], bool], timeout: float, what: str
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                for alert in self.alerts:
+                    if match(alert):
+                        return alert
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    seen = [(a.get("rule"), a.get("pid"), a.get("cgroup")) for a in self.alerts]
+                    raise AssertionError(
+                        f"no {what} alert within {timeout:g} s; alerts seen: {seen}; "
+                        f"daemon log tail: {self.log[-5:]}"
+                    )
+                self.changed.wait(min(left, 0.5))
+
+    def snapshot(self) -> dict[str, Any]:
+        self.proc.send_signal(signal.SIGUSR1)
+        return self.stats.get(timeout=10)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for t in self.threads:
+            t.join(timeout=5)
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[Daemon]:
+    d = Daemon()
+    try:
+        d.wait_ready()
+        yield d
+    finally:
+        d.stop()
+
+
+class Demo:
+    """A demo in a fresh cgroup2 directory, its start line parsed; stopped and removed on exit."""
+
+    def __init__(self, name: str, *extra: str) -> None:
+        given = [float(v) for k, v in zip(extra, extra[1:]) if k == "--duration"]
+        self.duration = given[0] if given else DEMOS[name].duration_s
+        self.cgroup_dir = cgroup2_mount() / f"lx-it-{os.getpid()}-{name}"
+        self.cgroup_dir.mkdir()
+        self.t0, self.usage0 = time.monotonic(), self.usage_s()
+        self.proc = subprocess.Popen(
+            [PYTHON, "-m", "linnixd.demos", name, "--cgroup", str(self.cgroup_dir), *extra],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().rstrip("\n")
+        m = START_RE.match(line)
+        if m is None:
+            self.__exit__()
+            raise AssertionError(f"unexpected start line {line!r}")
+        self.pid = int(m["pid"])
+        self.comm = m["comm"]
+        self.cgroup = m["cgroup"]
+        self.rule = m["rule"]
+        assert self.cgroup == "/" + self.cgroup_dir.name
+
+    def __enter__(self) -> Demo:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # the demo kills its whole process group
+        self.proc.communicate(timeout=15)
+        deadline = time.monotonic() + 5
+        procs = self.cgroup_dir / "cgroup.procs"
+        while procs.read_text().strip() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.cgroup_dir.rmdir()
+
+    def usage_s(self) -> float:
+        """CPU seconds used in this demo's cgroup so far (cpu.stat: exited tasks included)."""
+        for line in (self.cgroup_dir / "cpu.stat").read_text().splitlines():
+            if line.startswith("usage_usec "):
+                return int(line.split()[1]) / 1e6
+        raise AssertionError(f"no usage_usec in {self.cgroup_dir}/cpu.stat")
+
+    def cpu_pct(self) -> float:
+        """Average CPU of the demo's cgroup over its run so far, in percent of one CPU."""
+        return 100 * (self.usage_s() - self.usage0) / min(time.monotonic() - self.t0, self.duration)
+
+    def ours(self, alert: dict[str, Any]) -> bool:
+        return (
+            alert.get("rule") == self.rule
+            and alert.get("state") == "firing"
+            and alert.get("cgroup") == self.cgroup
+        )
+
+
+def wait_cpu_alert(daemon: Daemon, demo: Demo, timeout: float, need_pct: float) -> dict[str, Any]:
+    """The demo's alert; a skip, not a failure, when the shared host never gave it the CPU."""
+    try:
+        return daemon.wait_alert(demo.ours, timeout, demo.rule)
+    except AssertionError:
+        got = demo.cpu_pct()
+        if got < need_pct:
+            pytest.skip(
+                f"host too busy: {demo.rule} demo got {got:.0f}% of a CPU on average, "
+                f"needs {need_pct:g}%"
+            )
+        raise
+
+
+@pytest.mark.slow
+def test_idle_host_gives_no_alert(daemon: Daemon) -> None:
+    """30 s with no demo: nothing blames the daemon or this test, and a quiet host gets no alert.
+
+    Other engineers' workloads on the shared host are real culprits, not false positives:
+    when they are alerted on, the no-alert half is skipped (after the self-blame check).
+    """
+    before = len(daemon.alerts)
+    time.sleep(30)
+    new = daemon.alerts[before:]
+    ours = {daemon.proc.pid, os.getpid()}
+    blamed = [a["summary"] for a in new if {a.get("pid"), a.get("root_pid")} & ours]
+    assert blamed == []
+    others = [a["summary"] for a in new]
+    if others:
+        pytest.skip(f"host not idle: {len(others)} alerts about other workloads, first: {others[0]}")
+
+
+def test_fork_storm_names_the_forking_parent(daemon: Daemon) -> None:
+    with Demo("fork-storm", "--duration", "5") as demo:
+        assert demo.rule == "fork_storm"
+        alert = daemon.wait_alert(demo.ours, 15, "fork_storm")
+    assert alert["pid"] == demo.pid and alert["comm"] == "lx-forkstorm"
+    assert alert["kind"] == "process"
+    ev = alert["evidence"]
+    assert ev["rate_per_s"] > 10 and ev["cgroup"] == demo.cgroup
+    assert ev["top_parents"][0]["pid"] == demo.pid and ev["top_parents"][0]["share"] >= 0.9
+
+
+def test_short_jobs_names_the_parent(daemon: Daemon) -> None:
+    with Demo("short-jobs") as demo:
+        assert demo.rule == "short_lived_jobs"
+        alert = daemon.wait_alert(demo.ours, 20, "short_lived_jobs")
+    assert alert["pid"] == demo.pid and alert["comm"] == "lx-shortjobs"
+    ev = alert["evidence"]
+    assert ev["count"] >= 20
+    assert ev["comms"][0]["comm"] == "false"
+    assert ev["longest_lifetime_s"] is None or ev["longest_lifetime_s"] < 1.0
+    # no fork storm from 8 jobs/s
+    storms = [a for a in daemon.alerts if a["rule"] == "fork_storm"]
+    assert not any(a.get("cgroup") == demo.cgroup for a in storms)
+
+
+def test_cpu_spike_names_the_busy_process(daemon: Daemon) -> None:
+    with Demo("cpu-spike") as demo:
+        assert demo.rule == "cpu_spike"
+        alert = wait_cpu_alert(daemon, demo, 20, 60)
+    assert alert["pid"] == demo.pid and alert["comm"] == "lx-cpuspike"
+    assert alert["evidence"]["cpu_pct"] > 50 and alert["evidence"]["samples"] >= 2
+
+
+def test_runaway_tree_names_the_parent_of_the_tree(daemon: Daemon) -> None:
+    with Demo("runaway-tree") as demo:
+        assert demo.rule == "runaway_tree"
+        alert = wait_cpu_alert(daemon, demo, 25, 95)
+        spikes = [a for a in daemon.alerts if a["rule"] == "cpu_spike"]
+        spiked = [a for a in spikes if a.get("cgroup") == demo.cgroup]
+    ev = alert["evidence"]
+    assert alert["pid"] == demo.pid and alert["comm"] == "lx-runaway"
+    assert ev["root_pid"] == demo.pid and ev["processes"] == 5
+    assert ev["subtree_cpu_pct"] > 90
+    assert all(m["cpu_pct"] < 50 for m in ev["top_members"]), ev["top_members"]
+    assert spiked == []  # no single member is a cpu spike
+
+
+def test_memory_leak_names_the_growing_process(daemon: Daemon) -> None:
+    with Demo("memory-leak", "--fast") as demo:
+        assert demo.rule == "memory_leak"
+        alert = daemon.wait_alert(
+            lambda a: demo.ours(a) and a.get("pid") is not None, 90, "memory_leak"
+        )
+    ev = alert["evidence"]
+    assert alert["pid"] == demo.pid and alert["comm"] == "lx-memleak"
+    assert ev["r2"] >= 0.8 and ev["growth_mb"] >= 50
+    # --fast grows 5 MB/s = 300 MB/min; allow for the shared host
+    assert 200 <= ev["slope_mb_per_min"] <= 360, ev
+
+
+def test_fd_leak_names_the_process_near_its_limit(daemon: Daemon) -> None:
+    with Demo("fd-leak") as demo:
+        assert demo.rule == "fd_exhaustion"
+        alert = daemon.wait_alert(demo.ours, 20, "fd_exhaustion")
+    ev = alert["evidence"]
+    assert alert["pid"] == demo.pid and alert["comm"] == "lx-fdleak"
+    assert ev["fd_limit"] == 1024 and ev["fd_count"] >= 0.8 * 1024
+
+
+def test_fork_counts_agree_with_proc_stat(daemon: Daemon) -> None:
+    """The daemon's forks+threads over a storm lie within what /proc/stat says could have happened.
+
+    Its counters are read each tick (0.5 s), so each end is bracketed by /proc/stat reads one
+    second apart around the SIGUSR1 snapshot.
+    """
+
+    def bracket() -> tuple[int, dict[str, Any], int]:
+        low = proc_stat_processes()
+        time.sleep(1.0)  # at least one tick lands between `low` and the snapshot
+        snap = daemon.snapshot()
+        return low, snap, proc_stat_processes()
+
+    low0, s0, high0 = bracket()
+    with Demo("fork-storm", "--duration", "3") as demo:
+        assert demo.proc.wait(timeout=15) == 0
+    time.sleep(1.0)
+    low1, s1, high1 = bracket()
+    counted = sum(s1["totals"][k] - s0["totals"][k] for k in ("forks", "threads"))
+    assert low1 - high0 <= counted <= high1 - low0, (counted, low1 - high0, high1 - low0)
+    assert counted >= 600  # 3 s at 200/s from the demo alone
+    assert s1["counters"]["dropped_events"] == 0 and s1["counters"]["aggregation_overflows"] == 0
+
+
+def test_daemon_stops_cleanly_with_exit_stats(daemon: Daemon) -> None:
+    daemon.stats = queue.Queue()  # only what the exit prints
+    assert daemon.stop() == 0
+    final = daemon.stats.get(timeout=5)
+    assert final["ticks"] > 0
+    assert final["detector_errors"] == 0 and final["tick_errors"] == 0
+    assert final["counters"]["dropped_events"] == 0
+    assert final["totals"]["forks"] >= 600
