@@ -10,7 +10,7 @@ import re
 import signal
 import sys
 import time
-from typing import Any, NoReturn, Optional, Sequence
+from typing import Any, Callable, Iterable, NoReturn, Optional, Sequence
 
 from dbus_next import Message, MessageType
 from dbus_next.constants import MessageFlag
@@ -313,17 +313,22 @@ async def cmd_top(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def show_rows(args: argparse.Namespace, rows: Any, formatter: Callable[[Any], Iterable[str]], empty: str) -> int:
+    """Print rows as one JSON document (--json) or as formatted lines; say so when there are none."""
+    if args.json:
+        emit(json.dumps(rows, sort_keys=True))
+    elif rows:
+        for line in formatter(rows):
+            emit(line)
+    else:
+        print(empty, file=sys.stderr)
+    return EXIT_OK
+
+
 async def cmd_stalls(args: argparse.Namespace) -> int:
     async with Client(args.bus) as c:
         stalls = await c.call_json("StallTable", "u", [args.limit])
-    if args.json:
-        emit(json.dumps(stalls, sort_keys=True))
-    elif stalls:
-        for line in format_stalls(stalls):
-            emit(line)
-    else:
-        print("no stalls attributed in the current window", file=sys.stderr)
-    return EXIT_OK
+    return show_rows(args, stalls, format_stalls, "no stalls attributed in the current window")
 
 
 async def cmd_reload(args: argparse.Namespace) -> int:
@@ -395,14 +400,7 @@ def format_actions(rows: list[dict[str, Any]]) -> list[str]:
 async def cmd_actions(args: argparse.Namespace) -> int:
     async with Client(args.bus) as c:
         rows = await c.call_json("ListActions")
-    if args.json:
-        emit(json.dumps(rows, sort_keys=True))
-    elif rows:
-        for line in format_actions(rows):
-            emit(line)
-    else:
-        print("no active actions", file=sys.stderr)
-    return EXIT_OK
+    return show_rows(args, rows, format_actions, "no active actions")
 
 
 async def cmd_throttle(args: argparse.Namespace) -> int:

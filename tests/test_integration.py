@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from linnixd.collector.cgroups import cgroup2_mount as find_cgroup2_mount
 from linnixd.demos import DEMOS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,11 +38,9 @@ pytestmark = [
 
 
 def cgroup2_mount() -> Path:
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields, fstype = line.split(" - ", 1)
-        if fstype.startswith("cgroup2 "):
-            return Path(fields.split()[4])
-    raise AssertionError("no cgroup2 mount in /proc/self/mountinfo")
+    mount = find_cgroup2_mount()
+    assert mount is not None, "no cgroup2 mount in /proc/self/mountinfo"
+    return Path(mount)
 
 
 def proc_stat_processes() -> int:

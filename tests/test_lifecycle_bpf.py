@@ -12,7 +12,8 @@ from typing import Iterator, Optional
 import pytest
 
 from linnixd.collector.bpfload import KernelFeatureError
-from linnixd.collector.lifecycle import LifecycleCollector, cgroup2_mount
+from linnixd.collector.cgroups import cgroup2_mount
+from linnixd.collector.lifecycle import LifecycleCollector
 from linnixd.model import ExecRecord, ExitRecord, LifecycleCounts, LifecycleTick
 
 pytestmark = pytest.mark.bpf

@@ -127,6 +127,14 @@ def _perf_paranoid() -> int:
         return 2
 
 
+def _verifier_reason(text: str) -> str:
+    """The verifier log's verdict: the last line that is not a statistics or instruction line."""
+    skip = ("processed ", "verification time", "stack depth", "max_states_per_insn", "mark_precise")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(skip)]
+    lines = [ln for ln in lines if not ln[:1].isdigit() and not ln.startswith(";")]
+    return lines[-1] if lines else "no verifier log"
+
+
 def _first_error(text: str) -> str:
     for line in text.splitlines():
         if "error:" in line:
@@ -151,6 +159,12 @@ def compile_program(src: Path, cflags: Sequence[str]) -> Any:
         raise KernelFeatureError(f"cannot compile {src.name}: {exc}") from None
     text = err.getvalue()
     message = str(failure)
+    if "Failed to load BPF program" in message and "Permission denied" in message:
+        # EACCES from BPF_PROG_LOAD is the verifier saying no; its log ends with the reason.
+        raise KernelFeatureError(
+            f"the kernel's BPF verifier rejected {src.name} ({message.split(':')[0].split()[-1]}): "
+            f"{_verifier_reason(text)}"
+        ) from None
     if "Operation not permitted" in message or "Permission denied" in message or "EPERM" in text:
         raise KernelFeatureError(
             f"permission denied loading {src.name}: needs CAP_BPF, CAP_PERFMON and CAP_DAC_READ_SEARCH (or root)"

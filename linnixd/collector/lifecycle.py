@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 
 from ..model import ExecRecord, ExitRecord, LifecycleCounts, LifecycleTick
 from ..paths import bpf_dir
+from .cgroups import cgroup2_mount
 from .bpfload import KernelFeatureError, compile_program, preflight, ringbuf_supported, source_text
 
 TRACEPOINTS = (
@@ -55,16 +56,6 @@ def _pow2_at_least(n: int) -> int:
     while p < n:
         p *= 2
     return p
-
-
-def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> Optional[str]:
-    """Mount point of the cgroup v2 hierarchy, or None when there is none."""
-    with open(mountinfo) as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if right.split(" ", 1)[0] == "cgroup2":
-                return left.split(" ")[4]
-    return None
 
 
 def live_cgroup_ids() -> set[int]:
