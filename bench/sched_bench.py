@@ -18,7 +18,11 @@ from linnixd.collector.sched import SchedCollector  # noqa: E402
 
 METRIC = re.compile(r"\]\s+switch\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)")
 STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
-SWITCH_PROG = b"tracepoint__sched__sched_switch"
+PROGS = {
+    "sched_switch": b"tracepoint__sched__sched_switch",
+    "sched_wakeup": b"tracepoint__sched__sched_wakeup",
+    "sched_wakeup_new": b"tracepoint__sched__sched_wakeup_new",
+}
 
 
 def ctxt() -> int:
@@ -44,9 +48,9 @@ def run_stress(seconds: int) -> tuple[float, int, float]:
     return ops / real_s, switches, usr_s + sys_s
 
 
-def prog_cost(collector: SchedCollector) -> Optional[tuple[int, int]]:
-    """(run_time_ns, run_cnt) of the sched_switch program from its fdinfo (needs bpf_stats)."""
-    fd = collector._bpf.funcs[SWITCH_PROG].fd
+def prog_cost(collector: SchedCollector, prog: bytes) -> Optional[tuple[int, int]]:
+    """(run_time_ns, run_cnt) of one program from its fdinfo (needs bpf_stats)."""
+    fd = collector._bpf.funcs[prog].fd
     fields = dict(
         line.split(":", 1) for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines() if ":" in line
     )
@@ -60,6 +64,8 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--tick", type=float, default=0.5, help="map read interval while attached, as the daemon")
+    ap.add_argument("--cost-runs", type=int, default=5, help="short runs measured with kernel bpf_stats")
+    ap.add_argument("--cost-seconds", type=int, default=2)
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("sched_bench: needs root (loads BPF)", file=sys.stderr)
@@ -93,28 +99,33 @@ def main() -> int:
         print(line, flush=True)
     print(f"throughput ratio (median of {len(ratios)} pairs): {statistics.median(ratios):.3f} (goal >= 0.95)")
     print(f"added stress-ng cpu per context switch (median): {statistics.median(added_ns):+.0f} ns")
-    per = program_run_ns(args.seconds)
-    if per is not None:
-        print(f"sched_switch program run time (kernel bpf_stats, separate run): {per:.0f} ns per switch")
+    runs = program_run_ns(args.cost_runs, args.cost_seconds)
+    for name, per in runs.items():
+        print(f"{name} program run time (kernel bpf_stats, median of {len(per)} runs): "
+              f"{statistics.median(per):.0f} ns per run")
     return 0
 
 
-def program_run_ns(seconds: int) -> Optional[float]:
-    """Mean run time of the sched_switch program over one attached run, from kernel bpf_stats."""
+def program_run_ns(runs: int, seconds: int) -> dict[str, list[float]]:
+    """Mean run time of each program per stress-ng run while attached, from kernel bpf_stats."""
     old = Path(STATS_SYSCTL).read_text().strip()
-    Path(STATS_SYSCTL).write_text("1")  # host-wide setting: only for this run, restored below
+    Path(STATS_SYSCTL).write_text("1")  # host-wide setting: only for these runs, restored below
     collector = SchedCollector()
+    out: dict[str, list[float]] = {name: [] for name in PROGS}
     try:
         collector.start()
-        before = prog_cost(collector)
-        run_stress(seconds)
-        after = prog_cost(collector)
+        for _ in range(runs):
+            before = {name: prog_cost(collector, prog) for name, prog in PROGS.items()}
+            run_stress(seconds)
+            after = {name: prog_cost(collector, prog) for name, prog in PROGS.items()}
+            for name in PROGS:
+                b, a = before[name], after[name]
+                if b is not None and a is not None and a[1] > b[1]:
+                    out[name].append((a[0] - b[0]) / (a[1] - b[1]))
     finally:
         collector.close()
         Path(STATS_SYSCTL).write_text(old)
-    if before is None or after is None or after[1] <= before[1]:
-        return None
-    return (after[0] - before[0]) / (after[1] - before[1])
+    return {name: per for name, per in out.items() if per}
 
 
 if __name__ == "__main__":

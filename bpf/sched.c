@@ -5,12 +5,11 @@
 //
 // Method
 // ------
-// Per task (tasks, LRU): when it became runnable and on which CPU (set at sched_wakeup /
+// Per task (tasks): when it became runnable and on which CPU (set at sched_wakeup /
 // sched_wakeup_new with target_cpu, and at sched_switch when prev leaves still runnable), and
-// the cgroup it had when it was last current. Entries are updated in place: one lookup per
-// task per switch, no allocation after a task's first event.
+// the cgroup it had when it was last current. Entries are updated in place.
 // Per CPU (cpus): the task running now and since when, a ring of the last NSEG run segments
-// (cgroup, start, end) and the "pending" attribution of the task running now.
+// (cgroup, start, end), the "pending" attribution of the task running now and the counters.
 //
 // At sched_switch (this CPU, time now), current == prev, so bpf_get_current_cgroup_id() is
 // prev's cgroup exactly. That gives two exact facts without any pid -> cgroup guess:
@@ -21,7 +20,7 @@
 // The chain breaks when a sched_switch is missed: a classic tracepoint program is skipped
 // while bpf_prog_active is raised on the CPU, which happens whenever a task is preempted
 // inside a bpf() map syscall (any BPF tool reading its maps). The pending wait is then settled
-// with the task's last-seen cgroup from `tasks`; a task's entry is removed at its last
+// with the task's last-seen cgroup from `tasks`; a task's entry is cleared at its last
 // switch-out (exit) and reset by sched_wakeup_new, so a reused pid never inherits a cgroup.
 // A task never seen as current has cgroup 0 there: its wait is counted as lost, never guessed.
 // When next is switched in, its wait W = now - enqueue time is split over the segments in
@@ -36,14 +35,30 @@
 //    blamed. Such waits are counted (STAT_MIGRATED) so their share is known.
 //  - A task woken while still running (sched_wakeup fires for it) leaves a stale enqueue
 //    time; it is overwritten by the next wakeup or preemption before it can be used.
-//  - The task map is an LRU: an entry evicted before its task runs shows up as a switch-in
-//    without an enqueue time (STAT_NO_ENQUEUE); an LRU evicts silently, so that miss count
-//    (and STAT_TASK_INSERTS against the capacity) is what can be observed, not each eviction.
+//  - The task map is direct-mapped: an array of TASK_ENTRIES (a power of two) slots, the slot
+//    a function of pid modulo TASK_ENTRIES (see task_slot), each holding the full pid. An
+//    array lookup is a lock-free address computation (a hash/LRU lookup hashes, locks on
+//    insert and evicts), which was most of the cost per event. The price: two live pids that share a slot evict each other. The
+//    slot's pid is always compared, so an evicted task is never given another task's enqueue
+//    time or cgroup: its next switch-in counts as STAT_NO_ENQUEUE (its wait is not measured)
+//    and a broken chain it is part of counts as lost; every eviction of a live task's slot
+//    is counted (STAT_TASK_COLLISIONS). With pids below pid_max (32768 by default, 4194304
+//    with systemd) and TASK_ENTRIES = 65536 that needs pid_max above 65536 and two pids
+//    65536 apart both alive. Memory: TASK_ENTRIES x 24 bytes (1.5 MiB at 65536), fixed.
+//    Two CPUs writing the same slot for two different pids at the same instant may tear it;
+//    writes for the same pid race as they did with a hash (fields are updated in place).
+// Counters live in the per-CPU `cpus` value (no separate map lookup on the hot path).
 // Aggregates are per-CPU hashes: no atomics and no cache-line bouncing on the switch path;
-// user space sums the CPUs.
+// user space sums the CPUs. A cgroup's stall behind itself (the edge (cg, cg)) is kept in its
+// runq value, so the common case of one cgroup's tasks queueing behind each other costs one
+// hash lookup, not two; user space adds it to the (cg, cg) edge.
 // Counters only grow; user space reads them each tick and computes deltas.
 
 #define NSEG 8
+// Index masked so that the verifier sees the bound on the very register used for the access.
+// The empty asm hides the value from clang, which would otherwise drop a mask it can prove
+// redundant (and 6.1's verifier then rejects the access as unbounded).
+#define BOUNDED(x, n) ({ u64 _v = (x); asm volatile("" : "+r"(_v)); _v & ((n) - 1); })
 #define NSLOTS 32
 
 struct seg {
@@ -55,6 +70,19 @@ struct seg {
 struct culprit_share {
     u64 cg;
     u64 ns;
+};
+
+enum stat {
+    STAT_TASK_INSERTS = 0,  // tasks slots taken by a pid that did not hold them
+    STAT_NO_ENQUEUE,        // switch-in of a task with no enqueue time (attach, slot evicted)
+    STAT_MIGRATED,          // waits that ended on another CPU than they were queued on
+    STAT_UNATTRIBUTED_NS,   // wait not covered by a logged non-idle segment
+    STAT_LOST_WAITS,        // waits whose task's cgroup could not be observed
+    STAT_LOST_NS,
+    STAT_OVERFLOWS,         // aggregate map inserts refused (map full)
+    STAT_RECOVERED,         // broken-chain waits settled with the task's last-seen cgroup
+    STAT_TASK_COLLISIONS,   // tasks slots taken from another live pid (its state is lost)
+    NSTATS,
 };
 
 struct cpu_state {
@@ -69,18 +97,20 @@ struct cpu_state {
     u64 pend_wait;
     u64 pend_preempted_cg;  // cgroup it displaced while that was still runnable (0 = none)
     struct culprit_share pend[NSEG];
+    u64 stats[NSTATS];  // enum stat, this CPU's part
 };
 
 struct task_val {
-    u64 enq_ts;  // when it last became runnable (valid while queued)
+    u64 enq_ts;  // when it last became runnable (0 = not queued)
     u64 cg;      // cgroup when it was last current (0 = never seen current)
+    u32 pid;     // owner of the slot (0 = free)
     u32 cpu;     // CPU it was queued on
-    u32 queued;
 };
 
 struct runq_val {
     u64 wait_ns;
     u64 waits;
+    u64 self_ns;       // stall behind its own cgroup: the edge (cg, cg), kept here to save a lookup
     u64 hist[NSLOTS];  // log2 of the wait in microseconds
 };
 
@@ -94,53 +124,61 @@ struct edge_val {
     u64 preemptions;  // victim preempted by culprit (victim still runnable)
 };
 
-enum stat {
-    STAT_TASK_INSERTS = 0,  // new keys in tasks
-    STAT_NO_ENQUEUE,        // switch-in of a task with no enqueue time (attach, LRU eviction)
-    STAT_MIGRATED,          // waits that ended on another CPU than they were queued on
-    STAT_UNATTRIBUTED_NS,   // wait not covered by a logged non-idle segment
-    STAT_LOST_WAITS,        // waits whose task's cgroup could not be observed
-    STAT_LOST_NS,
-    STAT_OVERFLOWS,         // aggregate map inserts refused (map full)
-    STAT_RECOVERED,         // broken-chain waits settled with the task's last-seen cgroup
-    NSTATS,
-};
-
-BPF_TABLE("lru_hash", u32, struct task_val, tasks, TASK_ENTRIES);
+BPF_ARRAY(tasks, struct task_val, TASK_ENTRIES);
 BPF_PERCPU_ARRAY(cpus, struct cpu_state, 1);
 BPF_PERCPU_HASH(runq, u64, struct runq_val, AGG_ENTRIES);
 BPF_PERCPU_HASH(edges, struct edge_key, struct edge_val, AGG_ENTRIES);
-BPF_PERCPU_ARRAY(stats, u64, NSTATS);
 
-static __always_inline void stat_add(u32 idx, u64 v)
+static __always_inline struct cpu_state *this_cpu(void)
 {
-    u64 *c = stats.lookup(&idx);
-    if (c)
-        *c += v;
+    u32 zero = 0;
+    return cpus.lookup(&zero);
 }
 
-static __always_inline void task_insert(u32 pid, struct task_val *v)
+static __always_inline void stat_add(struct cpu_state *st, u32 idx, u64 v)
 {
-    if (tasks.insert(&pid, v) == 0)
-        stat_add(STAT_TASK_INSERTS, 1);
-    else
-        tasks.update(&pid, v);
+    st->stats[idx] += v;  // idx is a constant at every call site
 }
 
-static __always_inline void mark_enqueued(u32 pid, u32 cpu, u64 now)
+static __always_inline struct task_val *task_slot(u32 pid)
 {
-    struct task_val *t = tasks.lookup(&pid);
-    if (t) {
-        t->enq_ts = now;
-        t->cpu = cpu;
-        t->queued = 1;
+    // A multiply by an odd constant permutes the low bits: pids collide exactly when they are
+    // equal modulo TASK_ENTRIES (as with pid & mask), but consecutive pids (a parent and its
+    // children, two sides of a pipe) land on different cache lines instead of sharing one
+    // that their CPUs would then bounce between them (measured: ~60 ns per sched_switch).
+    u32 idx = (pid * 2654435761u) & (TASK_ENTRIES - 1);
+    return tasks.lookup(&idx);
+}
+
+// Give the slot to pid: everything a previous owner left is replaced (counted if it was alive).
+static __always_inline void task_claim(struct task_val *t, u32 pid)
+{
+    if (t->pid == pid)
         return;
+    struct cpu_state *st = this_cpu();  // only here: wakeups need no per-CPU state otherwise
+    if (st) {
+        stat_add(st, STAT_TASK_INSERTS, 1);
+        if (t->pid)
+            stat_add(st, STAT_TASK_COLLISIONS, 1);
     }
-    struct task_val v = {.enq_ts = now, .cpu = cpu, .queued = 1};
-    task_insert(pid, &v);
+    t->pid = pid;
+    t->cg = 0;
+    t->enq_ts = 0;
 }
 
-static __always_inline struct edge_val *edge_get(u64 victim, u64 culprit)
+static __always_inline void mark_enqueued(u32 pid, u32 cpu, u64 now, int fresh)
+{
+    struct task_val *t = task_slot(pid);
+    if (!t)
+        return;
+    task_claim(t, pid);
+    if (fresh)
+        t->cg = 0;  // a new task: whatever a previous owner of this pid left behind is dropped
+    t->enq_ts = now;
+    t->cpu = cpu;
+}
+
+static __always_inline struct edge_val *edge_get(struct cpu_state *st, u64 victim, u64 culprit)
 {
     struct edge_key k = {.victim = victim, .culprit = culprit};
     struct edge_val zero = {};
@@ -148,7 +186,7 @@ static __always_inline struct edge_val *edge_get(u64 victim, u64 culprit)
     if (e)
         return e;
     if (edges.insert(&k, &zero) != 0 && !edges.lookup(&k)) {
-        stat_add(STAT_OVERFLOWS, 1);
+        stat_add(st, STAT_OVERFLOWS, 1);
         return 0;
     }
     return edges.lookup(&k);
@@ -159,7 +197,7 @@ static __always_inline struct edge_val *edge_get(u64 victim, u64 culprit)
 static __always_inline void settle(struct cpu_state *st, u64 victim)
 {
     if (st->pend_preempted_cg && st->pend_preempted_cg != victim) {
-        struct edge_val *p = edge_get(st->pend_preempted_cg, victim);
+        struct edge_val *p = edge_get(st, st->pend_preempted_cg, victim);
         if (p)
             p->preemptions++;
     }
@@ -170,7 +208,7 @@ static __always_inline void settle(struct cpu_state *st, u64 victim)
     if (!r) {
         struct runq_val zero = {};
         if (runq.insert(&victim, &zero) != 0 && !runq.lookup(&victim))
-            stat_add(STAT_OVERFLOWS, 1);
+            stat_add(st, STAT_OVERFLOWS, 1);
         r = runq.lookup(&victim);
     }
     if (r) {
@@ -180,39 +218,54 @@ static __always_inline void settle(struct cpu_state *st, u64 victim)
             slot = NSLOTS - 1;
         r->wait_ns += w;
         r->waits++;
-        r->hist[slot]++;
+        r->hist[BOUNDED(slot, NSLOTS)]++;
     }
+    // Every slot is visited, unused ones are empty: a trip count depending on a loaded value
+    // (clang folds "i < n" into the loop) is a loop 6.1's verifier cannot bound.
     for (int i = 0; i < NSEG; i++) {
         if (st->pend[i].ns == 0)
             continue;
-        struct edge_val *e = edge_get(victim, st->pend[i].cg);
+        if (r && st->pend[i].cg == victim) {
+            r->self_ns += st->pend[i].ns;
+            continue;
+        }
+        struct edge_val *e = edge_get(st, victim, st->pend[i].cg);
         if (e)
             e->stall_ns += st->pend[i].ns;
     }
 }
 
 // Split the wait [t0, now] of the task being switched in over this CPU's logged segments,
-// one pending share per distinct cgroup (so settle() touches each edge once).
+// one pending share per distinct cgroup (so settle() touches each edge once), unused shares
+// empty. The ring is in time order, so the walk goes newest first and stops at the first
+// segment ending before t0.
 static __always_inline u64 split_wait(struct cpu_state *st, u64 t0, u64 now)
 {
     u64 covered = 0;
+    u32 n = 0;
+    u32 h = st->head;
     for (int i = 0; i < NSEG; i++)
         st->pend[i].ns = 0;
-    for (int i = 0; i < NSEG; i++) {
-        struct seg *s = &st->segs[i];
+    for (int k = 1; k <= NSEG; k++) {
+        struct seg *s = &st->segs[(h - k) & (NSEG - 1)];
+        if (!s->end || s->end <= t0)
+            break;
         u64 a = s->start > t0 ? s->start : t0;
         u64 b = s->end < now ? s->end : now;
-        if (!s->end || b <= a)
+        if (b <= a)
             continue;
-        int slot = i;
-        for (int j = 0; j < i; j++) {
+        u32 slot = n;
+        for (int j = 0; j < NSEG - 1; j++) {
             if (st->pend[j].ns && st->pend[j].cg == s->cg) {
                 slot = j;
                 break;
             }
         }
-        st->pend[slot & (NSEG - 1)].cg = s->cg;
-        st->pend[slot & (NSEG - 1)].ns += b - a;
+        if (slot == n) {
+            st->pend[BOUNDED(slot, NSEG)].cg = s->cg;
+            n++;
+        }
+        st->pend[BOUNDED(slot, NSEG)].ns += b - a;
         covered += b - a;
     }
     return covered;
@@ -220,24 +273,20 @@ static __always_inline u64 split_wait(struct cpu_state *st, u64 t0, u64 now)
 
 TRACEPOINT_PROBE(sched, sched_wakeup)
 {
-    mark_enqueued(args->pid, args->target_cpu, bpf_ktime_get_ns());
+    mark_enqueued(args->pid, args->target_cpu, bpf_ktime_get_ns(), 0);
     return 0;
 }
 
 TRACEPOINT_PROBE(sched, sched_wakeup_new)
 {
-    // A new task: whatever a previous owner of this pid left behind is replaced.
-    struct task_val v = {.enq_ts = bpf_ktime_get_ns(), .cpu = args->target_cpu, .queued = 1};
-    task_insert(args->pid, &v);
+    mark_enqueued(args->pid, args->target_cpu, bpf_ktime_get_ns(), 1);
     return 0;
 }
 
 TRACEPOINT_PROBE(sched, sched_switch)
 {
     u64 now = bpf_ktime_get_ns();
-    u32 cpu = bpf_get_smp_processor_id();
-    u32 zero = 0;
-    struct cpu_state *st = cpus.lookup(&zero);
+    struct cpu_state *st = this_cpu();
     if (!st)
         return 0;
     u32 prev = args->prev_pid;
@@ -250,49 +299,53 @@ TRACEPOINT_PROBE(sched, sched_switch)
         if (pend == prev) {
             settle(st, cg);
         } else {
-            struct task_val *t = tasks.lookup(&pend);
-            if (t && t->cg) {
-                stat_add(STAT_RECOVERED, 1);
+            struct task_val *t = task_slot(pend);
+            if (t && t->pid == pend && t->cg) {
+                stat_add(st, STAT_RECOVERED, 1);
                 settle(st, t->cg);
             } else if (st->pend_has_wait) {
-                stat_add(STAT_LOST_WAITS, 1);
-                stat_add(STAT_LOST_NS, st->pend_wait);
+                stat_add(st, STAT_LOST_WAITS, 1);
+                stat_add(st, STAT_LOST_NS, st->pend_wait);
             }
         }
         st->pend_valid = 0;
     }
 
     u64 preempted_cg = 0;
+    u32 cpu = bpf_get_smp_processor_id();
     if (prev != 0) {
         if (st->curr_start && st->curr_pid == prev) {
-            u32 h = st->head % NSEG;
-            struct seg *last = &st->segs[(h + NSEG - 1) % NSEG];
+            u32 h = st->head;
+            struct seg *last = &st->segs[(h - 1) & (NSEG - 1)];
             // Contiguous run of the same cgroup: extend instead of using a slot.
             if (last->cg == cg && last->end == st->curr_start) {
                 last->end = now;
             } else {
-                st->segs[h].cg = cg;
-                st->segs[h].start = st->curr_start;
-                st->segs[h].end = now;
+                struct seg *s = &st->segs[BOUNDED(h, NSEG)];
+                s->cg = cg;
+                s->start = st->curr_start;
+                s->end = now;
                 st->head = h + 1;
             }
         }
         // Still runnable: TASK_RUNNING (0) or the preempted marker TASK_REPORT_MAX.
         int runnable = (state & (TASK_REPORT_MAX - 1)) == 0;
-        if (state & (TASK_STATE_X | TASK_STATE_Z)) {
-            tasks.delete(&prev);  // its last switch-out: the pid may be reused from now on
-        } else {
-            struct task_val *t = tasks.lookup(&prev);
-            if (t) {
-                t->cg = cg;
+        struct task_val *t = task_slot(prev);
+        if (t) {
+            if (state & (TASK_STATE_X | TASK_STATE_Z)) {
+                if (t->pid == prev) {  // its last switch-out: the pid may be reused from now on
+                    t->pid = 0;
+                    t->cg = 0;
+                    t->enq_ts = 0;
+                }
+            } else {
+                task_claim(t, prev);
+                if (t->cg != cg)  // unchanged most of the time: do not dirty a shared line
+                    t->cg = cg;
                 if (runnable) {
                     t->enq_ts = now;
                     t->cpu = cpu;
-                    t->queued = 1;
                 }
-            } else {
-                struct task_val v = {.enq_ts = now, .cg = cg, .cpu = cpu, .queued = runnable};
-                task_insert(prev, &v);
             }
         }
         if (runnable)
@@ -307,15 +360,15 @@ TRACEPOINT_PROBE(sched, sched_switch)
     st->pend_pid = next;
     st->pend_valid = 1;
     st->pend_has_wait = 0;
-    struct task_val *t = tasks.lookup(&next);
-    if (!t || !t->queued) {
-        stat_add(STAT_NO_ENQUEUE, 1);
+    struct task_val *t = task_slot(next);
+    if (!t || t->pid != next || !t->enq_ts) {
+        stat_add(st, STAT_NO_ENQUEUE, 1);
         return 0;
     }
-    t->queued = 0;
     u64 t0 = t->enq_ts;
+    t->enq_ts = 0;
     if (t->cpu != cpu)
-        stat_add(STAT_MIGRATED, 1);
+        stat_add(st, STAT_MIGRATED, 1);
     if (t0 > now)
         t0 = now;
     u64 w = now - t0;
@@ -323,6 +376,6 @@ TRACEPOINT_PROBE(sched, sched_switch)
     st->pend_has_wait = 1;
     u64 covered = split_wait(st, t0, now);
     if (w > covered)
-        stat_add(STAT_UNATTRIBUTED_NS, w - covered);
+        stat_add(st, STAT_UNATTRIBUTED_NS, w - covered);
     return 0;
 }

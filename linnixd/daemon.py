@@ -485,13 +485,10 @@ def _load_policy_or_exit(path: str) -> Any:
 def _dump_bpf(policy: Any) -> int:
     from .collector.lifecycle import LifecycleCollector
 
-    print(LifecycleCollector(policy.daemon.short_lived_s).dump_source())
-    try:
-        from .collector.sched import SchedCollector
+    from .collector.sched import SchedCollector
 
-        print(SchedCollector().dump_source())
-    except (ImportError, AttributeError):
-        pass
+    print(LifecycleCollector(policy.daemon.short_lived_s).dump_source())
+    print(SchedCollector().dump_source())
     return EXIT_OK
 
 

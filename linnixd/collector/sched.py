@@ -9,15 +9,16 @@ from typing import Any, Callable, Optional
 
 from ..model import CgroupRunqueue, StallEdge, StallSnapshot
 from ..paths import bpf_dir
-from .bpfload import KernelFeatureError, compile_program, preflight, tracefs_root
+from .bpfload import KernelFeatureError, compile_program, preflight, tracefs_root, source_text
 
 TRACEPOINTS = ("sched/sched_switch", "sched/sched_wakeup", "sched/sched_wakeup_new")
 NSLOTS = 32  # log2 histogram slots, as in bpf/sched.c
 
-# Index of each counter in the kernel's `stats` array (enum stat in bpf/sched.c).
+# Index of each counter in the per-CPU `cpus` value's stats (enum stat in bpf/sched.c).
 STAT_TASK_INSERTS, STAT_NO_ENQUEUE, STAT_MIGRATED, STAT_UNATTRIBUTED_NS = 0, 1, 2, 3
 STAT_LOST_WAITS, STAT_LOST_NS, STAT_OVERFLOWS, STAT_RECOVERED = 4, 5, 6, 7
-NSTATS = 8
+STAT_TASK_COLLISIONS = 8
+NSTATS = 9
 
 # Ids unresolvable for this many reads in a row with no new activity are dropped from the maps.
 FORGET_AFTER_READS = 2
@@ -55,13 +56,16 @@ class _Deltas:
 class SchedCollector:
     """Run-queue wait, preemptions and who-stalls-whom per cgroup, as per-interval deltas."""
 
-    def __init__(self, task_entries: int = 32768, agg_entries: int = 8192, src: Optional[Path] = None) -> None:
+    def __init__(self, task_entries: int = 65536, agg_entries: int = 8192, src: Optional[Path] = None) -> None:
+        if task_entries <= 0 or task_entries & (task_entries - 1):
+            raise ValueError(f"task_entries must be a power of two (the task slot is pid modulo it), not {task_entries}")
         self.task_entries = task_entries
         self.agg_entries = agg_entries
         self.src = src or bpf_dir() / "sched.c"
         self._bpf: Any = None
         self._prev_runq: dict[int, tuple[int, int, list[int]]] = {}
         self._prev_edges: dict[tuple[int, int], tuple[int, int]] = {}
+        self._edge_keys: set[tuple[int, int]] = set()  # keys in the kernel's edges map at the last read
         self._prev_unattributed_ns = 0
         self._ids: dict[int, _IdState] = {}
         self.forgotten_ids = 0  # ids dropped from the kernel maps after their cgroup vanished
@@ -76,6 +80,10 @@ class SchedCollector:
             f"-DTASK_STATE_Z={flags['Z']:#x}",
         ]
 
+    def dump_source(self) -> str:
+        """The C source exactly as start() would compile it, -D values first."""
+        return source_text(Path(self.src), self.cflags())
+
     def start(self) -> None:
         """Compile and attach bpf/sched.c; KernelFeatureError names anything missing."""
         preflight(TRACEPOINTS)
@@ -88,26 +96,33 @@ class SchedCollector:
 
     def stats(self) -> list[int]:
         """Monotonic kernel counters (see the STAT_* indexes), summed over CPUs."""
-        table = self._bpf[b"stats"]
-        return [int(table.sum(table.Key(i)).value) for i in range(NSTATS)]
+        table = self._bpf[b"cpus"]
+        per_cpu = table.getvalue(table.Key(0))
+        return [sum(int(c.stats[i]) for c in per_cpu) for i in range(NSTATS)]
 
     def read(self, resolve: Callable[[int], Optional[str]]) -> StallSnapshot:
         """Deltas since the previous read, cgroup ids resolved to paths with `resolve`."""
-        runq_now = {
-            int(k.value): (
+        runq_now: dict[int, tuple[int, int, list[int]]] = {}
+        self_stall: dict[int, int] = {}  # the (cg, cg) edge, kept in the kernel's runq value
+        for k, per_cpu in self._bpf[b"runq"].items():
+            cid = int(k.value)
+            runq_now[cid] = (
                 sum(int(c.wait_ns) for c in per_cpu),
                 sum(int(c.waits) for c in per_cpu),
                 [sum(int(c.hist[i]) for c in per_cpu) for i in range(NSLOTS)],
             )
-            for k, per_cpu in self._bpf[b"runq"].items()
-        }
-        edges_now = {
-            (int(k.victim), int(k.culprit)): (
+            self_stall[cid] = sum(int(c.self_ns) for c in per_cpu)
+        edges_now: dict[tuple[int, int], tuple[int, int]] = {}
+        for k, per_cpu in self._bpf[b"edges"].items():
+            edges_now[(int(k.victim), int(k.culprit))] = (
                 sum(int(c.stall_ns) for c in per_cpu),
                 sum(int(c.preemptions) for c in per_cpu),
             )
-            for k, per_cpu in self._bpf[b"edges"].items()
-        }
+        self._edge_keys = set(edges_now)
+        for cid, ns in self_stall.items():
+            if ns:
+                stall, pre = edges_now.get((cid, cid), (0, 0))
+                edges_now[(cid, cid)] = (stall + ns, pre)
         stats = self.stats()
         deltas = self._deltas(runq_now, edges_now)
         cache: dict[int, Optional[str]] = {}
@@ -220,6 +235,7 @@ class SchedCollector:
                 del self._prev_runq[cid]
             del self._ids[cid]
         for key in [k for k in self._prev_edges if k[0] in gone or k[1] in gone]:
-            del edges[edges.Key(*key)]
+            if key in self._edge_keys:  # a self edge (cg, cg) may live in runq only
+                del edges[edges.Key(*key)]
             del self._prev_edges[key]
         self.forgotten_ids += len(gone)
