@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from linnixd.detectors.cpu import CpuSpikeDetector, RunawayTreeDetector
+from linnixd.model import Snapshot
 from snapshots import proc, rule_cfg, series, snap
 
 SPIKE = CpuSpikeDetector()
@@ -70,14 +71,27 @@ def test_runaway_tree_blames_the_smallest_subtree_that_explains_it() -> None:
 
 
 def test_runaway_tree_threshold_both_sides() -> None:
-    # make + cc1s = 2 + 4 x 22 = 90, not above; bash's subtree adds 0.5 (90.5 > 90): bash is blamed
+    # make + cc1s = 2 + 4 x 22 = 90, not above; bash's subtree adds 0.5 (90.5 > 90): the tree
+    # fires, and it is named after make, which holds 99% of it (bash only launched it)
     [f] = TREE.evaluate(series(12, lambda i: tree_snapshot(i, 22.0)), rule_cfg("runaway_tree"))
-    assert f.culprit.pid == 800
+    assert f.culprit.pid == 810 and f.evidence["subtree_cpu_pct"] == 90.0
     assert TREE.evaluate(series(12, lambda i: tree_snapshot(i, 22.0)), rule_cfg("runaway_tree", cpu_pct=91.5)) == []
     # one tick below the threshold inside sustain_s: no finding
     window = series(12, lambda i: tree_snapshot(i, 10.0 if i == 4 else 24.0))
     assert TREE.evaluate(window, rule_cfg("runaway_tree")) == []
     assert len(TREE.evaluate(window, rule_cfg("runaway_tree", sustain_s=3.5))) == 1
+
+
+def test_runaway_tree_dip_does_not_move_the_blame_to_the_launcher() -> None:
+    # supervisor (1.5%) -> leader (1%) -> 4 workers; on one tick the workers dip to 22% so the
+    # leader's subtree is 89% there while the supervisor's stays at 90.5%: the leader is named
+    def make(i: int) -> Snapshot:
+        w = 22.0 if i == 6 else 26.0
+        return snap(i, [proc(1, 0, "init"), proc(700, 1, "supervisor", cpu=1.5), proc(710, 700, "leader", cpu=1.0)]
+                    + [proc(720 + k, 710, "worker", cpu=w) for k in range(4)])
+    [f] = TREE.evaluate(series(12, make), rule_cfg("runaway_tree"))
+    assert (f.culprit.pid, f.culprit.comm, f.culprit.parent_pid) == (710, "leader", 700)
+    assert f.evidence["processes"] == 5
 
 
 def test_runaway_tree_is_not_one_hot_process() -> None:

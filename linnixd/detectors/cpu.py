@@ -11,6 +11,10 @@ NEVER_ROOTS = frozenset({0, 1, 2})  # the idle task, init and kthreadd own every
 TOP_MEMBERS = 5
 
 
+# A child whose subtree holds this share of its parent's subtree CPU is where the work is.
+DOMINANT_SHARE = 0.9
+
+
 class CpuSpikeDetector:
     """One process above cpu_pct in every snapshot of the last sustain_s."""
 
@@ -89,6 +93,7 @@ class RunawayTreeDetector:
         subtree_min = {pid: now[pid] for pid in scope}
         subtree_total = {pid: 0.0 for pid in scope}
         own_min = {pid: procs[pid].cpu_pct for pid in scope}
+        own_total = {pid: 0.0 for pid in scope}
         for snap in tail:
             own = {}
             for pid in scope:
@@ -99,13 +104,15 @@ class RunawayTreeDetector:
                 subtree_min[pid] = min(subtree_min[pid], sums[pid])
                 subtree_total[pid] += sums[pid]
                 own_min[pid] = min(own_min[pid], own[pid])
+                own_total[pid] += own[pid]
         qualifying = {pid for pid in candidates if subtree_min[pid] > limit}
         ex = Exclusions(cfg)
         findings = []
-        for root in sorted(qualifying):
-            if any(child in qualifying for child in children.get(root, ())):
+        for minimal in sorted(qualifying):
+            if any(child in qualifying for child in children.get(minimal, ())):
                 continue  # a smaller subtree explains it
-            if own_min[root] > limit:
+            root = _dominant_descendant(minimal, children, subtree_total)
+            if own_min[root] > limit or own_total[root] >= DOMINANT_SHARE * subtree_total[root]:
                 continue  # one hot process: cpu_spike names it
             culprit = process_culprit(procs[root], procs, kind="tree")
             if ex.culprit(culprit):
@@ -141,6 +148,18 @@ class RunawayTreeDetector:
                 )
             )
         return findings
+
+
+def _dominant_descendant(root: int, children: dict[int, list[int]], total: dict[int, float]) -> int:
+    """Walk down while one child's subtree holds DOMINANT_SHARE of the CPU: a shell or a
+    supervisor that only launched the busy tree is not its root, and a subtree hovering at
+    the threshold must not hand the blame to its idle launcher on a tick where it dips."""
+    node = root
+    while True:
+        best = max(children.get(node, ()), key=lambda c: total.get(c, 0.0), default=None)
+        if best is None or total.get(best, 0.0) < DOMINANT_SHARE * total.get(node, 0.0):
+            return node
+        node = best
 
 
 def _postorder(
