@@ -77,6 +77,7 @@ class Daemon:
         self.tracker = IncidentTracker(resolve_after_s=max(2.0, 4 * policy.daemon.tick_s))
         self.window: collections.deque[Snapshot] = collections.deque(maxlen=window_length(policy))
         self.sinks: list[Any] = []
+        self.notifier: Any = None  # sd_notify, set by the Runner: reloads say RELOADING=1
         self._listeners: list[Listener] = []
         self.totals = LifecycleCounts()
         self.alert_count = 0
@@ -266,7 +267,13 @@ class Daemon:
         """Load the policy file again; a bad file raises PolicyError and the old policy stays."""
         from .config import load_policy
 
-        new = load_policy(self.policy_path)
+        if self.notifier is not None:
+            self.notifier.reloading()
+        try:
+            new = load_policy(self.policy_path)
+        finally:
+            if self.notifier is not None:
+                self.notifier.ready()
         old_enabled = set(self.policy.enabled_rules())
         self.policy = new
         for rule in old_enabled - set(new.enabled_rules()):
@@ -323,6 +330,7 @@ class Runner:
         self.args = args
         self.notifier = notifier
         self.triggers = psi_triggers
+        daemon.notifier = notifier
         self.stop_event: Optional[asyncio.Event] = None
         self.wake_event: Optional[asyncio.Event] = None
 
@@ -413,15 +421,11 @@ class Runner:
     def reload(self) -> None:
         from .config import PolicyError
 
-        self.notifier.reloading()
         try:
-            message = self.daemon.reload_policy()
-            log(message)
+            log(self.daemon.reload_policy())
         except PolicyError as exc:
             for problem in exc.problems:
                 log(f"reload refused, keeping the running policy: {problem}")
-        finally:
-            self.notifier.ready()
 
     def dump_stats(self) -> None:
         print(json.dumps({"stats": self.daemon.stats()}), file=sys.stderr, flush=True)
