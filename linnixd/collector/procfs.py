@@ -165,7 +165,9 @@ class ProcScanner:
             entry.rss_pages, entry.threads = rss_pages, threads
         else:
             entry = ProcEntry(pid, start_ticks, ppid, comm, cpu_ticks, rss_pages, threads, first_seen=now)
-            started_inside = prev_boot is not None and start_ticks / CLK_TCK >= prev_boot
+            # start times are truncated to clock ticks: one tick of slack, or a process started
+            # just after the previous scan began would look older than it and lose its first interval
+            started_inside = prev_boot is not None and (start_ticks + 1) / CLK_TCK >= prev_boot
             if started_inside and interval > 0:
                 entry.cpu_pct = 100.0 * cpu_ticks / CLK_TCK / interval
         try:
