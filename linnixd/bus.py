@@ -482,26 +482,25 @@ class BusService:
             if inspect.isawaitable(result):
                 result = await result
             return Message.new_method_return(msg, export.out_signature, [result])
-        except BusError as exc:
-            return Message.new_error(msg, exc.name, exc.message)
         except Exception as exc:
-            self.internal_errors += 1
-            line = " ".join(str(exc).splitlines()) or type(exc).__name__
-            log(f"{export.name} failed: {type(exc).__name__}: {line}")
-            return Message.new_error(msg, ERROR_FAILED, f"{export.name} failed: {line}")
+            return self._error_reply(export, msg, exc)
+
+    def _error_reply(self, export: Export, msg: Message, exc: Exception) -> Message:
+        """A named error with one line for any failure of a method: never a traceback."""
+        if isinstance(exc, BusError):
+            return Message.new_error(msg, exc.name, exc.message)
+        self.internal_errors += 1
+        line = " ".join(str(exc).splitlines()) or type(exc).__name__
+        log(f"{export.name} failed: {type(exc).__name__}: {line}")
+        return Message.new_error(msg, ERROR_FAILED, f"{export.name} failed: {line}")
 
     def _run(self, export: Export, msg: Message) -> Message:
         """Call the method; every failure becomes a named error with one line, never a traceback."""
         try:
             result = export.fn(self, *msg.body)
             return Message.new_method_return(msg, export.out_signature, [result])
-        except BusError as exc:
-            return Message.new_error(msg, exc.name, exc.message)
         except Exception as exc:
-            self.internal_errors += 1
-            line = " ".join(str(exc).splitlines()) or type(exc).__name__
-            log(f"{export.name} failed: {type(exc).__name__}: {line}")
-            return Message.new_error(msg, ERROR_FAILED, f"{export.name} failed: {line}")
+            return self._error_reply(export, msg, exc)
 
     async def check_authorization(self, sender: Optional[str], action: str) -> tuple[bool, str]:
         """polkit CheckAuthorization for the caller's unique name; any failure or timeout denies."""
