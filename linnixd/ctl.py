@@ -280,25 +280,26 @@ async def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def print_alerts(args: argparse.Namespace, rows: list[Any], empty: str) -> int:
+    """One alert per line: a JSON object (--json) or the readable form; say so when there are none."""
+    for row in rows:
+        emit(json.dumps(row, sort_keys=True) if args.json else format_alert(row))
+    if not rows and not args.json:
+        print(empty, file=sys.stderr)
+    return EXIT_OK
+
+
 async def cmd_alerts(args: argparse.Namespace) -> int:
     async with Client(args.bus) as c:
         rows = await c.call_json("RecentAlerts", "dsu", [float(args.since), args.rule, args.limit])
     rows.reverse()  # the daemon answers newest first; print in time order like journalctl
-    for row in rows:
-        emit(json.dumps(row, sort_keys=True) if args.json else format_alert(row))
-    if not rows and not args.json:
-        print("no alerts", file=sys.stderr)
-    return EXIT_OK
+    return print_alerts(args, rows, "no alerts")
 
 
 async def cmd_incidents(args: argparse.Namespace) -> int:
     async with Client(args.bus) as c:
         rows = await c.call_json("OpenIncidents")
-    for row in rows:
-        emit(json.dumps(row, sort_keys=True) if args.json else format_alert(row))
-    if not rows and not args.json:
-        print("no open incidents", file=sys.stderr)
-    return EXIT_OK
+    return print_alerts(args, rows, "no open incidents")
 
 
 async def cmd_top(args: argparse.Namespace) -> int:
