@@ -16,7 +16,7 @@ Interface org.linnix.linnixd1.Manager on /org/linnix/linnixd1 (stable signatures
     signal ActionTaken(s unit, s action, s before, s after, s rule, s incident), ActionReverted(same)
     signal Alert(s rule, s severity, s summary, a{sv} details)
     properties (read-only): Version s, EnforcementEnabled b, PolicyPath s, StartedAt d,
-                            Events t, DroppedEvents t, Alerts t
+                            Events t, DroppedEvents t, Alerts t, DryRun b (when enforcement is available)
 
 Every call is dispatched here from the raw message (bus.add_message_handler), because dbus-next's
 ServiceInterface hides the caller. Methods are exported with @exported; a method that is not

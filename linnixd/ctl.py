@@ -340,9 +340,10 @@ async def cmd_reload(args: argparse.Namespace) -> int:
 
 async def cmd_watch(args: argparse.Namespace) -> int:
     async with Client(args.bus) as c:
-        await c.add_match(
-            f"type='signal',sender='{BUS_NAME}',path='{OBJECT_PATH}',interface='{MANAGER_INTERFACE}',member='Alert'"
-        )
+        for member in ("Alert", *ACTION_SIGNALS):
+            await c.add_match(
+                f"type='signal',sender='{BUS_NAME}',path='{OBJECT_PATH}',interface='{MANAGER_INTERFACE}',member='{member}'"
+            )
         await c.add_match(
             "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
             f"member='NameOwnerChanged',arg0='{BUS_NAME}'"
@@ -358,12 +359,18 @@ async def cmd_watch(args: argparse.Namespace) -> int:
                 return
             if msg.member == "NameOwnerChanged" and msg.body and msg.body[0] == BUS_NAME:
                 print(f"linnixctl: linnixd {'started' if msg.body[2] else 'stopped'}", file=sys.stderr, flush=True)
-            elif msg.interface == MANAGER_INTERFACE and msg.member == "Alert" and msg.signature == "sssa{sv}":
+                return
+            if msg.interface == MANAGER_INTERFACE and msg.member == "Alert" and msg.signature == "sssa{sv}":
                 row = alert_from_signal(msg.body)
                 emit(json.dumps(row, sort_keys=True) if args.json else format_alert(row))
-                seen += 1
-                if args.count and seen >= args.count:
-                    done.set_result(EXIT_OK)
+            elif msg.interface == MANAGER_INTERFACE and msg.member in ACTION_SIGNALS and msg.signature == "ssssss":
+                event = {"signal": msg.member, **dict(zip(ACTION_FIELDS, msg.body))}
+                emit(json.dumps(event, sort_keys=True) if args.json else format_action_event(event))
+            else:
+                return
+            seen += 1
+            if args.count and seen >= args.count:
+                done.set_result(EXIT_OK)
 
         c.bus.add_message_handler(on_message)
         loop = asyncio.get_running_loop()
@@ -375,6 +382,17 @@ async def cmd_watch(args: argparse.Namespace) -> int:
             raise CtlError(EXIT_UNAVAILABLE, f"lost {bus_label(args.bus)}")
         disconnect.cancel()
         return done.result()
+
+
+ACTION_SIGNALS = ("ActionTaken", "ActionReverted")
+ACTION_FIELDS = ("unit", "action", "before", "after", "rule", "incident")
+
+
+def format_action_event(e: dict[str, str]) -> str:
+    """One line per ActionTaken / ActionReverted signal."""
+    what = "action taken" if e["signal"] == "ActionTaken" else "action reverted"
+    values = f"{e['before']} -> {e['after']}" if e["signal"] == "ActionTaken" else f"back to {e['before']}"
+    return f"{what}: {e['action']} {e['unit']} ({values}) rule {e['rule']} incident {e['incident'] or '-'}"
 
 
 async def cmd_enforcement(args: argparse.Namespace) -> int:
@@ -502,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="one JSON object per line")
     s.set_defaults(run=cmd_incidents)
 
-    s = sub.add_parser("watch", help="print alerts as linnixd signals them, until interrupted")
+    s = sub.add_parser("watch", help="print alerts and enforcement actions (ActionTaken, ActionReverted) as linnixd signals them, until interrupted")
     s.add_argument("--json", action="store_true", help="one JSON object per line instead of a readable line")
     s.add_argument("--count", type=_positive, metavar="N", help="exit after N alerts")
     s.set_defaults(run=cmd_watch)

@@ -209,3 +209,12 @@ def test_real_daemon_end_to_end(private_bus: PrivateBus, reset_polkit: PolkitMoc
     finally:
         daemon.terminate()
         daemon.wait(30)
+
+
+def test_action_signals_print_as_one_line_each() -> None:
+    from linnixd.ctl import format_action_event
+
+    taken = {"signal": "ActionTaken", "unit": "batch.service", "action": "throttle_cpu", "before": "infinity", "after": "200000", "rule": "cpu_spike", "incident": "i7"}
+    assert format_action_event(taken) == "action taken: throttle_cpu batch.service (infinity -> 200000) rule cpu_spike incident i7"
+    reverted = {**taken, "signal": "ActionReverted", "incident": ""}
+    assert format_action_event(reverted) == "action reverted: throttle_cpu batch.service (back to infinity) rule cpu_spike incident -"

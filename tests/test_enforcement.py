@@ -28,9 +28,10 @@ class RecordingUnits:
     """An in-process systemd stand-in: unit -> properties; records every call (the D-Bus client is tested on a real bus)."""
 
     def __init__(self) -> None:
-        self.props: dict[str, dict[str, Any]] = {"batch.service": {"CPUQuotaPerSecUSec": UINT64_MAX, "MemoryHigh": UINT64_MAX, "FreezerState": "running"}}
+        self.props: dict[str, dict[str, Any]] = {"batch.service": {"CPUQuotaPerSecUSec": UINT64_MAX, "MemoryHigh": UINT64_MAX, "FreezerState": "running", "MemoryCurrent": 0}}
         self.calls: list[tuple[Any, ...]] = []
         self.refuse_set = False
+        self.cpu_pct: dict[str, float] = {}  # CPUUsageNSec grows at this rate (percent of one CPU)
 
     def _unit(self, unit: str) -> dict[str, Any]:
         if unit not in self.props:
@@ -39,7 +40,10 @@ class RecordingUnits:
 
     async def get_property(self, unit: str, name: str) -> Any:
         self.calls.append(("get", unit, name))
-        return self._unit(unit)[name]
+        props = self._unit(unit)
+        if name == "CPUUsageNSec":
+            return int(time.monotonic() * 1e9 * self.cpu_pct.get(unit, 0.0) / 100)
+        return props[name]
 
     async def set_property(self, unit: str, name: str, value: int) -> None:
         self.calls.append(("set", unit, name, value))
@@ -85,6 +89,7 @@ def make(tmp_path: Path, actions: str = THROTTLE, units: Optional[RecordingUnits
     pol = policy_file(tmp_path, actions)
     units = units or RecordingUnits()
     journal: list[tuple[str, str, dict[str, str]]] = []
+    kw.setdefault("usage_window_s", 0.2)
     enf = Enforcer(tmp_path, units, lambda: pol, journal=lambda m, k, f: journal.append((m, k, f)), clock=clock or Clock(), **kw)
     return enf, units, journal
 
@@ -200,6 +205,35 @@ def test_resolved_incident_reverts_its_action(tmp_path: Path) -> None:
     run(enf.handle(alert(1, state="resolved", rule="memory_leak")))
     assert units.props["batch.service"]["MemoryHigh"] == UINT64_MAX
     assert enf.list_actions() == []
+
+
+def test_resolution_caused_by_the_action_keeps_it_until_its_duration(tmp_path: Path) -> None:
+    """A throttled hog stops spiking because of the throttle: still pressing, it stays throttled."""
+    clock = Clock()
+    enf, units, journal = make(tmp_path, clock=clock)
+    run(enf.set_enabled(True, False, WHO))
+    run(enf.handle(alert()))
+    units.cpu_pct["batch.service"] = 19.0  # at its 20% quota
+    run(enf.handle(alert(1, state="resolved")))
+    assert units.props["batch.service"]["CPUQuotaPerSecUSec"] == 200_000 and enf.counters.kept == 1
+    clock.now += 60.0
+    assert run(enf.revert_due()) == 1 and "duration over" in journal[-1][0]
+    assert units.props["batch.service"]["CPUQuotaPerSecUSec"] == UINT64_MAX
+    # the condition really cleared: well under the quota, the resolution reverts at once
+    run(enf.handle(alert(2)))
+    units.cpu_pct["batch.service"] = 3.0
+    run(enf.handle(alert(2, state="resolved")))
+    assert units.props["batch.service"]["CPUQuotaPerSecUSec"] == UINT64_MAX and "incident resolved" in journal[-1][0]
+    assert enf.counters.kept == 1 and enf.counters.reverted == 2
+
+
+def test_memory_limit_is_kept_while_the_unit_sits_at_it(tmp_path: Path) -> None:
+    enf, units, _ = make(tmp_path, actions="    - {rule: memory_leak, type: limit_memory, memory_high_mb: 256}\n")
+    run(enf.set_enabled(True, False, WHO))
+    run(enf.handle(alert(rule="memory_leak")))
+    units.props["batch.service"]["MemoryCurrent"] = 250 << 20
+    run(enf.handle(alert(1, state="resolved", rule="memory_leak")))
+    assert units.props["batch.service"]["MemoryHigh"] == 256 << 20 and enf.counters.kept == 1
 
 
 def test_freeze_thaws_on_revert_and_disable_reverts_rule_actions(tmp_path: Path) -> None:

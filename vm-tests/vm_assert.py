@@ -23,6 +23,7 @@ BUS = "org.linnix.linnixd1"
 PATH = "/org/linnix/linnixd1"
 IFACE = "org.linnix.linnixd1.Manager"
 TESTER = "linnixtester"
+POLKIT_RULES = "/usr/share/polkit-1/rules.d/60-linnixd-systemd.rules"
 # Capability numbers from linux/capability.h (stable ABI).
 CAP_NUMBERS = {"CAP_DAC_READ_SEARCH": 2, "CAP_SYS_PTRACE": 19, "CAP_PERFMON": 38, "CAP_BPF": 39}
 READY_TIMEOUT_S = 180.0  # bcc compiles at start: 4-6 s under TCG, more on a loaded host
@@ -170,9 +171,9 @@ def run(r: Report) -> None:
     r.check("state dir /var/lib/linnixd owned by linnix", st is not None and pw is not None and st.st_uid == pw.pw_uid,
             f"stat {st}")
     shipped = ["/usr/share/dbus-1/system.d/org.linnix.linnixd1.conf",
-               "/usr/share/polkit-1/actions/org.linnix.linnixd1.policy", "/etc/linnixd/rules.yaml"]
+               "/usr/share/polkit-1/actions/org.linnix.linnixd1.policy", POLKIT_RULES, "/etc/linnixd/rules.yaml"]
     missing = [f for f in shipped if not os.path.exists(f)]
-    r.check("bus policy, polkit actions, policy file in place", not missing, f"missing {missing}")
+    r.check("bus policy, polkit actions and rules, policy file in place", not missing, f"missing {missing}")
     conff = sh("dpkg-query", "-W", "-f=${Conffiles}", "linnixd").stdout
     r.check("/etc/linnixd/rules.yaml is a conffile", "/etc/linnixd/rules.yaml" in conff, conff)
     cp = sh("pkaction", "--action-id", "org.linnix.linnixd1.reload-policy", "--verbose")
@@ -279,6 +280,213 @@ def run(r: Report) -> None:
     r.check("kill -9 of the daemon gets it restarted", back and int(prop("NRestarts")) == restarts + 1,
             f"old pid {old}, new pid {prop('MainPID')}, NRestarts {prop('NRestarts')}")
 
+    enforcement(r)
+
+
+# ---- enforcement ---------------------------------------------------------------------------
+
+THROTTLE_PCT = 20
+THROTTLE_S = 40
+HOG = ["/usr/bin/python3", "-c", "while True: pass"]
+
+
+def unit_file_text(unit: str, name: str) -> str:
+    path = Path(f"/sys/fs/cgroup/system.slice/{unit}/{name}")
+    return path.read_text().strip() if path.exists() else "absent"
+
+
+def cpu_pct(unit: str, seconds: float = 3.0) -> float:
+    """The unit's CPU use in percent of one CPU over `seconds`, from its cgroup's cpu.stat."""
+    def usage() -> int:
+        text = unit_file_text(unit, "cpu.stat")
+        m = re.search(r"^usage_usec (\d+)$", text, re.M)
+        return int(m.group(1)) if m else 0
+    u0, t0 = usage(), time.monotonic()
+    time.sleep(seconds)
+    return (usage() - u0) / 1e6 / (time.monotonic() - t0) * 100
+
+
+def unlimited(unit: str) -> bool:
+    """No CPU quota: systemd may also drop the cpu controller (then there is no cpu.max) once none is set."""
+    return unit_file_text(unit, "cpu.max") in ("absent", "max 100000") and unit_prop(unit, "CPUQuotaPerSecUSec") == "infinity"
+
+
+def unit_prop(unit: str, name: str) -> str:
+    return sh("systemctl", "show", "-P", name, unit).stdout.strip()
+
+
+def start_unit(unit: str, argv: list[str]) -> bool:
+    return sh("systemd-run", f"--unit={unit}", "--quiet", "--collect", *argv).returncode == 0
+
+
+def journal_entries(*matches: str) -> list[dict[str, str]]:
+    cp = sh("journalctl", "-u", UNIT, *matches, "-o", "json", "--no-pager")
+    return [json.loads(line) for line in cp.stdout.splitlines() if line.strip()]
+
+
+def wait_entry(timeout: float, *matches: str) -> dict[str, str]:
+    found: list[dict[str, str]] = []
+
+    def seen() -> bool:
+        found[:] = journal_entries(*matches)
+        return bool(found)
+
+    wait_for(seen, timeout, step=1.0)
+    return found[0] if found else {}
+
+
+def enforcement_enabled() -> str:
+    return sh("busctl", "get-property", BUS, PATH, IFACE, "EnforcementEnabled").stdout.strip()
+
+
+def systemd_call_as_linnix(member: str, signature: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return sh("busctl", "call", "--allow-interactive-authorization=no", "org.freedesktop.systemd1",
+              "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager", member, signature, *args, user="linnix")
+
+
+def enforcement(r: Report) -> None:
+    """Monitor-only with an action configured, polkit refusals, dry run, a real throttle and its revert,
+    what the polkit .rules grants linnix on systemd, and the ledger's recovery after kill -9."""
+    policy = Path("/etc/linnixd/rules.yaml")
+    text = policy.read_text()
+    action = f"  actions:\n    - {{rule: cpu_spike, type: throttle_cpu, cpu_pct: {THROTTLE_PCT}, duration_s: {THROTTLE_S}}}\n"
+    policy.write_text(re.sub(r"^  actions: \[\].*$\n?", action, text, flags=re.M))
+    cp = sh("linnixctl", "check-config", str(policy))
+    r.check("policy with a cpu_spike throttle_cpu action is valid", cp.returncode == 0 and "cpu_spike" in policy.read_text()
+            and "throttle_cpu" in policy.read_text(), out(cp)[:300])
+    cp = sh("systemctl", "reload", UNIT)
+    wait_for(is_active, 60)
+    r.check("enforcement is off by default (EnforcementEnabled false)", enforcement_enabled() == "b false",
+            enforcement_enabled())
+
+    # monitor only: the rule fires, its action is configured, nothing is done
+    start_unit("linnix-hog-mon", HOG)
+    alert = wait_entry(60, "LINNIX_RULE=cpu_spike", "LINNIX_UNIT=linnix-hog-mon.service", "LINNIX_STATE=firing")
+    time.sleep(3)
+    r.check("monitor only: cpu_spike fires for a hog, its unit is not throttled",
+            bool(alert) and unlimited("linnix-hog-mon.service")
+            and not journal_entries("LINNIX_ACTION_UNIT=linnix-hog-mon.service"),
+            f"alert {alert.get('MESSAGE', 'none')}; CPUQuotaPerSecUSec "
+            f"{unit_prop('linnix-hog-mon.service', 'CPUQuotaPerSecUSec')}")
+    sh("systemctl", "stop", "linnix-hog-mon.service")
+
+    cp = sh("linnixctl", "enable-enforcement", user=TESTER)
+    r.check("unprivileged linnixctl enable-enforcement refused by polkit (exit 77)",
+            cp.returncode == 77 and enforcement_enabled() == "b false", out(cp)[:300])
+    cp = sh("linnixctl", "throttle", "linnix-none.service", "--cpu", "10", user=TESTER)
+    r.check("unprivileged linnixctl throttle refused by polkit (exit 77)", cp.returncode == 77, out(cp)[:300])
+
+    # dry run: journals exactly what would be done, changes nothing
+    cp = sh("linnixctl", "enable-enforcement", "--dry-run")
+    r.check("root linnixctl enable-enforcement --dry-run", cp.returncode == 0 and enforcement_enabled() == "b true",
+            out(cp)[:300])
+    start_unit("linnix-hog-dry", HOG)
+    dry = wait_entry(60, "LINNIX_ACTION_UNIT=linnix-hog-dry.service", "LINNIX_DRY_RUN=1")
+    time.sleep(2)
+    actions = sh("linnixctl", "actions", "--json").stdout.strip()
+    r.check("dry run journals the throttle it would apply and changes nothing",
+            f"would throttle_cpu linnix-hog-dry.service: CPUQuotaPerSecUSec infinity -> {THROTTLE_PCT * 10000}"
+            in dry.get("MESSAGE", "") and unlimited("linnix-hog-dry.service") and actions == "[]",
+            f"entry {dry.get('MESSAGE', 'none')}; cpu.max {unit_file_text('linnix-hog-dry.service', 'cpu.max')}; "
+            f"actions {actions}")
+    sh("systemctl", "stop", "linnix-hog-dry.service")
+
+    # for real: the hog is throttled when cpu_spike fires, its CPU use falls, the duration reverts it
+    cp = sh("linnixctl", "enable-enforcement")
+    changed = wait_entry(10, "LINNIX_ENFORCEMENT=enabled", "LINNIX_DRY_RUN=0")
+    r.check("root linnixctl enable-enforcement, journaled with the caller's uid, pid and bus name",
+            cp.returncode == 0 and enforcement_enabled() == "b true" and changed.get("LINNIX_CALLER_UID") == "0"
+            and changed.get("LINNIX_CALLER_PID", "").isdigit() and changed.get("LINNIX_CALLER_BUS_NAME", "").startswith(":"),
+            f"{out(cp)[:200]}; entry {changed.get('MESSAGE', 'none')}")
+    # an unprivileged subscriber (busctl monitor needs root, see above); line-buffered JSON to a file
+    watch_log = RESULTS / "watch-actions.jsonl"
+    watcher = subprocess.Popen(["runuser", "-u", TESTER, "--", "linnixctl", "watch", "--json"],
+                               stdout=watch_log.open("w"), stderr=subprocess.STDOUT, text=True)
+    time.sleep(6)
+    hog = "linnix-hog-act.service"
+    start_unit("linnix-hog-act", HOG)
+    time.sleep(1)
+    before_pct = cpu_pct(hog)  # the rule needs 5 s over 50% before it fires
+    taken = wait_entry(90, f"LINNIX_ACTION_UNIT={hog}", "LINNIX_ACTION_ACTION=throttle_cpu", "LINNIX_DRY_RUN=0")
+    time.sleep(1)
+    cpu_max = unit_file_text(hog, "cpu.max")
+    after_pct = cpu_pct(hog)
+    r.figure("throttle_cpu_before_pct", f"{before_pct:.0f}")
+    r.figure("throttle_cpu_after_pct", f"{after_pct:.0f}")
+    r.check(f"cpu_spike throttles a systemd-run hog: cpu.max {THROTTLE_PCT * 1000} 100000, CPU use falls",
+            bool(taken) and cpu_max == f"{THROTTLE_PCT * 1000} 100000" and before_pct >= 60
+            and after_pct <= THROTTLE_PCT * 1.5,
+            f"entry {taken.get('MESSAGE', 'none')}; cpu.max {cpu_max}; CPU {before_pct:.0f}% -> {after_pct:.0f}%")
+    cp = sh("linnixctl", "actions", "--json")
+    listed = json.loads(cp.stdout) if cp.returncode == 0 and cp.stdout.strip().startswith("[") else []
+    r.check("linnixctl actions lists the throttle with its before and after values",
+            any(a.get("unit") == hog and a.get("after") == THROTTLE_PCT * 10000 for a in listed), out(cp)[:300])
+    reverted = wait_entry(THROTTLE_S + 60, f"LINNIX_ACTION_UNIT={hog}", "MESSAGE_ID=1a22f2d188df4eb294c8482edd799a44")
+    r.check(f"the throttle is reverted after its {THROTTLE_S} s duration (kept while the hog pressed against it)",
+            reverted.get("LINNIX_REVERT_REASON") == "duration over" and unlimited(hog),
+            f"entry {reverted.get('MESSAGE', 'none')}; cpu.max {unit_file_text(hog, 'cpu.max')}")
+    sh("systemctl", "stop", hog)
+    time.sleep(1)
+    watcher.terminate()
+    watcher.wait(timeout=10)
+    events = [json.loads(line) for line in watch_log.read_text().splitlines() if line.startswith("{")]
+    signalled = {(e.get("signal"), e.get("before"), e.get("after")) for e in events if e.get("unit") == hog}
+    r.check("unprivileged linnixctl watch receives ActionTaken and ActionReverted with before and after values",
+            ("ActionTaken", "infinity", str(THROTTLE_PCT * 10000)) in signalled
+            and ("ActionReverted", "infinity", str(THROTTLE_PCT * 10000)) in signalled,
+            f"{sorted(map(str, signalled))}; {watch_log.read_text()[-300:]}")
+
+    # refusals: protected units, and what polkit grants linnix on systemd (only set-property and freeze)
+    quota = unit_prop("dbus.service", "CPUQuotaPerSecUSec")
+    cp = sh("linnixctl", "throttle", "dbus.service", "--cpu", "10")
+    r.check("linnixctl throttle dbus.service refused: protected unit, nothing changed",
+            cp.returncode != 0 and "protected" in cp.stderr and unit_prop("dbus.service", "CPUQuotaPerSecUSec") == quota,
+            out(cp)[:300])
+    idle = "linnix-idle.service"
+    start_unit("linnix-idle", ["/bin/sleep", "3600"])
+    grants = {
+        "SetUnitProperties on an ordinary unit": (True, ("SetUnitProperties", "sba(sv)", idle, "true", "1",
+                                                         "CPUQuotaPerSecUSec", "t", "500000")),
+        "FreezeUnit": (True, ("FreezeUnit", "s", idle)),
+        "ThawUnit": (True, ("ThawUnit", "s", idle)),
+        "SetUnitProperties on dbus.service": (False, ("SetUnitProperties", "sba(sv)", "dbus.service", "true", "1",
+                                                      "CPUQuotaPerSecUSec", "t", "500000")),
+        "FreezeUnit on dbus.service": (False, ("FreezeUnit", "s", "dbus.service")),
+        "StopUnit": (False, ("StopUnit", "ss", idle, "replace")),
+        "RestartUnit": (False, ("RestartUnit", "ss", idle, "replace")),
+        "StartUnit": (False, ("StartUnit", "ss", idle, "replace")),
+        "KillUnit": (False, ("KillUnit", "ssi", idle, "all", "15")),
+    }
+    for what, (allowed, call) in grants.items():
+        cp = systemd_call_as_linnix(*call)
+        denied = "access denied" in cp.stderr.lower() or "interactive authentication required" in cp.stderr.lower()
+        ok = cp.returncode == 0 if allowed else cp.returncode != 0 and denied
+        r.check(f"polkit {'grants' if allowed else 'refuses'} linnix {what}", ok, out(cp)[:300])
+    sh("systemctl", "set-property", "--runtime", idle, "CPUQuota=")
+    r.check("linnix-idle.service survived the refused stop, restart and kill", unit_prop(idle, "ActiveState") == "active"
+            and unit_prop(idle, "FreezerState") == "running", unit_prop(idle, "ActiveState"))
+
+    # manual throttle and unthrottle; then kill -9 during a throttle: the restarted daemon reverts it
+    cp = sh("linnixctl", "throttle", idle, "--cpu", "40")
+    r.check("linnixctl throttle UNIT --cpu 40 sets cpu.max 40000 100000",
+            cp.returncode == 0 and unit_file_text(idle, "cpu.max") == "40000 100000", out(cp)[:300])
+    cp = sh("linnixctl", "unthrottle", idle)
+    r.check("linnixctl unthrottle UNIT restores cpu.max", cp.returncode == 0 and unlimited(idle), f"{out(cp)[:300]} cpu.max {unit_file_text(idle, 'cpu.max')}")
+    cp = sh("linnixctl", "throttle", idle, "--cpu", "30", "--duration", "3600")
+    throttled = unit_file_text(idle, "cpu.max")
+    old = int(prop("MainPID"))
+    os.kill(old, 9)
+    back = wait_for(lambda: is_active() and int(prop("MainPID") or 0) not in (0, old), READY_TIMEOUT_S)
+    reverted = wait_entry(60, f"LINNIX_ACTION_UNIT={idle}", "LINNIX_REVERT_REASON=left behind by a previous run")
+    r.check("kill -9 during a throttle: the restarted daemon reverts it from the ledger",
+            cp.returncode == 0 and throttled == "30000 100000" and back and bool(reverted) and unlimited(idle),
+            f"throttled {throttled}; back {back}; entry {reverted.get('MESSAGE', 'none')}; "
+            f"cpu.max now {unit_file_text(idle, 'cpu.max')}")
+    r.check("enforcement state persists across the restart", enforcement_enabled() == "b true", enforcement_enabled())
+    cp = sh("linnixctl", "disable-enforcement")
+    r.check("root linnixctl disable-enforcement", cp.returncode == 0 and enforcement_enabled() == "b false", out(cp)[:300])
+    sh("systemctl", "stop", idle)
+
 
 def sandbox_argv(unit: str, drop: str = "") -> list[str]:
     """systemd-run with the installed unit's sandbox and capabilities, less the capability `drop`."""
@@ -324,7 +532,8 @@ def purge(r: Report) -> None:
     r.check("apt purge linnixd", cp.returncode == 0, out(cp)[-300:])
     left = [f for f in (*UNIT_FILES, "/etc/systemd/system/multi-user.target.wants/linnixd.service",
                         "/usr/share/dbus-1/system.d/org.linnix.linnixd1.conf",
-                        "/usr/share/polkit-1/actions/org.linnix.linnixd1.policy", "/var/lib/linnixd", "/etc/linnixd")
+                        "/usr/share/polkit-1/actions/org.linnix.linnixd1.policy", POLKIT_RULES, "/var/lib/linnixd",
+                        "/etc/linnixd")
             if os.path.lexists(f)]
     r.check("purge leaves no unit, bus policy, polkit action, state or config", not left, f"left {left}")
     user = sh("getent", "passwd", "linnix").returncode == 0 or sh("getent", "group", "linnix").returncode == 0

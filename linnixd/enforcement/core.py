@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 from ..constants import ACTION_LEDGER, ENFORCEMENT_STATE, MESSAGE_IDS
 from ..model import Alert
-from .base import Caller, EnforcementError, UnitGone, Units, log
+from .base import UINT64_MAX, Caller, EnforcementError, UnitGone, Units, log
 from .guard import RateLimiter, refusal
 from .kill import kill_process
 from .ledger import ActionRecord, read_json, show, write_json_atomic
@@ -21,6 +21,12 @@ from .ledger import ActionRecord, read_json, show, write_json_atomic
 USEC_PER_PCT = 10_000  # CPUQuotaPerSecUSec per percent of one CPU (100 % = 1 s per s)
 RETRY_S = 30.0  # a revert that failed is tried again this much later
 PROPERTY = {"throttle_cpu": "CPUQuotaPerSecUSec", "limit_memory": "MemoryHigh", "freeze": "FreezerState"}
+# An incident whose culprit is under an action usually resolves *because* of the action: a unit
+# throttled to 20% no longer spikes. The action is therefore kept (until its duration is over)
+# while the unit still presses against it: CPU use at or above HOLD_SHARE of the quota, memory
+# at or above HOLD_SHARE of MemoryHigh. A frozen unit shows nothing, so a freeze is always kept.
+HOLD_SHARE = 0.5
+USAGE_WINDOW_S = 1.0  # CPU use is measured over this long (CPUUsageNSec read twice)
 MANUAL_RULE = "manual"
 
 Journal = Callable[[str, str, dict[str, str]], None]  # (message, MESSAGE_IDS key, fields)
@@ -61,6 +67,7 @@ class EnforcementCounters:
     revert_failures: int = 0
     dry_run: int = 0  # actions only journaled
     dropped_records: int = 0  # ledger entries dropped because the unit was gone at revert
+    kept: int = 0  # incident resolutions that did not revert because the unit still presses against the action
 
 
 @dataclass
@@ -84,6 +91,7 @@ class Enforcer:
         start_time_of: Callable[[int], Optional[float]] = lambda pid: None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        usage_window_s: float = USAGE_WINDOW_S,
     ) -> None:
         self.dir = Path(state_dir)
         self.units = units
@@ -91,6 +99,8 @@ class Enforcer:
         self.journal: Journal = journal or (lambda message, kind, fields: log(message))
         self.start_time_of = start_time_of
         self.clock = clock
+        self.monotonic = monotonic
+        self.usage_window_s = usage_window_s
         self.counters = EnforcementCounters()
         self.listeners: list[ActionListener] = []
         self.limiter = RateLimiter(policy().enforcement.max_actions_per_min, monotonic)
@@ -181,7 +191,12 @@ class Enforcer:
         """Act on a firing alert (when enabled and configured), revert on its resolution."""
         if alert.state == "resolved":
             for record in [r for r in self.records if r.incident == alert.incident]:
-                await self.revert(record, "incident resolved")
+                held = await self._held_by_action(record)
+                if held:
+                    self.counters.kept += 1
+                    log(f"incident {alert.incident} resolved but {record.action} on {record.unit} is kept until its duration is over: {held}")
+                else:
+                    await self.revert(record, "incident resolved")
             return None
         if not self.enabled:
             return None
@@ -284,6 +299,27 @@ class Enforcer:
         )
         self._signal("ActionTaken", record.event())
         return record
+
+    async def _held_by_action(self, record: ActionRecord) -> str:
+        """Why the resolution is the action's own doing (keep it), or "" when the condition cleared."""
+        if record.action == "freeze":
+            return "a frozen unit cannot show whether it would misbehave again"
+        try:
+            if record.action == "throttle_cpu":
+                t0, used0 = self.monotonic(), await self.units.get_property(record.unit, "CPUUsageNSec")
+                await asyncio.sleep(self.usage_window_s)
+                t1, used1 = self.monotonic(), await self.units.get_property(record.unit, "CPUUsageNSec")
+                if UINT64_MAX in (used0, used1) or t1 <= t0:
+                    return ""  # no CPU accounting for the unit: take the resolution as it is
+                pct, cap = (used1 - used0) / 1e9 / (t1 - t0) * 100, int(record.after) / USEC_PER_PCT
+                return f"it uses {pct:.0f}% of one CPU under its {cap:g}% quota" if pct >= HOLD_SHARE * cap else ""
+            if record.action == "limit_memory":
+                current = await self.units.get_property(record.unit, "MemoryCurrent")
+                high = int(record.after)
+                return f"it uses {current >> 20} MB under its {high >> 20} MB MemoryHigh" if current != UINT64_MAX and current >= HOLD_SHARE * high else ""
+        except EnforcementError:
+            return ""  # gone or unreadable: the revert says what happened
+        return ""
 
     async def revert(self, record: ActionRecord, reason: str) -> bool:
         """Restore the recorded before value; a failure keeps the record and retries later."""

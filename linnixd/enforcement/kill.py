@@ -40,5 +40,10 @@ def kill_process(pid: int, start_time: float, sig: int) -> None:
             signals.pidfd_send_signal(fd, sig)
         except ProcessLookupError:
             raise UnitGone(f"process {pid} is gone") from None
+        except PermissionError:
+            raise EnforcementError(
+                f"not permitted to signal pid {pid}: another user's process needs CAP_KILL, which the packaged "
+                "unit does not grant (see linnixd(8), ENFORCEMENT)"
+            ) from None
     finally:
         os.close(fd)
