@@ -350,6 +350,8 @@ async def cmd_watch(args: argparse.Namespace) -> int:
         )
         if not await c.has_owner():
             raise CtlError(EXIT_UNAVAILABLE, f"linnixd is not running (nobody owns {BUS_NAME} on {bus_label(args.bus)})")
+        # on stderr, so stdout stays one record per line; a script can wait for it before acting
+        print(f"linnixctl: watching linnixd on {bus_label(args.bus)}", file=sys.stderr, flush=True)
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         seen = 0
 

@@ -402,7 +402,7 @@ def enforcement(r: Report) -> None:
     watch_log = RESULTS / "watch-actions.jsonl"
     watcher = subprocess.Popen(["runuser", "-u", TESTER, "--", "linnixctl", "watch", "--json"],
                                stdout=watch_log.open("w"), stderr=subprocess.STDOUT, text=True)
-    time.sleep(6)
+    subscribed = wait_for(lambda: "linnixctl: watching" in watch_log.read_text(), 120)
     hog = "linnix-hog-act.service"
     start_unit("linnix-hog-act", HOG)
     time.sleep(1)
@@ -434,7 +434,7 @@ def enforcement(r: Report) -> None:
     r.check("unprivileged linnixctl watch receives ActionTaken and ActionReverted with before and after values",
             ("ActionTaken", "infinity", str(THROTTLE_PCT * 10000)) in signalled
             and ("ActionReverted", "infinity", str(THROTTLE_PCT * 10000)) in signalled,
-            f"{sorted(map(str, signalled))}; {watch_log.read_text()[-300:]}")
+            f"subscribed {subscribed}; {sorted(map(str, signalled))}; {watch_log.read_text()[-300:]}")
 
     # refusals: protected units, and what polkit grants linnix on systemd (only set-property and freeze)
     quota = unit_prop("dbus.service", "CPUQuotaPerSecUSec")
