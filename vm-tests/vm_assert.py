@@ -206,11 +206,14 @@ def run(r: Report) -> None:
     # busctl monitor needs org.freedesktop.DBus.Monitoring.BecomeMonitor, which dbus-daemon grants
     # only to root (or the bus's own uid) by design; an unprivileged listener subscribes to the
     # signal instead, which is what `linnixctl watch` does.
-    monitor = subprocess.Popen(["busctl", "monitor", "--system", BUS],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # both write to files in the results (kept for diagnosis), and both say when they listen
+    mon_log, watch_log = RESULTS / "busctl-monitor.txt", RESULTS / "watch-alerts.jsonl"
+    monitor = subprocess.Popen(["busctl", "monitor", "--system", BUS], stdout=mon_log.open("w"),
+                               stderr=subprocess.STDOUT, text=True)
     watcher = subprocess.Popen(["runuser", "-u", TESTER, "--", "linnixctl", "watch", "--json"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(6)  # python and the bus connection start slowly under emulation
+                               stdout=watch_log.open("w"), stderr=subprocess.STDOUT, text=True)
+    listening = wait_for(lambda: "Monitoring bus message stream" in mon_log.read_text()
+                         and "linnixctl: watching" in watch_log.read_text(), 120)
 
     demo = subprocess.Popen(["linnixctl", "demo", "fork-storm"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -237,18 +240,24 @@ def run(r: Report) -> None:
             f"demo pid {demo.pid} comm {demo_comm!r}; {len(entries)} entries; first: "
             + (entries[0].get("MESSAGE", "") if entries else "none"))
 
-    time.sleep(2)
+    def monitored() -> bool:
+        text = mon_log.read_text()
+        return "Member=Alert" in text and "fork_storm" in text
+
+    seen = wait_for(monitored, 30)
     monitor.terminate()
-    mon_out, mon_err = monitor.communicate(timeout=10)
-    r.check("busctl monitor org.linnix.linnixd1 (root) captures the Alert signal",
-            "Member=Alert" in mon_out and "fork_storm" in mon_out,
-            f"{len(mon_out)} bytes; stderr {mon_err.strip()[:200]}")
+    monitor.wait(timeout=10)
+    r.check("busctl monitor org.linnix.linnixd1 (root) captures the Alert signal", seen,
+            f"listening {listening}; {mon_log.stat().st_size} bytes in {mon_log.name}")
+
+    def watched_alerts() -> list[dict[str, object]]:
+        return [json.loads(line) for line in watch_log.read_text().splitlines() if line.startswith("{")]
+
+    got = wait_for(lambda: any(a.get("rule") == "fork_storm" for a in watched_alerts()), 30)
     watcher.terminate()
-    w_out, w_err = watcher.communicate(timeout=10)
-    watched = [json.loads(line) for line in w_out.splitlines() if line.startswith("{")]
-    r.check("unprivileged user receives the Alert signal (linnixctl watch)",
-            any(a.get("rule") == "fork_storm" for a in watched),
-            f"{len(watched)} alerts; stderr {w_err.strip()[:200]}")
+    watcher.wait(timeout=10)
+    r.check("unprivileged user receives the Alert signal (linnixctl watch)", got,
+            f"{len(watched_alerts())} records; {watch_log.read_text()[-200:]}")
 
     for member, args in (("Status", ()), ("RecentAlerts", ("double:0", "string:", "uint32:10")),
                          ("OpenIncidents", ())):
