@@ -300,8 +300,11 @@ HOG = ["/usr/bin/python3", "-c", "while True: pass"]
 
 
 def unit_file_text(unit: str, name: str) -> str:
-    path = Path(f"/sys/fs/cgroup/system.slice/{unit}/{name}")
-    return path.read_text().strip() if path.exists() else "absent"
+    """A cgroup file of the unit, or "absent": systemd may drop a controller (and its files) at any moment."""
+    try:
+        return Path(f"/sys/fs/cgroup/system.slice/{unit}/{name}").read_text().strip()
+    except (FileNotFoundError, OSError):
+        return "absent"
 
 
 def cpu_pct(unit: str, seconds: float = 3.0) -> float:
@@ -315,9 +318,10 @@ def cpu_pct(unit: str, seconds: float = 3.0) -> float:
     return (usage() - u0) / 1e6 / (time.monotonic() - t0) * 100
 
 
-def unlimited(unit: str) -> bool:
+def unlimited(unit: str, within_s: float = 10.0) -> bool:
     """No CPU quota: systemd may also drop the cpu controller (then there is no cpu.max) once none is set."""
-    return unit_file_text(unit, "cpu.max") in ("absent", "max 100000") and unit_prop(unit, "CPUQuotaPerSecUSec") == "infinity"
+    return wait_for(lambda: unit_file_text(unit, "cpu.max") in ("absent", "max 100000")
+                    and unit_prop(unit, "CPUQuotaPerSecUSec") == "infinity", within_s)
 
 
 def unit_prop(unit: str, name: str) -> str:
