@@ -303,7 +303,7 @@ def unit_file_text(unit: str, name: str) -> str:
     """A cgroup file of the unit, or "absent": systemd may drop a controller (and its files) at any moment."""
     try:
         return Path(f"/sys/fs/cgroup/system.slice/{unit}/{name}").read_text().strip()
-    except (FileNotFoundError, OSError):
+    except OSError:
         return "absent"
 
 
@@ -318,10 +318,10 @@ def cpu_pct(unit: str, seconds: float = 3.0) -> float:
     return (usage() - u0) / 1e6 / (time.monotonic() - t0) * 100
 
 
-def unlimited(unit: str, within_s: float = 10.0) -> bool:
+def unlimited(unit: str) -> bool:
     """No CPU quota: systemd may also drop the cpu controller (then there is no cpu.max) once none is set."""
     return wait_for(lambda: unit_file_text(unit, "cpu.max") in ("absent", "max 100000")
-                    and unit_prop(unit, "CPUQuotaPerSecUSec") == "infinity", within_s)
+                    and unit_prop(unit, "CPUQuotaPerSecUSec") == "infinity", 10.0)
 
 
 def unit_prop(unit: str, name: str) -> str:
