@@ -44,7 +44,7 @@
 //    and a broken chain it is part of counts as lost; every eviction of a live task's slot
 //    is counted (STAT_TASK_COLLISIONS). With pids below pid_max (32768 by default, 4194304
 //    with systemd) and TASK_ENTRIES = 65536 that needs pid_max above 65536 and two pids
-//    65536 apart both alive. Memory: TASK_ENTRIES x 24 bytes (1.5 MiB at 65536), fixed.
+//    65536 apart both alive. Memory: TASK_ENTRIES x 40 bytes (2.5 MiB at 65536), fixed.
 //    Two CPUs writing the same slot for two different pids at the same instant may tear it;
 //    writes for the same pid race as they did with a hash (fields are updated in place).
 // Counters live in the per-CPU `cpus` value (no separate map lookup on the hot path).
@@ -53,6 +53,20 @@
 // runq value, so the common case of one cgroup's tasks queueing behind each other costs one
 // hash lookup, not two; user space adds it to the (cg, cg) edge.
 // Counters only grow; user space reads them each tick and computes deltas.
+//
+// CPU time per thread (what /proc/PID/stat's utime+stime would say, measured exactly)
+// -----------------------------------------------------------------------------------
+// prev's run segment [curr_start, now] is added to run_ns in its task slot at every
+// switch-out (the slot is already in hand: no extra lookup on the hot path). User space reads
+// only the slots of threads that ran: the first switch-out of a thread in each epoch (an
+// epoch is one user-space read, `config[0]`) notes its pid in the `ran` hash, once per thread
+// per epoch; user space drains `ran` with an atomic lookup-and-delete batch, then reads those
+// slots plus the threads running right now (per-CPU curr_pid/curr_start: the open segment).
+// A thread's last switch-out (exit) puts its final run_ns in `ran` itself, flagged dead, so
+// a process that burns a CPU and exits between two reads is counted exactly. A `ran` insert
+// refused because the map is full is counted (STAT_RAN_OVERFLOWS): that thread is read at its
+// next switch-out of a later epoch (run_ns is cumulative), or its final time is lost if it was
+// its exit. Run time of a segment whose switch-in was missed (see above) is not known.
 
 #define NSEG 8
 // Index masked so that the verifier sees the bound on the very register used for the access.
@@ -82,6 +96,8 @@ enum stat {
     STAT_OVERFLOWS,         // aggregate map inserts refused (map full)
     STAT_RECOVERED,         // broken-chain waits settled with the task's last-seen cgroup
     STAT_TASK_COLLISIONS,   // tasks slots taken from another live pid (its state is lost)
+    STAT_RAN_OVERFLOWS,     // `ran` notes refused (map full)
+    STAT_UNTIMED_RUNS,      // switch-outs whose switch-in was not seen (segment not timed)
     NSTATS,
 };
 
@@ -105,6 +121,16 @@ struct task_val {
     u64 cg;      // cgroup when it was last current (0 = never seen current)
     u32 pid;     // owner of the slot (0 = free)
     u32 cpu;     // CPU it was queued on
+    u64 run_ns;  // CPU time of this thread since it took the slot (completed segments)
+    u32 tgid;    // its thread group, set when it is noted in `ran`
+    u32 epoch;   // the epoch in which it was last noted in `ran`
+};
+
+// A thread that ran in the current epoch: live (read its slot) or dead (final time here).
+struct ran_val {
+    u64 run_ns;  // dead: the thread's whole CPU time in its slot; live: unused
+    u32 tgid;
+    u32 dead;
 };
 
 struct runq_val {
@@ -128,6 +154,8 @@ BPF_ARRAY(tasks, struct task_val, TASK_ENTRIES);
 BPF_PERCPU_ARRAY(cpus, struct cpu_state, 1);
 BPF_PERCPU_HASH(runq, u64, struct runq_val, AGG_ENTRIES);
 BPF_PERCPU_HASH(edges, struct edge_key, struct edge_val, AGG_ENTRIES);
+BPF_HASH(ran, u32, struct ran_val, RAN_ENTRIES);
+BPF_ARRAY(config, u32, 1);  // [0]: the current epoch (user space bumps it at every read)
 
 static __always_inline struct cpu_state *this_cpu(void)
 {
@@ -164,6 +192,8 @@ static __always_inline void task_claim(struct task_val *t, u32 pid)
     t->pid = pid;
     t->cg = 0;
     t->enq_ts = 0;
+    t->run_ns = 0;
+    t->epoch = 0;
 }
 
 static __always_inline void mark_enqueued(u32 pid, u32 cpu, u64 now, int fresh)
@@ -172,8 +202,11 @@ static __always_inline void mark_enqueued(u32 pid, u32 cpu, u64 now, int fresh)
     if (!t)
         return;
     task_claim(t, pid);
-    if (fresh)
-        t->cg = 0;  // a new task: whatever a previous owner of this pid left behind is dropped
+    if (fresh) {  // a new task: whatever a previous owner of this pid left behind is dropped
+        t->cg = 0;
+        t->run_ns = 0;
+        t->epoch = 0;
+    }
     t->enq_ts = now;
     t->cpu = cpu;
 }
@@ -271,6 +304,26 @@ static __always_inline u64 split_wait(struct cpu_state *st, u64 t0, u64 now)
     return covered;
 }
 
+// Note a thread in `ran`: live notes never replace an entry (a dead one carries a final time),
+// dead notes always do.
+static __always_inline void ran_note(struct cpu_state *st, u32 pid, u32 tgid, u64 run_ns, u32 dead)
+{
+    struct ran_val v = {.run_ns = run_ns, .tgid = tgid, .dead = dead};
+    if (dead) {
+        if (ran.update(&pid, &v) != 0)
+            stat_add(st, STAT_RAN_OVERFLOWS, 1);
+    } else if (ran.insert(&pid, &v) != 0 && !ran.lookup(&pid)) {
+        stat_add(st, STAT_RAN_OVERFLOWS, 1);
+    }
+}
+
+static __always_inline u32 current_epoch(void)
+{
+    u32 zero = 0;
+    u32 *e = config.lookup(&zero);
+    return e ? *e : 0;
+}
+
 TRACEPOINT_PROBE(sched, sched_wakeup)
 {
     mark_enqueued(args->pid, args->target_cpu, bpf_ktime_get_ns(), 0);
@@ -314,7 +367,9 @@ TRACEPOINT_PROBE(sched, sched_switch)
     u64 preempted_cg = 0;
     u32 cpu = bpf_get_smp_processor_id();
     if (prev != 0) {
+        u64 seg = 0;
         if (st->curr_start && st->curr_pid == prev) {
+            seg = now - st->curr_start;
             u32 h = st->head;
             struct seg *last = &st->segs[(h - 1) & (NSEG - 1)];
             // Contiguous run of the same cgroup: extend instead of using a slot.
@@ -327,24 +382,40 @@ TRACEPOINT_PROBE(sched, sched_switch)
                 s->end = now;
                 st->head = h + 1;
             }
+        } else {
+            stat_add(st, STAT_UNTIMED_RUNS, 1);
         }
         // Still runnable: TASK_RUNNING (0) or the preempted marker TASK_REPORT_MAX.
         int runnable = (state & (TASK_REPORT_MAX - 1)) == 0;
         struct task_val *t = task_slot(prev);
         if (t) {
             if (state & (TASK_STATE_X | TASK_STATE_Z)) {
-                if (t->pid == prev) {  // its last switch-out: the pid may be reused from now on
+                // its last switch-out: hand over its CPU time; the pid may be reused from now on
+                u32 tgid = bpf_get_current_pid_tgid() >> 32;
+                u64 total = seg;
+                if (t->pid == prev) {
+                    total += t->run_ns;
                     t->pid = 0;
                     t->cg = 0;
                     t->enq_ts = 0;
+                    t->run_ns = 0;
+                    t->epoch = 0;
                 }
+                ran_note(st, prev, tgid, total, 1);
             } else {
                 task_claim(t, prev);
+                t->run_ns += seg;
                 if (t->cg != cg)  // unchanged most of the time: do not dirty a shared line
                     t->cg = cg;
                 if (runnable) {
                     t->enq_ts = now;
                     t->cpu = cpu;
+                }
+                u32 epoch = current_epoch();
+                if (t->epoch != epoch) {  // first switch-out this epoch: once per thread per read
+                    t->epoch = epoch;
+                    t->tgid = bpf_get_current_pid_tgid() >> 32;
+                    ran_note(st, prev, t->tgid, 0, 0);
                 }
             }
         }

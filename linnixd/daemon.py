@@ -30,6 +30,10 @@ from .model import Alert, Counters, LifecycleCounts, LifecycleTick, Snapshot, St
 
 Listener = Callable[[Alert], None]
 
+# Rules served by bpf/sched.c: stall attribution, and per-process CPU time for the CPU rules
+# (without it every process is read from /proc every tick: the --no-sched fallback).
+SCHED_RULES = frozenset({"noisy_neighbour", "circuit_breaker", "cpu_spike", "runaway_tree"})
+
 
 def log(message: str) -> None:
     """Daemon log line on stderr (journald captures it under systemd)."""
@@ -105,6 +109,8 @@ class Daemon:
             stall = self.sched.read(self.model.resolve_cgroup)
         snap: Snapshot = self.model.snapshot(lt, time.monotonic(), time.time(), stall)
         if self.ticks > 0:
+            if self.window:  # only the newest snapshot keeps every process (Snapshot.slim)
+                self.window[-1] = self.window[-1].slim()
             self.window.append(snap)
             self.evaluate()
         # else: the first read covers everything since attach (compile time included), not one
@@ -534,7 +540,7 @@ def run(args: argparse.Namespace) -> int:
     sched = None
     try:
         lifecycle.start()
-        if not args.no_sched and ("noisy_neighbour" in policy.enabled_rules() or "circuit_breaker" in policy.enabled_rules()):
+        if not args.no_sched and SCHED_RULES & set(policy.enabled_rules()):
             try:
                 from .collector.sched import SchedCollector
             except ImportError:
@@ -548,7 +554,12 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OSERR
     _release_compiler_memory()
 
-    model = HostModel(max_processes=policy.daemon.max_processes, max_cgroups=policy.daemon.max_cgroups)
+    # with the scheduler program, per-process CPU comes from the kernel and only what ran is read
+    model = HostModel(
+        max_processes=policy.daemon.max_processes,
+        max_cgroups=policy.daemon.max_cgroups,
+        cpu=sched.task_cpu() if sched is not None else None,
+    )
     model.seed()
     daemon = Daemon(policy_path, policy, lifecycle=lifecycle, sched=sched, model=model, history=history)
     if args.foreground:

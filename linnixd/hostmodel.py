@@ -1,31 +1,94 @@
-"""The host model: process tree and cgroups kept current between ticks, one Snapshot per tick."""
+"""The host model: process table and cgroups kept current between ticks, one Snapshot per tick.
+
+Collection (I/O: /proc, cgroup files, PSI) is apart from the pure build step (assemble()).
+With a kernel CPU source (bpf/sched.c's task table) the per-tick cost follows what happened:
+only the processes that ran are re-read, only the cgroups with activity are re-sampled, and
+samples that did not change are the same objects from one snapshot to the next. Without one,
+every process is read every tick (the --no-sched fallback).
+"""
 
 from __future__ import annotations
 
-from collections import defaultdict
-from typing import Any, Optional
+from collections import Counter, defaultdict
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Optional
 
 from .collector.cgroups import UNRESOLVED, CgroupResolver
-from .collector.procfs import ProcEntry, ProcScanner
+from .collector.procfs import ProcEntry, ProcScanner, SystemStat
 from .collector.psi import PsiReader
+from .collector.taskcpu import TaskCpuReader
 from .model import (
     RESOURCES,
     CgroupSample,
     LifecycleCounts,
     LifecycleTick,
     ProcessSample,
+    PsiSample,
     Snapshot,
     StallSnapshot,
 )
 
+RECONCILE_S = 30.0  # the background /proc walk, with a kernel CPU source
+CGROUP_RESAMPLE_S = 10.0  # a quiet cgroup is still re-sampled this often (a few per tick)
+CGROUP_RESAMPLE_BUDGET = 16  # quiet cgroups re-sampled per tick at most
+PRESSURE_GATE_PCT = 5.0  # system "some" pressure above which every tracked cgroup is sampled
 
-def _interest(e: ProcEntry) -> tuple[float, int, int]:
-    """Sort key: busier, bigger, older-seen processes are kept first when over the cap."""
-    return (e.cpu_pct, e.rss_pages, -int(e.first_seen * 1000))
+
+@dataclass(frozen=True)
+class Collected:
+    """What one tick read from the host, before the snapshot is put together."""
+
+    ts: float
+    wall: float
+    interval_s: float
+    system: SystemStat
+    system_pressure: Mapping[str, PsiSample]
+    processes: Mapping[int, ProcessSample]
+    changed: frozenset[int]
+    cgroups: Mapping[str, CgroupSample]
+    by_cgroup: Mapping[str, LifecycleCounts]
+    tick: Optional[LifecycleTick]
+    stall: Optional[StallSnapshot]
+
+
+def assemble(c: Collected) -> Snapshot:
+    """The pure build step: one Snapshot from what a tick collected."""
+    tick = c.tick
+    return Snapshot(
+        ts=c.ts,
+        wall=c.wall,
+        interval_s=c.interval_s,
+        ncpu=c.system.ncpu,
+        processes=c.processes,
+        total=tick.total if tick is not None else LifecycleCounts(),
+        by_parent=dict(tick.by_parent) if tick is not None else {},
+        by_cgroup=dict(c.by_cgroup),
+        cgroups=c.cgroups,
+        system_pressure=c.system_pressure,
+        cpu_util_pct=c.system.cpu_util_pct,
+        file_nr=c.system.file_nr,
+        file_max=c.system.file_max,
+        exits=tuple(tick.exits) if tick is not None else (),
+        stall=c.stall,
+        changed=c.changed,
+    )
+
+
+def quiet(sample: CgroupSample) -> CgroupSample:
+    """A cgroup not re-read this tick: same levels, no stall, CPU or throttling in the interval."""
+    pressure = {res: replace(ps, some_stall_us=0, full_stall_us=0) for res, ps in sample.pressure.items()}
+    return replace(sample, pressure=pressure, cpu_usage_us=0 if sample.cpu_usage_us is not None else None,
+                   nr_throttled=0 if sample.nr_throttled is not None else None,
+                   throttled_us=0 if sample.throttled_us is not None else None)
+
+
+def _interest(p: ProcessSample) -> tuple[float, int, float]:
+    """Sort key: busier, bigger, older processes are kept first when over the cap."""
+    return (p.cpu_pct, p.rss_bytes, -p.start_time)
 
 
 class HostModel:
-    """Keeps the process tree and cgroups; builds bounded Snapshots for the detectors."""
+    """Keeps the process table and cgroups; builds bounded Snapshots for the detectors."""
 
     def __init__(
         self,
@@ -34,44 +97,84 @@ class HostModel:
         resolver: Optional[CgroupResolver] = None,
         scanner: Optional[ProcScanner] = None,
         psi: Optional[PsiReader] = None,
+        cpu: Optional[TaskCpuReader] = None,
+        reconcile_s: float = RECONCILE_S,
+        pressure_gate_pct: float = PRESSURE_GATE_PCT,
     ) -> None:
         self.max_processes = max_processes
         self.max_cgroups = max_cgroups
         self.resolver = resolver if resolver is not None else CgroupResolver(max_cgroups)
         self.scanner = scanner if scanner is not None else ProcScanner()
         self.psi = psi if psi is not None else PsiReader()
+        self.cpu = cpu
+        self.reconcile_s = reconcile_s
+        self.pressure_gate_pct = pressure_gate_pct
         self.last: Optional[Snapshot] = None
-        self._children: dict[int, list[int]] = {}
+        self._samples: dict[int, ProcessSample] = {}  # every tracked process, as last built
+        self._cgroup_of: dict[int, tuple[str, Optional[str]]] = {}  # pid -> (cgroup, v1 memory path)
+        self._members: Counter[str] = Counter()  # cgroup -> tracked processes in it
+        self._v1_members: dict[str, Counter[Optional[str]]] = defaultdict(Counter)
+        self._cg_samples: dict[str, CgroupSample] = {}
+        self._cg_sampled_at: dict[str, float] = {}
+        self._cg_hot: set[str] = set()  # cgroups re-read at the previous tick
+        self._pending: set[int] = set()  # pids changed by apply() since the last snapshot
         self._evicted_procs: set[tuple[int, int]] = set()  # (pid, start) left out by the cap
         self._evicted_cgroups: set[str] = set()  # paths left out by the cap
         self.evicted_processes = 0
         self.evicted_cgroups = 0
         self._last_ts: Optional[float] = None
+        self._last_reconcile = 0.0
+
+    @property
+    def incremental(self) -> bool:
+        """True when per-process CPU comes from the kernel and only what ran is read."""
+        return self.cpu is not None
 
     def seed(self) -> None:
         """Read /proc and the cgroup tree once, so the first snapshot has CPU deltas."""
         self.resolver.refresh()
-        scan = self.scanner.scan()
-        self._rebuild_tree()
+        if self.cpu is not None:
+            self.cpu.read()  # everything since attach: a baseline, not an interval
+        self.scanner.scan()
+        self._pending = set(self.scanner.procs)
         self.psi.system()
-        self._sample_cgroups(list(scan.processes.values()), {})
+        self._refresh_membership(self._pending)
+        self._sample_cgroups(set(self._members), {}, 0.0)
+        self._last_reconcile = self.scanner.now()
 
     def apply(self, tick: LifecycleTick) -> None:
-        """Bring the process tree up to date with the kernel's exec/exit records of a tick."""
+        """Bring the process table up to date with the kernel's exec/exit records of a tick."""
         procs = self.scanner.procs
         for ex in tick.execs:
             entry = procs.get(ex.pid)
             if entry is not None:
                 entry.comm = ex.comm
                 self.scanner.invalidate(ex.pid)
+                self._pending.add(ex.pid)
         for rec in tick.exits:
             entry = procs.get(rec.pid)
             if entry is not None:
                 self.scanner.forget(rec.pid)
-                siblings = self._children.get(entry.ppid)
-                if siblings is not None and rec.pid in siblings:
-                    siblings.remove(rec.pid)
-                self._children.pop(rec.pid, None)
+                self._pending.add(rec.pid)
+
+    # ---- collection (I/O) ---------------------------------------------------------------
+
+    def _collect_processes(self) -> tuple[set[int], SystemStat, float]:
+        """Read what changed (or everything, without a kernel CPU source): changed pids, host figures."""
+        changed = set(self._pending)
+        self._pending = set()
+        if self.cpu is None:
+            scan = self.scanner.scan()
+            changed |= set(scan.processes) | (set(self._samples) - set(scan.processes))
+            return changed, scan.system, scan.interval_s
+        tick = self.cpu.read()
+        changed |= self.scanner.update(tick.ns_by_tgid, tick.exited, tick.interval_s)
+        now = self.scanner.now()
+        if now - self._last_reconcile >= self.reconcile_s:
+            self._last_reconcile = now
+            changed |= self.scanner.reconcile()
+            self.cpu.forget_groups(set(self.scanner.procs))
+        return changed, self.scanner.system(), tick.interval_s
 
     def snapshot(
         self,
@@ -80,22 +183,17 @@ class HostModel:
         wall: float,
         stall: Optional[StallSnapshot] = None,
     ) -> Snapshot:
-        """Scan /proc and the cgroups, resolve the tick's cgroup ids, and build a Snapshot."""
-        scan = self.scanner.scan()
-        self._rebuild_tree()
-        entries = list(scan.processes.values())
-        if len(entries) > self.max_processes:
-            entries.sort(key=_interest, reverse=True)
-            dropped = entries[self.max_processes :]
-            entries = entries[: self.max_processes]
-            dropped_keys = {(e.pid, e.start_ticks) for e in dropped}
-            self.evicted_processes += len(dropped_keys - self._evicted_procs)
-            self._evicted_procs |= dropped_keys
-        # each process is counted once while it lives, even if it drifts across the cut
-        live = scan.processes
-        self._evicted_procs = {
-            k for k in self._evicted_procs if k[0] in live and live[k[0]].start_ticks == k[1]
-        }
+        """Read what changed, resolve the tick's cgroup ids, and build a Snapshot."""
+        changed, system, scan_interval = self._collect_processes()
+        procs = self.scanner.procs
+        self._refresh_membership(changed)
+        for pid in changed:
+            e = procs.get(pid)
+            if e is None:
+                self._samples.pop(pid, None)
+            else:
+                self._samples[pid] = self._sample(e)
+        processes = self._capped(self._samples)
 
         by_cgroup: dict[str, LifecycleCounts] = defaultdict(LifecycleCounts)
         if tick is not None:
@@ -103,98 +201,155 @@ class HostModel:
                 path = self.resolver.resolve(cid)
                 by_cgroup[path if path is not None else UNRESOLVED] += counts
 
-        cgroups = self._sample_cgroups(entries, by_cgroup)
+        system_pressure = self.psi.system()
+        if self.cpu is None:
+            active = set(self._members)
+        else:
+            active = {procs[pid].cgroup for pid in changed if pid in procs}
+            active |= set(by_cgroup)
+            if stall is not None:
+                active |= set(stall.runqueue)
+            if any(ps.some_pct >= self.pressure_gate_pct for ps in system_pressure.values()):
+                active |= set(self._members)
+        cgroups = self._sample_cgroups(active, by_cgroup, ts)
 
-        processes: dict[int, ProcessSample] = {}
-        for e in entries:
-            owner = self.resolver.owner(e.cgroup)
-            processes[e.pid] = ProcessSample(
-                pid=e.pid,
-                ppid=e.ppid,
-                comm=e.comm,
-                cmdline=e.cmdline or "",
-                start_time=e.start_time,
-                uid=e.uid,
-                cgroup=e.cgroup,
-                unit=owner.unit,
-                cpu_pct=e.cpu_pct,
-                rss_bytes=e.rss_bytes,
-                threads=e.threads,
-                fd_count=e.fd_count,
-                fd_soft_limit=e.fd_soft_limit,
-            )
-
-        interval = scan.interval_s if self._last_ts is None else ts - self._last_ts
+        interval = scan_interval if self._last_ts is None else ts - self._last_ts
         self._last_ts = ts
-        system = scan.system
-        snap = Snapshot(
-            ts=ts,
-            wall=wall,
-            interval_s=interval,
-            ncpu=system.ncpu,
-            processes=processes,
-            total=tick.total if tick is not None else LifecycleCounts(),
-            by_parent=dict(tick.by_parent) if tick is not None else {},
-            by_cgroup=dict(by_cgroup),
-            cgroups=cgroups,
-            system_pressure=self.psi.system(),
-            cpu_util_pct=system.cpu_util_pct,
-            file_nr=system.file_nr,
-            file_max=system.file_max,
-            exits=tuple(tick.exits) if tick is not None else (),
-            stall=stall,
+        snap = assemble(
+            Collected(
+                ts=ts,
+                wall=wall,
+                interval_s=interval,
+                system=system,
+                system_pressure=system_pressure,
+                processes=processes,
+                changed=frozenset(changed & processes.keys()),
+                cgroups=cgroups,
+                by_cgroup=by_cgroup,
+                tick=tick,
+                stall=stall,
+            )
         )
         self.last = snap
         return snap
 
+    def _sample(self, e: ProcEntry) -> ProcessSample:
+        return ProcessSample(
+            pid=e.pid,
+            ppid=e.ppid,
+            comm=e.comm,
+            cmdline=e.cmdline or "",
+            start_time=e.start_time,
+            uid=e.uid,
+            cgroup=e.cgroup,
+            unit=self.resolver.owner(e.cgroup).unit,
+            cpu_pct=e.cpu_pct,
+            rss_bytes=e.rss_bytes,
+            threads=e.threads,
+            fd_count=e.fd_count,
+            fd_soft_limit=e.fd_soft_limit,
+        )
+
+    def _capped(self, samples: dict[int, ProcessSample]) -> dict[int, ProcessSample]:
+        """A copy of the samples, the least interesting left out (and counted) past max_processes."""
+        if len(samples) <= self.max_processes:
+            self._evicted_procs.clear()
+            return dict(samples)
+        entries = sorted(samples.values(), key=_interest, reverse=True)
+        kept = {p.pid: p for p in entries[: self.max_processes]}
+        dropped_keys = {(p.pid, p.start_time) for p in entries[self.max_processes :]}
+        self.evicted_processes += len(dropped_keys - self._evicted_procs)
+        # each process is counted once while it lives, even if it drifts across the cut
+        self._evicted_procs = (self._evicted_procs | dropped_keys) & {
+            (p.pid, p.start_time) for p in samples.values()
+        }
+        return kept
+
+    def _refresh_membership(self, pids: set[int]) -> None:
+        """Keep the per-cgroup member counts current for the pids that changed."""
+        procs = self.scanner.procs
+        for pid in pids:
+            old = self._cgroup_of.get(pid)
+            e = procs.get(pid)
+            new = (e.cgroup, e.v1_memory) if e is not None else None
+            if old == new:
+                continue
+            if old is not None:
+                self._members[old[0]] -= 1
+                self._v1_members[old[0]][old[1]] -= 1
+                if self._members[old[0]] <= 0:
+                    del self._members[old[0]]
+                    self._v1_members.pop(old[0], None)
+                elif self._v1_members[old[0]][old[1]] <= 0:
+                    del self._v1_members[old[0]][old[1]]
+            if new is None:
+                self._cgroup_of.pop(pid, None)
+            else:
+                self._cgroup_of[pid] = new
+                self._members[new[0]] += 1
+                self._v1_members[new[0]][new[1]] += 1
+
     def _sample_cgroups(
-        self, entries: list[ProcEntry], by_cgroup: dict[str, LifecycleCounts]
+        self, active: set[str], by_cgroup: Mapping[str, LifecycleCounts], now: float
     ) -> dict[str, CgroupSample]:
-        """Samples of the cgroups worth one: those with a process or with lifecycle counts."""
-        members: dict[str, int] = defaultdict(int)
-        v1_paths: dict[str, set[Optional[str]]] = defaultdict(set)
-        for e in entries:
-            members[e.cgroup] += 1
-            v1_paths[e.cgroup].add(e.v1_memory)
+        """Samples of the cgroups worth one (a process or lifecycle counts); only `active` ones re-read."""
+        members = self._members
         wanted = {p: members.get(p, 0) for p in set(members) | set(by_cgroup)}
         wanted.pop(UNRESOLVED, None)
-        paths = sorted(wanted, key=lambda p: (-wanted[p], p))
-        if len(paths) > self.max_cgroups:
+        if len(wanted) > self.max_cgroups:
+            paths = sorted(wanted, key=lambda p: (-wanted[p], p))
             over = set(paths[self.max_cgroups :])
             self.evicted_cgroups += len(over - self._evicted_cgroups)
             self._evicted_cgroups |= over
-            paths = paths[: self.max_cgroups]
+            keep = set(paths[: self.max_cgroups])
+        else:
+            keep = set(wanted)
         self._evicted_cgroups &= set(wanted)
-        cgroups: dict[str, CgroupSample] = {}
-        for path in paths:
+        for gone in [p for p in self._cg_samples if p not in keep]:
+            del self._cg_samples[gone]
+            self._cg_sampled_at.pop(gone, None)
+        quiet_due = sorted(
+            (t, p) for p in keep if p not in active and now - (t := self._cg_sampled_at.get(p, -1e18)) >= CGROUP_RESAMPLE_S
+        )
+        reread = (active & keep) | {p for _, p in quiet_due[:CGROUP_RESAMPLE_BUDGET]} | (keep - set(self._cg_samples))
+        for path in reread:
             pressure = self.psi.cgroup(path, self.resolver.directory(path))
-            v1 = v1_paths.get(path, set())
+            v1 = self._v1_members.get(path)
             # a v1 memory group stands for this cgroup only when all its processes share it
-            v1_memory = next(iter(v1)) if len(v1) == 1 else None
+            v1_memory = next(iter(v1)) if v1 is not None and len(v1) == 1 else None
             sample = self.resolver.sample(path, pressure, v1_memory)
+            if sample is None:
+                self._cg_samples.pop(path, None)
+                continue
+            self._cg_samples[path] = sample
+            self._cg_sampled_at[path] = now
+        for path in self._cg_hot - reread:
+            sample = self._cg_samples.get(path)
             if sample is not None:
-                cgroups[path] = sample
-        self.psi.forget(cgroups)
-        return cgroups
-
-    def _rebuild_tree(self) -> None:
-        children: dict[int, list[int]] = defaultdict(list)
-        for pid, e in self.scanner.procs.items():
-            children[e.ppid].append(pid)
-        self._children = dict(children)
+                self._cg_samples[path] = quiet(sample)
+        self._cg_hot = reread
+        self.psi.forget(self._cg_samples)
+        return dict(self._cg_samples)
 
     # ---- helpers for the daemon and the bus -----------------------------------------------
 
+    def _children_map(self) -> dict[int, list[int]]:
+        children: dict[int, list[int]] = defaultdict(list)
+        for pid, e in self.scanner.procs.items():
+            children[e.ppid].append(pid)
+        return children
+
     def children(self, pid: int) -> list[int]:
-        return sorted(self._children.get(pid, ()))
+        return sorted(self._children_map().get(pid, ()))
 
     def descendants(self, pid: int) -> list[int]:
         """Every process below `pid` in the tree (breadth first), without `pid` itself."""
+        tree = self._children_map()
         out: list[int] = []
         seen = {pid}
         queue = [pid]
         while queue:
-            for child in self._children.get(queue.pop(0), ()):
+            for child in tree.get(queue.pop(0), ()):
                 if child not in seen:  # pid reuse can briefly form a loop
                     seen.add(child)
                     out.append(child)

@@ -8,7 +8,7 @@ seconds. Sizes are bytes, CPU is percent of one CPU (100.0 = one core busy).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional, Sequence
 
 RESOURCES = ("cpu", "io", "memory")
@@ -216,6 +216,22 @@ class Snapshot:
     file_max: int = 0
     exits: Sequence[ExitRecord] = ()  # exit records that arrived during this interval
     stall: Optional[StallSnapshot] = None
+    # Pids whose sample was rebuilt this interval (ran, stopped running, re-read, appeared).
+    # None: every sample is fresh (the /proc fallback, synthetic snapshots). A process not in
+    # `changed` used no CPU in the interval and its sample is the same object as before.
+    changed: Optional[frozenset[int]] = None
+
+    def slim(self) -> Snapshot:
+        """This snapshot as an older member of the window: only the processes it changed.
+
+        A process absent from a slim snapshot used no CPU in that interval and had the
+        memory, threads and fds of its next newer sample; the window keeps full maps only for
+        the newest snapshot, so memory grows with activity, not with the number of processes.
+        """
+        if self.changed is None or len(self.changed) == len(self.processes):
+            return self
+        procs = self.processes
+        return replace(self, processes={pid: procs[pid] for pid in self.changed if pid in procs})
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,10 @@
-"""/proc scanner: per-process CPU, memory, threads, fds and cgroup; host CPU and file handles."""
+"""/proc reader: per-process memory, threads, fds and cgroup (and CPU when no kernel source); host CPU.
+
+Two ways to keep the process table: scan() reads every process (the fallback when the
+scheduler program is not loaded, and the start-up seed); update() reads only the processes
+the kernel saw run, rate-limited per process, with reconcile() as the slow background walk
+that catches what the kernel stream could not say (a lost exit note, a process that never ran).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ from typing import Callable, Optional
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 SLOW_REFRESH_S = 10.0  # limits and cgroup membership are re-read this often per process
+SAMPLE_S = 1.0  # update(): RSS, threads and fd-table size of a running process at most this often
+RESAMPLE_S = 300.0  # reconcile(): a process that never runs is re-read this often (RSS drifts down)
 FD_PREFILTER = 0.5  # count fds only when FDSize reaches this share of the soft limit
 CMDLINE_MAX = 4096
 
@@ -35,6 +43,7 @@ class ProcEntry:
     slow_read_at: float = -1e18  # monotonic time of the last limits/cgroup read
     first_seen: float = 0.0
     cpu_pct: float = 0.0
+    sampled_at: float = 0.0  # monotonic time of the last stat/status read
 
     @property
     def start_time(self) -> float:
@@ -64,6 +73,10 @@ class ScanCounters:
     fd_denied: int = 0  # fd counts refused (no ptrace read access to /proc/PID/fd)
     fd_counted: int = 0  # fd directories listed (past the FDSize pre-filter)
     scans: int = 0
+    reads: int = 0  # processes whose stat was read (every scan, or on update/reconcile)
+    reconciles: int = 0
+    stale_dropped: int = 0  # table entries reconcile() found gone (their exit was not seen)
+    missed_found: int = 0  # processes reconcile() found that the kernel stream had not named
 
 
 @dataclass
@@ -88,6 +101,11 @@ class ProcScanner:
         self._last_boot: Optional[float] = None
         self._last_cpu: Optional[tuple[int, int]] = None  # (busy, total) jiffies of /proc/stat
         self._ncpu = os.cpu_count() or 1
+        self._running: set[int] = set()  # update(): pids given CPU time in the last interval
+
+    def now(self) -> float:
+        """The scanner's monotonic clock."""
+        return self._clock()
 
     def invalidate(self, pid: int) -> None:
         """The process exec'd: re-read its cmdline (and cgroup, limits) on the next scan."""
@@ -98,6 +116,87 @@ class ProcScanner:
 
     def forget(self, pid: int) -> None:
         self.procs.pop(pid, None)
+
+    def update(self, cpu_ns: dict[int, int], exited: frozenset[int], interval: float) -> set[int]:
+        """Apply one interval of kernel CPU time: read only the processes that ran.
+
+        Returns the pids whose entry changed (ran, stopped running, re-read, appeared, left).
+        """
+        now = self._clock()
+        changed: set[int] = set()
+        procs = self.procs
+        for pid in exited:
+            if procs.pop(pid, None) is not None:
+                changed.add(pid)
+        for pid in self._running - cpu_ns.keys():
+            e = procs.get(pid)
+            if e is not None:
+                e.cpu_pct = 0.0
+                changed.add(pid)
+        self._running = set(cpu_ns)
+        base_dir = self.proc
+        for pid, ns in cpu_ns.items():
+            if pid in exited:
+                continue
+            pct = 100.0 * ns / 1e9 / interval if interval > 0 else 0.0
+            entry = procs.get(pid)
+            if entry is not None and now - entry.sampled_at < SAMPLE_S:
+                entry.cpu_pct = pct
+                changed.add(pid)
+                continue
+            try:
+                fresh = self._read(pid, f"{base_dir}/{pid}", entry, now, 0.0, None)
+            except (FileNotFoundError, ProcessLookupError):
+                if procs.pop(pid, None) is not None:
+                    changed.add(pid)
+                continue
+            except PermissionError:
+                self.counters.permission_errors += 1
+                continue
+            if fresh is None:
+                continue
+            if entry is not None and fresh is not entry:  # the pid now names another process
+                changed.add(pid)
+            fresh.cpu_pct = pct
+            procs[pid] = fresh
+            changed.add(pid)
+        self._last_mono = now
+        return changed
+
+    def system(self) -> SystemStat:
+        """Host-wide figures (CPU busy share since the previous call, forks, file handles)."""
+        return self._system()
+
+    def reconcile(self, budget: int = 200) -> set[int]:
+        """The slow walk: drop entries whose process is gone, read unseen ones, refresh a few stale ones."""
+        now = self._clock()
+        self.counters.reconciles += 1
+        present = {int(n) for n in os.listdir(self.proc) if n.isdigit()}
+        changed: set[int] = set()
+        procs = self.procs
+        for pid in [p for p in procs if p not in present]:
+            del procs[pid]
+            self.counters.stale_dropped += 1
+            changed.add(pid)
+        stale = sorted((e.sampled_at, pid) for pid, e in procs.items() if now - e.sampled_at >= RESAMPLE_S)
+        todo = [pid for pid in present if pid not in procs] + [pid for _, pid in stale[:budget]]
+        for pid in todo:
+            old = procs.get(pid)
+            try:
+                entry = self._read(pid, f"{self.proc}/{pid}", old, now, 0.0, None)
+            except (FileNotFoundError, ProcessLookupError):
+                procs.pop(pid, None)
+                continue
+            except PermissionError:
+                self.counters.permission_errors += 1
+                continue
+            if entry is None:
+                continue
+            if old is None:
+                self.counters.missed_found += 1
+            procs[pid] = entry
+            changed.add(pid)
+        return changed
 
     def scan(self) -> Scan:
         now = self._clock()
@@ -142,6 +241,7 @@ class ProcScanner:
         interval: float,
         prev_boot: Optional[float],
     ) -> Optional[ProcEntry]:
+        self.counters.reads += 1
         with open(base + "/stat", "rb") as f:
             raw = f.read().decode("utf-8", "replace")
         # comm may contain spaces and ')': it ends at the LAST ')'
@@ -182,6 +282,7 @@ class ProcScanner:
             # stat was readable, so the process is kept with what could be read
             self.counters.permission_errors += 1
         self._count_fds(base, entry)
+        entry.sampled_at = now
         return entry
 
     def _read_status(self, base: str, entry: ProcEntry) -> None:

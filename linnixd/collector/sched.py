@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional
 from ..model import CgroupRunqueue, StallEdge, StallSnapshot
 from ..paths import bpf_dir
 from .bpfload import KernelFeatureError, compile_program, preflight, tracefs_root, source_text
+from .taskcpu import TaskCpuReader
 
 TRACEPOINTS = ("sched/sched_switch", "sched/sched_wakeup", "sched/sched_wakeup_new")
 NSLOTS = 32  # log2 histogram slots, as in bpf/sched.c
@@ -17,8 +18,8 @@ NSLOTS = 32  # log2 histogram slots, as in bpf/sched.c
 # Index of each counter in the per-CPU `cpus` value's stats (enum stat in bpf/sched.c).
 STAT_TASK_INSERTS, STAT_NO_ENQUEUE, STAT_MIGRATED, STAT_UNATTRIBUTED_NS = 0, 1, 2, 3
 STAT_LOST_WAITS, STAT_LOST_NS, STAT_OVERFLOWS, STAT_RECOVERED = 4, 5, 6, 7
-STAT_TASK_COLLISIONS = 8
-NSTATS = 9
+STAT_TASK_COLLISIONS, STAT_RAN_OVERFLOWS, STAT_UNTIMED_RUNS = 8, 9, 10
+NSTATS = 11
 
 # Ids unresolvable for this many reads in a row with no new activity are dropped from the maps.
 FORGET_AFTER_READS = 2
@@ -56,13 +57,21 @@ class _Deltas:
 class SchedCollector:
     """Run-queue wait, preemptions and who-stalls-whom per cgroup, as per-interval deltas."""
 
-    def __init__(self, task_entries: int = 65536, agg_entries: int = 8192, src: Optional[Path] = None) -> None:
+    def __init__(
+        self,
+        task_entries: int = 65536,
+        agg_entries: int = 8192,
+        ran_entries: int = 65536,
+        src: Optional[Path] = None,
+    ) -> None:
         if task_entries <= 0 or task_entries & (task_entries - 1):
             raise ValueError(f"task_entries must be a power of two (the task slot is pid modulo it), not {task_entries}")
         self.task_entries = task_entries
         self.agg_entries = agg_entries
+        self.ran_entries = ran_entries
         self.src = src or bpf_dir() / "sched.c"
         self._bpf: Any = None
+        self._cpu: Optional[TaskCpuReader] = None
         self._prev_runq: dict[int, tuple[int, int, list[int]]] = {}
         self._prev_edges: dict[tuple[int, int], tuple[int, int]] = {}
         self._edge_keys: set[tuple[int, int]] = set()  # keys in the kernel's edges map at the last read
@@ -75,6 +84,7 @@ class SchedCollector:
         return [
             f"-DTASK_ENTRIES={self.task_entries}",
             f"-DAGG_ENTRIES={self.agg_entries}",
+            f"-DRAN_ENTRIES={self.ran_entries}",
             f"-DTASK_REPORT_MAX={flags['+']:#x}",
             f"-DTASK_STATE_X={flags['X']:#x}",
             f"-DTASK_STATE_Z={flags['Z']:#x}",
@@ -88,11 +98,21 @@ class SchedCollector:
         """Compile and attach bpf/sched.c; KernelFeatureError names anything missing."""
         preflight(TRACEPOINTS)
         self._bpf = compile_program(Path(self.src), self.cflags())
+        self._cpu = None
+
+    def task_cpu(self) -> "TaskCpuReader":
+        """The reader of per-process CPU time kept by the same program (one per start())."""
+        if self._bpf is None:
+            raise RuntimeError("SchedCollector.task_cpu() before start()")
+        if self._cpu is None:
+            self._cpu = TaskCpuReader(self._bpf, self.task_entries)
+        return self._cpu
 
     def close(self) -> None:
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
+            self._cpu = None
 
     def stats(self) -> list[int]:
         """Monotonic kernel counters (see the STAT_* indexes), summed over CPUs."""

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
-from ..model import Finding, Snapshot
+from ..model import Finding, ProcessSample, Snapshot
 from .base import Exclusions, process_culprit, process_key, same_process, severity, sustained_tail
 
 NEVER_ROOTS = frozenset({0, 1, 2})  # the idle task, init and kthreadd own everything: never a culprit
@@ -28,7 +28,7 @@ class CpuSpikeDetector:
         limit = float(cfg.cpu_pct)
         ex = Exclusions(cfg)
         findings = []
-        for p in newest.processes.values():
+        for p in busy(newest):
             if p.cpu_pct <= limit:
                 continue
             values = []
@@ -78,15 +78,24 @@ class RunawayTreeDetector:
         newest = window[-1]
         procs = newest.processes
         limit = float(cfg.cpu_pct)
-        children: dict[int, list[int]] = {}
-        for p in procs.values():
-            if p.ppid != p.pid and p.ppid in procs:
-                children.setdefault(p.ppid, []).append(p.pid)
-        order = _postorder(procs, children)
-        now = _subtree_sums(order, children, {pid: p.cpu_pct for pid, p in procs.items()})
+        # subtree sums from the busy processes up: O(busy x depth), not O(processes)
+        now: dict[int, float] = {}
+        for p in busy(newest):
+            node: Optional[ProcessSample] = p
+            seen: set[int] = set()
+            while node is not None and node.pid not in seen:  # pid reuse can form a ppid loop
+                seen.add(node.pid)
+                now[node.pid] = now.get(node.pid, 0.0) + p.cpu_pct
+                node = procs.get(node.ppid) if node.ppid != node.pid else None
         candidates = {pid for pid, v in now.items() if v > limit and pid not in NEVER_ROOTS}
         if not candidates:
             return []
+        # the tree restricted to processes with busy descendants (the others add nothing)
+        children: dict[int, list[int]] = {}
+        for pid in now:
+            ppid = procs[pid].ppid
+            if ppid != pid and ppid in now:
+                children.setdefault(ppid, []).append(pid)
         # only the subtrees under the topmost candidates are re-summed for the older snapshots
         tops = [pid for pid in candidates if procs[pid].ppid not in candidates]
         scope = _postorder(procs, children, tops)
@@ -117,7 +126,7 @@ class RunawayTreeDetector:
             culprit = process_culprit(procs[root], procs, kind="tree")
             if ex.culprit(culprit):
                 continue
-            members = _postorder(procs, children, [root])
+            members = _postorder(procs, _full_children(procs), [root])
             top = sorted(members, key=lambda pid: (-procs[pid].cpu_pct, pid))[:TOP_MEMBERS]
             mean = subtree_total[root] / len(tail)
             first = procs[top[0]]
@@ -148,6 +157,21 @@ class RunawayTreeDetector:
                 )
             )
         return findings
+
+
+def busy(snap: Snapshot) -> list[ProcessSample]:
+    """Processes that used CPU in the snapshot's interval (only changed ones can have)."""
+    procs = snap.processes
+    pids = snap.changed if snap.changed is not None else procs.keys()
+    return [p for pid in pids if (p := procs.get(pid)) is not None and p.cpu_pct > 0]
+
+
+def _full_children(procs: Any) -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for p in procs.values():
+        if p.ppid != p.pid and p.ppid in procs:
+            children.setdefault(p.ppid, []).append(p.pid)
+    return children
 
 
 def _dominant_descendant(root: int, children: dict[int, list[int]], total: dict[int, float]) -> int:

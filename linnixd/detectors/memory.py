@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Sequence
 
-from ..model import Culprit, Finding, Snapshot
+from ..model import Culprit, Finding, ProcessSample, Snapshot
 from .base import (
     MIB,
     TIME_EPS,
@@ -63,6 +63,17 @@ def _median(values: list[int]) -> float:
     return float(values[mid]) if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
+def _changed_in(snaps: Sequence[Snapshot], newest: Snapshot) -> list[ProcessSample]:
+    """Live processes whose sample changed somewhere in `snaps`: only they can have grown."""
+    pids: set[int] = set()
+    for s in snaps:
+        if s.changed is None:
+            return list(newest.processes.values())
+        pids |= s.changed
+    procs = newest.processes
+    return [p for pid in pids if (p := procs.get(pid)) is not None]
+
+
 class MemoryLeakDetector:
     """RSS (or cgroup memory) growing by >= min_growth_mb per window_s along a good straight line."""
 
@@ -86,7 +97,7 @@ class MemoryLeakDetector:
         scope = set(getattr(cfg, "scope", ("process", "cgroup")))
         found: list[Finding] = []
         if "process" in scope:
-            for p in newest.processes.values():
+            for p in _changed_in(snaps, newest):
                 read: Reader = lambda s, p=p: (q.rss_bytes if (q := same_process(s, p)) else None)  # noqa: E731
                 result = self._series(snaps, head, read, cfg)
                 if result is None:
