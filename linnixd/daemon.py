@@ -90,6 +90,7 @@ class Daemon:
         self.tick_errors = 0
         self.last_tick_mono = time.monotonic()
         self.last_tick_cost_s = 0.0
+        self.tick_costs: collections.deque[float] = collections.deque(maxlen=1200)  # seconds, newest last
         self._last_health: Optional[LifecycleTick] = None
         self._reported_errors: set[str] = set()
 
@@ -118,6 +119,7 @@ class Daemon:
         self.ticks += 1
         self.last_tick_mono = time.monotonic()
         self.last_tick_cost_s = self.last_tick_mono - started
+        self.tick_costs.append(self.last_tick_cost_s)
         return snap
 
     def evaluate(self) -> list[Alert]:
@@ -212,6 +214,8 @@ class Daemon:
             "enforcement_enabled": self.enforcement_enabled,
             **({"enforcement": self.enforcer.status()} if self.enforcer is not None else {}),
             "counters": asdict(self.counters()),
+            **({"process_table": self.model.table_counters()} if self.model is not None else {}),
+            **({"scheduler": self.sched.health()} if self.sched is not None else {}),
             "totals": asdict(self.totals),
             "open_incidents": len(self.tracker.open_incidents()),
             "processes": len(newest.processes) if newest else 0,
@@ -294,6 +298,10 @@ class Daemon:
     def stats(self) -> dict[str, Any]:
         """Final figures for --stats-on-exit and SIGUSR1 (benchmarks read them)."""
         out = self.status()
+        costs = sorted(self.tick_costs)
+        if costs:
+            out["tick_p50_ms"] = round(costs[len(costs) // 2] * 1000, 2)
+            out["tick_p99_ms"] = round(costs[min(len(costs) - 1, int(len(costs) * 0.99))] * 1000, 2)
         out["rss_kb"] = _vm_kb("VmRSS")
         out["hwm_kb"] = _vm_kb("VmHWM")
         return out

@@ -356,6 +356,29 @@ class HostModel:
                     queue.append(child)
         return out
 
+    def table_counters(self) -> dict[str, Any]:
+        """How the process table is kept: mode, reads and what the kernel stream missed (monotonic)."""
+        c = self.scanner.counters
+        out: dict[str, Any] = {
+            "mode": "kernel" if self.cpu is not None else "proc_scan",
+            "tracked": len(self.scanner.procs),
+            "stat_reads": c.reads,
+            "permission_errors": c.permission_errors,
+            "fd_denied": c.fd_denied,
+            "reconciles": c.reconciles,
+            "stale_dropped": c.stale_dropped,
+            "missed_found": c.missed_found,
+        }
+        if self.cpu is not None:
+            k = self.cpu.counters
+            out.update(
+                slot_reads=k.reads,
+                foreign_slots=k.foreign_slots,
+                ran_notes=k.drained,
+                threads_tracked=k.threads_tracked,
+            )
+        return out
+
     def counters(self) -> dict[str, int]:
         return {
             "evicted_processes": self.evicted_processes,

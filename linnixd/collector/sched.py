@@ -120,6 +120,16 @@ class SchedCollector:
         per_cpu = table.getvalue(table.Key(0))
         return [sum(int(c.stats[i]) for c in per_cpu) for i in range(NSTATS)]
 
+    def health(self) -> dict[str, int]:
+        """Monotonic counters of the program that StallSnapshot does not carry."""
+        stats = self.stats()
+        return {
+            "task_collisions": stats[STAT_TASK_COLLISIONS],
+            "ran_overflows": stats[STAT_RAN_OVERFLOWS],
+            "untimed_runs": stats[STAT_UNTIMED_RUNS],
+            "forgotten_ids": self.forgotten_ids,
+        }
+
     def read(self, resolve: Callable[[int], Optional[str]]) -> StallSnapshot:
         """Deltas since the previous read, cgroup ids resolved to paths with `resolve`."""
         runq_now: dict[int, tuple[int, int, list[int]]] = {}
