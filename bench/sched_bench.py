@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +20,8 @@ from linnixd.collector.sched import SchedCollector  # noqa: E402
 
 METRIC = re.compile(r"\]\s+switch\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)")
 STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
+RUNQLAT = "runqlat-bpfcc"  # bcc's run-queue latency tool (package bpfcc-tools)
+RUNQLAT_ATTACH_S = 8.0  # it compiles before it attaches
 PROGS = {
     "sched_switch": b"tracepoint__sched__sched_switch",
     "sched_wakeup": b"tracepoint__sched__sched_wakeup",
@@ -70,7 +74,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("sched_bench: needs root (loads BPF)", file=sys.stderr)
         return 77
-    ratios, added_ns = [], []
+    ratios, added_ns, peer_ratios = [], [], []
     for i in range(args.pairs):
         a_ops, a_sw, a_cpu = run_stress(args.seconds)
         collector = SchedCollector()
@@ -78,8 +82,10 @@ def main() -> int:
         stop = threading.Event()
 
         def reader(c: SchedCollector = collector) -> None:
+            cpu = c.task_cpu()
             while not stop.wait(args.tick):
                 c.read(lambda cid: None)
+                cpu.read()  # per-process CPU time, as the daemon reads it every tick
 
         t = threading.Thread(target=reader)
         t.start()
@@ -96,8 +102,23 @@ def main() -> int:
         line = (f"pair {i + 1}: without {a_ops:,.0f} ops/s ({a_sw / args.seconds:,.0f} switches/s), "
                 f"with {b_ops:,.0f} ops/s ({b_sw / args.seconds:,.0f} switches/s), ratio {ratio:.3f}, "
                 f"stress-ng cpu per switch {extra:+.0f} ns")
+        if shutil.which(RUNQLAT):  # a peer on the same tracepoints, in the same interleaving
+            peer = subprocess.Popen([RUNQLAT, str(args.seconds + 30), "1"], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            time.sleep(RUNQLAT_ATTACH_S)
+            try:
+                c_ops, _, _ = run_stress(args.seconds)
+            finally:
+                peer.kill()
+                peer.wait()
+            peer_ratios.append(c_ops / a_ops)
+            line += f"; runqlat {c_ops:,.0f} ops/s, ratio {c_ops / a_ops:.3f}"
         print(line, flush=True)
     print(f"throughput ratio (median of {len(ratios)} pairs): {statistics.median(ratios):.3f} (goal >= 0.95)")
+    if peer_ratios:
+        print(f"peer reference, bcc's {RUNQLAT} (median of {len(peer_ratios)}): {statistics.median(peer_ratios):.3f}")
+    else:
+        print(f"peer reference skipped: {RUNQLAT} not installed (apt-get install bpfcc-tools)")
     print(f"added stress-ng cpu per context switch (median): {statistics.median(added_ns):+.0f} ns")
     runs = program_run_ns(args.cost_runs, args.cost_seconds)
     for name, per in runs.items():

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping, Optional
 
 from .collector.cgroups import UNRESOLVED, CgroupResolver
-from .collector.procfs import ProcEntry, ProcScanner, SystemStat
+from .collector.procfs import SAMPLE_S, ProcEntry, ProcScanner, SystemStat
 from .collector.psi import PsiReader
 from .collector.taskcpu import TaskCpuReader
 from .model import (
@@ -104,7 +104,7 @@ class HostModel:
         self.max_processes = max_processes
         self.max_cgroups = max_cgroups
         self.resolver = resolver if resolver is not None else CgroupResolver(max_cgroups)
-        self.scanner = scanner if scanner is not None else ProcScanner()
+        self.scanner = scanner if scanner is not None else ProcScanner(sample_s=SAMPLE_S if cpu is not None else 0.0)
         self.psi = psi if psi is not None else PsiReader()
         self.cpu = cpu
         self.reconcile_s = reconcile_s
@@ -168,7 +168,8 @@ class HostModel:
             changed |= set(scan.processes) | (set(self._samples) - set(scan.processes))
             return changed, scan.system, scan.interval_s
         tick = self.cpu.read()
-        changed |= self.scanner.update(tick.ns_by_tgid, tick.exited, tick.interval_s)
+        # the kernel says who ran; their CPU time is the kernel's own count in /proc/PID/stat
+        changed |= self.scanner.update(tick.ns_by_tgid, tick.exited)
         now = self.scanner.now()
         if now - self._last_reconcile >= self.reconcile_s:
             self._last_reconcile = now

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 SLOW_REFRESH_S = 10.0  # limits and cgroup membership are re-read this often per process
-SAMPLE_S = 1.0  # update(): RSS, threads and fd-table size of a running process at most this often
+SAMPLE_S = 1.0  # kernel mode: uid and fd-table size of a running process at most this often
 RESAMPLE_S = 300.0  # reconcile(): a process that never runs is re-read this often (RSS drifts down)
 FD_PREFILTER = 0.5  # count fds only when FDSize reaches this share of the soft limit
 CMDLINE_MAX = 4096
@@ -92,8 +92,12 @@ class Scan:
 class ProcScanner:
     """Reads /proc once per tick; remembers each process between ticks for CPU deltas."""
 
-    def __init__(self, proc: str = "/proc", clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, proc: str = "/proc", clock: Callable[[], float] = time.monotonic, sample_s: float = 0.0
+    ) -> None:
+        """`sample_s`: status, cmdline, limits and fds of a known process at most this often (0: every read)."""
         self.proc = proc
+        self.sample_s = sample_s
         self._clock = clock
         self.procs: dict[int, ProcEntry] = {}
         self.counters = ScanCounters()
@@ -117,8 +121,8 @@ class ProcScanner:
     def forget(self, pid: int) -> None:
         self.procs.pop(pid, None)
 
-    def update(self, cpu_ns: dict[int, int], exited: frozenset[int], interval: float) -> set[int]:
-        """Apply one interval of kernel CPU time: read only the processes that ran.
+    def update(self, cpu_ns: dict[int, int], exited: frozenset[int]) -> set[int]:
+        """Read only the processes the kernel saw run (their stat: CPU, memory, threads); drop exited ones.
 
         Returns the pids whose entry changed (ran, stopped running, re-read, appeared, left).
         """
@@ -135,17 +139,14 @@ class ProcScanner:
                 changed.add(pid)
         self._running = set(cpu_ns)
         base_dir = self.proc
-        for pid, ns in cpu_ns.items():
+        interval = 0.0 if self._last_mono is None else now - self._last_mono
+        prev_boot = self._last_boot
+        for pid in cpu_ns:
             if pid in exited:
                 continue
-            pct = 100.0 * ns / 1e9 / interval if interval > 0 else 0.0
             entry = procs.get(pid)
-            if entry is not None and now - entry.sampled_at < SAMPLE_S:
-                entry.cpu_pct = pct
-                changed.add(pid)
-                continue
             try:
-                fresh = self._read(pid, f"{base_dir}/{pid}", entry, now, 0.0, None)
+                fresh = self._read(pid, f"{base_dir}/{pid}", entry, now, interval, prev_boot)
             except (FileNotFoundError, ProcessLookupError):
                 if procs.pop(pid, None) is not None:
                     changed.add(pid)
@@ -155,12 +156,10 @@ class ProcScanner:
                 continue
             if fresh is None:
                 continue
-            if entry is not None and fresh is not entry:  # the pid now names another process
-                changed.add(pid)
-            fresh.cpu_pct = pct
             procs[pid] = fresh
             changed.add(pid)
         self._last_mono = now
+        self._last_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
         return changed
 
     def system(self) -> SystemStat:
@@ -270,6 +269,8 @@ class ProcScanner:
             started_inside = prev_boot is not None and (start_ticks + 1) / CLK_TCK >= prev_boot
             if started_inside and interval > 0:
                 entry.cpu_pct = 100.0 * cpu_ticks / CLK_TCK / interval
+        if entry is prev and now - entry.sampled_at < self.sample_s:
+            return entry  # stat only: memory and threads are fresh, the rest is recent enough
         try:
             if entry.cmdline is None:
                 entry.cmdline = _read_cmdline(base, comm)
