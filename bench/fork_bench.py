@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = "/usr/bin/python3"
@@ -57,7 +57,9 @@ def stress(seconds: int) -> tuple[float, float]:
     start = time.time()
     res = subprocess.run(
         ["stress-ng", "--fork", "2", "-t", str(seconds), "--metrics-brief"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     m = METRIC_RE.search(res.stdout + res.stderr)
     if res.returncode != 0 or m is None:
@@ -72,16 +74,28 @@ class Daemon:
 
     proc: subprocess.Popen[str]
     alerts: list[dict[str, Any]] = field(default_factory=list)
-    stats: "queue.Queue[dict[str, Any]]" = field(default_factory=queue.Queue)
+    stats: queue.Queue[dict[str, Any]] = field(default_factory=queue.Queue)
     ready: threading.Event = field(default_factory=threading.Event)
     log: list[str] = field(default_factory=list)
 
     @classmethod
     def start(cls) -> Daemon:
         proc = subprocess.Popen(
-            [PYTHON, "-m", "linnixd", "--foreground", "--output", "json", "--stats-on-exit",
-             "--policy", str(ROOT / "policy" / "rules.yaml")],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                PYTHON,
+                "-m",
+                "linnixd",
+                "--foreground",
+                "--output",
+                "json",
+                "--stats-on-exit",
+                "--policy",
+                str(ROOT / "policy" / "rules.yaml"),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         d = cls(proc)
         threading.Thread(target=d._read_stdout, daemon=True).start()
@@ -120,7 +134,7 @@ class Daemon:
         self.proc.send_signal(signal.SIGUSR1)
         return self.stats.get(timeout=10)
 
-    def stop(self) -> Optional[dict[str, Any]]:
+    def stop(self) -> dict[str, Any] | None:
         """SIGINT, wait, and return the final stats when it printed them."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
@@ -149,7 +163,7 @@ class WithRun:
     count_error: int  # how far the daemon's count lies outside what /proc/stat allows (0 = agrees)
     count_slack: int  # width of that allowed range: forks elsewhere while the tick was unknown
     lost: int  # dropped_events + aggregation_overflows reported by the daemon
-    alert_s: Optional[float]
+    alert_s: float | None
     rss_kb: int
     hwm_kb: int
 
@@ -173,8 +187,13 @@ def run_with(seconds: int, settle_s: float) -> WithRun:
         p1 = proc_stat_processes()
         low1, s1, high1 = bracket(d, settle_s)
         rss, hwm = status_kb(d.proc.pid, "VmRSS"), status_kb(d.proc.pid, "VmHWM")
-        storm = [a for a in d.alerts if a.get("rule") == "fork_storm" and a.get("state") == "firing"
-                 and float(a["ts"]) >= start]
+        storm = [
+            a
+            for a in d.alerts
+            if a.get("rule") == "fork_storm"
+            and a.get("state") == "firing"
+            and float(a["ts"]) >= start
+        ]
         alert_s = min(float(a["ts"]) for a in storm) - start if storm else None
         counted_delta = counted(s1) - counted(s0)
         least, most = low1 - high0, high1 - low0
@@ -230,8 +249,10 @@ def main() -> int:
     events = sum(r.processes for r in runs)
     alerts = [r.alert_s for r in runs if r.alert_s is not None]
     print()
-    print(f"throughput ratio (median with/without): {statistics.median(ratios):.3f} "
-          f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
+    print(
+        f"throughput ratio (median with/without): {statistics.median(ratios):.3f} "
+        f"(min {min(ratios):.3f}, max {max(ratios):.3f})"
+    )
     per_million = sum(r.cpu_s for r in runs) / events * 1e6
     print(f"daemon CPU per million process creations: {per_million:.2f} s")
     print(
@@ -245,8 +266,10 @@ def main() -> int:
         if alerts
         else "storm start to fork_storm alert: NO ALERT"
     )
-    print(f"daemon RSS after the storm: max {max(r.rss_kb for r in runs) / 1024:.1f} MB, "
-          f"peak VmHWM {max(r.hwm_kb for r in runs) / 1024:.1f} MB")
+    print(
+        f"daemon RSS after the storm: max {max(r.rss_kb for r in runs) / 1024:.1f} MB, "
+        f"peak VmHWM {max(r.hwm_kb for r in runs) / 1024:.1f} MB"
+    )
     print(GOALS)
     return 0
 

@@ -22,9 +22,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = "/usr/bin/python3"
@@ -94,9 +95,18 @@ def sleepers(n: int, cgroups: bool = False) -> Iterator[None]:
             os.rmdir(base)
 
 
-def run_daemon(mode: str, seconds: float, load: Optional[list[str]]) -> dict[str, Any]:
+def run_daemon(mode: str, seconds: float, load: list[str] | None) -> dict[str, Any]:
     """One measured run: start, wait for ready and 5 s of settling, measure, stop with stats."""
-    args = [PYTHON, "-m", "linnixd", "--foreground", "--bus", "none", "--no-journal", "--stats-on-exit"]
+    args = [
+        PYTHON,
+        "-m",
+        "linnixd",
+        "--foreground",
+        "--bus",
+        "none",
+        "--no-journal",
+        "--stats-on-exit",
+    ]
     if mode == "scan":
         args.append("--no-sched")
     err = tempfile.TemporaryFile(mode="w+")
@@ -112,7 +122,11 @@ def run_daemon(mode: str, seconds: float, load: Optional[list[str]]) -> dict[str
                 raise RuntimeError(f"linnixd did not become ready: {err.read()[-500:]}")
             time.sleep(0.2)
         time.sleep(5)
-        loader = subprocess.Popen(load, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) if load else None
+        loader = (
+            subprocess.Popen(load, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if load
+            else None
+        )
         time.sleep(1 if loader else 0)
         c0, t0, f0 = cpu_s(proc.pid), time.monotonic(), forks()
         time.sleep(seconds)
@@ -155,17 +169,25 @@ SCENARIOS = {
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=30.0)
-    ap.add_argument("--only", action="append", choices=sorted(SCENARIOS), help="run only these scenarios")
+    ap.add_argument(
+        "--only", action="append", choices=sorted(SCENARIOS), help="run only these scenarios"
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("scale_bench: run as root (BPF, cgroups)", file=sys.stderr)
         return 77
     names = args.only or list(SCENARIOS)
-    print(f"{args.rounds} rounds x {args.seconds:g} s per mode, interleaved (kernel, scan, kernel, ...); medians")
-    print("| scenario | mode | daemon CPU % | goal | RSS MB | tick p50 ms | tick p99 ms | CPU s per M forks | processes |")
+    print(
+        f"{args.rounds} rounds x {args.seconds:g} s per mode, interleaved (kernel, scan, kernel, ...); medians"
+    )
+    print(
+        "| scenario | mode | daemon CPU % | goal | RSS MB | tick p50 ms | tick p99 ms | CPU s per M forks | processes |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in names:
         n, cg, load = SCENARIOS[name]
@@ -175,6 +197,7 @@ def main() -> int:
                 for mode in ("kernel", "scan"):
                     runs[mode].append(run_daemon(mode, args.seconds, load))
         for mode, rs in runs.items():
+
             def med(key: str) -> float:
                 return statistics.median(r.get(key, 0.0) for r in rs)
 

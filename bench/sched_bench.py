@@ -12,11 +12,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from linnixd.collector.sched import SchedCollector  # noqa: E402
+from linnixd.collector.sched import SchedCollector
 
 METRIC = re.compile(r"\]\s+switch\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)")
 STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
@@ -42,21 +41,30 @@ def run_stress(seconds: int) -> tuple[float, int, float]:
     before = ctxt()
     out = subprocess.run(
         ["stress-ng", "--switch", "2", "-t", str(seconds), "--metrics-brief"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     switches = ctxt() - before
     m = METRIC.search(out.stdout + out.stderr)
     if m is None:
         raise RuntimeError("stress-ng printed no switch metrics line")
-    ops, real_s, usr_s, sys_s = int(m.group(1)), float(m.group(2)), float(m.group(3)), float(m.group(4))
+    ops, real_s, usr_s, sys_s = (
+        int(m.group(1)),
+        float(m.group(2)),
+        float(m.group(3)),
+        float(m.group(4)),
+    )
     return ops / real_s, switches, usr_s + sys_s
 
 
-def prog_cost(collector: SchedCollector, prog: bytes) -> Optional[tuple[int, int]]:
+def prog_cost(collector: SchedCollector, prog: bytes) -> tuple[int, int] | None:
     """(run_time_ns, run_cnt) of one program from its fdinfo (needs bpf_stats)."""
     fd = collector._bpf.funcs[prog].fd
     fields = dict(
-        line.split(":", 1) for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines() if ":" in line
+        line.split(":", 1)
+        for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines()
+        if ":" in line
     )
     if "run_time_ns" not in fields:
         return None
@@ -67,8 +75,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=5)
-    ap.add_argument("--tick", type=float, default=0.5, help="map read interval while attached, as the daemon")
-    ap.add_argument("--cost-runs", type=int, default=5, help="short runs measured with kernel bpf_stats")
+    ap.add_argument(
+        "--tick", type=float, default=0.5, help="map read interval while attached, as the daemon"
+    )
+    ap.add_argument(
+        "--cost-runs", type=int, default=5, help="short runs measured with kernel bpf_stats"
+    )
     ap.add_argument("--cost-seconds", type=int, default=2)
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -99,12 +111,17 @@ def main() -> int:
         extra = (b_cpu / b_sw - a_cpu / a_sw) * 1e9
         ratios.append(ratio)
         added_ns.append(extra)
-        line = (f"pair {i + 1}: without {a_ops:,.0f} ops/s ({a_sw / args.seconds:,.0f} switches/s), "
-                f"with {b_ops:,.0f} ops/s ({b_sw / args.seconds:,.0f} switches/s), ratio {ratio:.3f}, "
-                f"stress-ng cpu per switch {extra:+.0f} ns")
+        line = (
+            f"pair {i + 1}: without {a_ops:,.0f} ops/s ({a_sw / args.seconds:,.0f} switches/s), "
+            f"with {b_ops:,.0f} ops/s ({b_sw / args.seconds:,.0f} switches/s), ratio {ratio:.3f}, "
+            f"stress-ng cpu per switch {extra:+.0f} ns"
+        )
         if shutil.which(RUNQLAT):  # a peer on the same tracepoints, in the same interleaving
-            peer = subprocess.Popen([RUNQLAT, str(args.seconds + 30), "1"], stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)
+            peer = subprocess.Popen(
+                [RUNQLAT, str(args.seconds + 30), "1"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             time.sleep(RUNQLAT_ATTACH_S)
             try:
                 c_ops, _, _ = run_stress(args.seconds)
@@ -114,16 +131,22 @@ def main() -> int:
             peer_ratios.append(c_ops / a_ops)
             line += f"; runqlat {c_ops:,.0f} ops/s, ratio {c_ops / a_ops:.3f}"
         print(line, flush=True)
-    print(f"throughput ratio (median of {len(ratios)} pairs): {statistics.median(ratios):.3f} (goal >= 0.95)")
+    print(
+        f"throughput ratio (median of {len(ratios)} pairs): {statistics.median(ratios):.3f} (goal >= 0.95)"
+    )
     if peer_ratios:
-        print(f"peer reference, bcc's {RUNQLAT} (median of {len(peer_ratios)}): {statistics.median(peer_ratios):.3f}")
+        print(
+            f"peer reference, bcc's {RUNQLAT} (median of {len(peer_ratios)}): {statistics.median(peer_ratios):.3f}"
+        )
     else:
         print(f"peer reference skipped: {RUNQLAT} not installed (apt-get install bpfcc-tools)")
     print(f"added stress-ng cpu per context switch (median): {statistics.median(added_ns):+.0f} ns")
     runs = program_run_ns(args.cost_runs, args.cost_seconds)
     for name, per in runs.items():
-        print(f"{name} program run time (kernel bpf_stats, median of {len(per)} runs): "
-              f"{statistics.median(per):.0f} ns per run")
+        print(
+            f"{name} program run time (kernel bpf_stats, median of {len(per)} runs): "
+            f"{statistics.median(per):.0f} ns per run"
+        )
     return 0
 
 

@@ -34,8 +34,9 @@ import json
 import math
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 from xml.sax.saxutils import escape
 
 from dbus_next import BusType, Message, MessageType, Variant
@@ -61,7 +62,9 @@ PROPERTIES_INTERVAL_S = 1.0  # PropertiesChanged for the counters at most this o
 MAX_ALERTS = 10_000
 MAX_ROWS = 1_000
 _RULE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
-_CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("linnixd_caller", default="")  # unique name of the call being run
+_CALLER: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "linnixd_caller", default=""
+)  # unique name of the call being run
 ACTION_SIGNALS = ("ActionTaken", "ActionReverted")
 
 POLKIT_NAME = "org.freedesktop.PolicyKit1"
@@ -163,7 +166,7 @@ def _to_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def _variant(value: Any) -> Optional[Variant]:
+def _variant(value: Any) -> Variant | None:
     """A D-Bus variant for a plain value (None and containers have no flat form)."""
     if isinstance(value, bool):
         return Variant("b", value)
@@ -209,7 +212,9 @@ def alert_details(alert: Alert) -> dict[str, Variant]:
 class BusService:
     """Adapts a Daemon core to one bus connection; create it with serve()."""
 
-    def __init__(self, daemon: Any, bus: MessageBus, *, auth_timeout_s: float = AUTH_TIMEOUT_S) -> None:
+    def __init__(
+        self, daemon: Any, bus: MessageBus, *, auth_timeout_s: float = AUTH_TIMEOUT_S
+    ) -> None:
         self.daemon = daemon
         self.bus = bus
         self.auth_timeout_s = auth_timeout_s
@@ -220,8 +225,8 @@ class BusService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._cancel_ids = itertools.count(1)
         self._last_props: dict[str, Any] = {}
-        self._props_task: Optional[asyncio.Task[Any]] = None
-        self._disconnect_task: Optional[asyncio.Task[Any]] = None
+        self._props_task: asyncio.Task[Any] | None = None
+        self._disconnect_task: asyncio.Task[Any] | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -273,7 +278,9 @@ class BusService:
         if not math.isfinite(since) or since < 0:
             raise BusError(ERROR_INVALID_ARGS, f"since must be an epoch time >= 0, got {since}")
         if rule and not _RULE_NAME.match(rule):
-            raise BusError(ERROR_INVALID_ARGS, f"rule must be a rule name like fork_storm, got {rule[:80]!r}")
+            raise BusError(
+                ERROR_INVALID_ARGS, f"rule must be a rule name like fork_storm, got {rule[:80]!r}"
+            )
         alerts = self.daemon.recent_alerts(since=since, rule=rule, limit=_limit(limit, MAX_ALERTS))
         return _to_json([a.to_dict() for a in alerts])
 
@@ -332,9 +339,14 @@ class BusService:
 
         enforcer = self._require_enforcer()
         if not (math.isfinite(cpu_pct) and 0 < cpu_pct <= 819200):
-            raise BusError(ERROR_INVALID_ARGS, f"cpu_pct must be in (0, 819200] percent of one CPU, got {cpu_pct}")
+            raise BusError(
+                ERROR_INVALID_ARGS,
+                f"cpu_pct must be in (0, 819200] percent of one CPU, got {cpu_pct}",
+            )
         if not (math.isfinite(duration_s) and 0 < duration_s <= 86400):
-            raise BusError(ERROR_INVALID_ARGS, f"duration_s must be in (0, 86400], got {duration_s}")
+            raise BusError(
+                ERROR_INVALID_ARGS, f"duration_s must be in (0, 86400], got {duration_s}"
+            )
         try:
             return str(await enforcer.throttle(unit, cpu_pct, duration_s, await self.caller()))
         except EnforcementError as exc:
@@ -356,7 +368,10 @@ class BusService:
     def _require_enforcer(self) -> Any:
         enforcer = self._enforcer()
         if enforcer is None:
-            raise BusError(ERROR_FAILED, "enforcement is unavailable: the daemon runs without a state directory")
+            raise BusError(
+                ERROR_FAILED,
+                "enforcement is unavailable: the daemon runs without a state directory",
+            )
         return enforcer
 
     async def caller(self) -> Any:
@@ -364,12 +379,23 @@ class BusService:
         from .enforcement import Caller
 
         sender = _CALLER.get()
-        values: list[Optional[int]] = []
+        values: list[int | None] = []
         for member in ("GetConnectionUnixUser", "GetConnectionUnixProcessID"):
-            msg = Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus", interface="org.freedesktop.DBus", member=member, signature="s", body=[sender])
+            msg = Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member=member,
+                signature="s",
+                body=[sender],
+            )
             try:
                 reply = await asyncio.wait_for(self.bus.call(msg), self.auth_timeout_s)
-                values.append(int(reply.body[0]) if reply is not None and reply.message_type == MessageType.METHOD_RETURN else None)
+                values.append(
+                    int(reply.body[0])
+                    if reply is not None and reply.message_type == MessageType.METHOD_RETURN
+                    else None
+                )
             except Exception:  # recorded as unknown; the caller was authorized already
                 values.append(None)
         return Caller(bus_name=sender, uid=values[0], pid=values[1])
@@ -393,11 +419,17 @@ class BusService:
             "Events": Variant("t", int(c.events)),
             "DroppedEvents": Variant("t", int(c.dropped_events)),
             "Alerts": Variant("t", int(c.alerts)),
-            **({"DryRun": Variant("b", bool(self._enforcer().dry_run))} if self._enforcer() is not None else {}),
+            **(
+                {"DryRun": Variant("b", bool(self._enforcer().dry_run))}
+                if self._enforcer() is not None
+                else {}
+            ),
         }
 
     def _changing_properties(self) -> dict[str, Any]:
-        return {k: v.value for k, v in self.properties().items() if k not in ("Version", "StartedAt")}
+        return {
+            k: v.value for k, v in self.properties().items() if k not in ("Version", "StartedAt")
+        }
 
     async def _properties_loop(self) -> None:
         while True:
@@ -411,13 +443,29 @@ class BusService:
         changed = {k: props[k] for k, v in now.items() if self._last_props.get(k) != v}
         self._last_props = now
         if changed:
-            self._send(Message.new_signal(OBJECT_PATH, PROPERTIES_INTERFACE, "PropertiesChanged", "sa{sv}as", [MANAGER_INTERFACE, changed, []]))
+            self._send(
+                Message.new_signal(
+                    OBJECT_PATH,
+                    PROPERTIES_INTERFACE,
+                    "PropertiesChanged",
+                    "sa{sv}as",
+                    [MANAGER_INTERFACE, changed, []],
+                )
+            )
 
     def send_alert(self, alert: Alert) -> None:
         """Daemon alert listener: broadcast Alert(rule, severity, summary, details)."""
         if self._closed:
             return
-        self._send(Message.new_signal(OBJECT_PATH, MANAGER_INTERFACE, "Alert", "sssa{sv}", [alert.rule, alert.severity, alert.summary, alert_details(alert)]))
+        self._send(
+            Message.new_signal(
+                OBJECT_PATH,
+                MANAGER_INTERFACE,
+                "Alert",
+                "sssa{sv}",
+                [alert.rule, alert.severity, alert.summary, alert_details(alert)],
+            )
+        )
 
     def _send(self, msg: Message) -> None:
         if self._closed or not self.bus.connected:
@@ -436,7 +484,11 @@ class BusService:
         if msg.message_type != MessageType.METHOD_CALL:
             return False
         if msg.path != OBJECT_PATH:
-            if msg.interface == INTROSPECTABLE_INTERFACE and msg.member == "Introspect" and _is_ancestor(msg.path):
+            if (
+                msg.interface == INTROSPECTABLE_INTERFACE
+                and msg.member == "Introspect"
+                and _is_ancestor(msg.path)
+            ):
                 self._reply(msg, "s", [_ancestor_xml(msg.path)])
                 return True
             return False
@@ -444,7 +496,9 @@ class BusService:
             self._on_properties(msg)
         elif msg.interface == INTROSPECTABLE_INTERFACE:
             self._reply(msg, "s", [self.introspect()])
-        elif msg.interface == MANAGER_INTERFACE or (msg.interface is None and msg.member in self.exports):
+        elif msg.interface == MANAGER_INTERFACE or (
+            msg.interface is None and msg.member in self.exports
+        ):
             self._on_method(msg)
         else:
             return False
@@ -456,7 +510,11 @@ class BusService:
             self._error(msg, DBUS_UNKNOWN_METHOD, f"{MANAGER_INTERFACE} has no method {msg.member}")
             return
         if msg.signature != export.in_signature:
-            self._error(msg, ERROR_INVALID_ARGS, f"{export.name} takes ({export.in_signature}), got ({msg.signature})")
+            self._error(
+                msg,
+                ERROR_INVALID_ARGS,
+                f"{export.name} takes ({export.in_signature}), got ({msg.signature})",
+            )
             return
         if export.read_only:
             self._send(self._run(export, msg))
@@ -470,7 +528,11 @@ class BusService:
         if self._closed:
             return
         if not allowed:
-            self._error(msg, ERROR_NOT_AUTHORIZED, f"{export.name} needs polkit action {export.action}: {why}")
+            self._error(
+                msg,
+                ERROR_NOT_AUTHORIZED,
+                f"{export.name} needs polkit action {export.action}: {why}",
+            )
             return
         self._send(await self._run_async(export, msg))
 
@@ -502,7 +564,7 @@ class BusService:
         except Exception as exc:
             return self._error_reply(export, msg, exc)
 
-    async def check_authorization(self, sender: Optional[str], action: str) -> tuple[bool, str]:
+    async def check_authorization(self, sender: str | None, action: str) -> tuple[bool, str]:
         """polkit CheckAuthorization for the caller's unique name; any failure or timeout denies."""
         if not sender or not sender.startswith(":"):
             return False, "the caller has no unique bus name"
@@ -513,25 +575,39 @@ class BusService:
             interface=POLKIT_INTERFACE,
             member="CheckAuthorization",
             signature="(sa{sv})sa{ss}us",
-            body=[["system-bus-name", {"name": Variant("s", sender)}], action, {}, POLKIT_ALLOW_USER_INTERACTION, cancel_id],
+            body=[
+                ["system-bus-name", {"name": Variant("s", sender)}],
+                action,
+                {},
+                POLKIT_ALLOW_USER_INTERACTION,
+                cancel_id,
+            ],
         )
         try:
             reply = await asyncio.wait_for(self.bus.call(call), self.auth_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._cancel_check(cancel_id)
             return False, f"polkit did not answer within {self.auth_timeout_s:g} s"
         except Exception as exc:
             return False, f"polkit check failed: {exc}"
         if reply is None or reply.message_type != MessageType.METHOD_RETURN:
             detail = reply.body[0] if reply is not None and reply.body else ""
-            return False, f"polkit check failed: {getattr(reply, 'error_name', 'no reply')}: {detail}"
+            return (
+                False,
+                f"polkit check failed: {getattr(reply, 'error_name', 'no reply')}: {detail}",
+            )
         try:
             is_authorized, is_challenge, _details = reply.body[0]
         except (TypeError, ValueError, IndexError):
             return False, "polkit sent a malformed answer"
         if is_authorized is True:
             return True, ""
-        return False, "authentication is required and no agent answered" if is_challenge else "denied by polkit"
+        return (
+            False,
+            "authentication is required and no agent answered"
+            if is_challenge
+            else "denied by polkit",
+        )
 
     def _cancel_check(self, cancel_id: str) -> None:
         self._send(
@@ -556,13 +632,19 @@ class BusService:
                 self._reply(msg, "v", [props[name]])
         elif msg.member == "GetAll" and msg.signature == "s":
             if msg.body[0] not in (MANAGER_INTERFACE, ""):
-                self._error(msg, DBUS_UNKNOWN_INTERFACE, f"no interface {msg.body[0]} on {OBJECT_PATH}")
+                self._error(
+                    msg, DBUS_UNKNOWN_INTERFACE, f"no interface {msg.body[0]} on {OBJECT_PATH}"
+                )
             else:
                 self._reply(msg, "a{sv}", [props])
         elif msg.member == "Set" and msg.signature == "ssv":
             self._error(msg, DBUS_PROPERTY_READ_ONLY, "every linnixd property is read-only")
         else:
-            self._error(msg, DBUS_INVALID_ARGS, f"no method {PROPERTIES_INTERFACE}.{msg.member}({msg.signature})")
+            self._error(
+                msg,
+                DBUS_INVALID_ARGS,
+                f"no method {PROPERTIES_INTERFACE}.{msg.member}({msg.signature})",
+            )
 
     def _reply(self, msg: Message, signature: str, body: list[Any]) -> None:
         self._send(Message.new_method_return(msg, signature, body))
@@ -582,10 +664,16 @@ class BusService:
             for name, sig in export.out_args:
                 parts.append(f'   <arg name="{name}" type="{sig}" direction="out"/>')
             parts.append("  </method>")
-        parts.append("  <!-- One per alert, firing or resolved; details: state, id, incident, ts, pid, comm, unit, cgroup, parent, evidence (JSON) and evidence.<key> numbers -->")
-        parts.append('  <signal name="Alert"><arg name="rule" type="s"/><arg name="severity" type="s"/><arg name="summary" type="s"/><arg name="details" type="a{sv}"/></signal>')
+        parts.append(
+            "  <!-- One per alert, firing or resolved; details: state, id, incident, ts, pid, comm, unit, cgroup, parent, evidence (JSON) and evidence.<key> numbers -->"
+        )
+        parts.append(
+            '  <signal name="Alert"><arg name="rule" type="s"/><arg name="severity" type="s"/><arg name="summary" type="s"/><arg name="details" type="a{sv}"/></signal>'
+        )
         for name in ACTION_SIGNALS:
-            parts.append(f'  <signal name="{name}"><arg name="unit" type="s"/><arg name="action" type="s"/><arg name="before" type="s"/><arg name="after" type="s"/><arg name="rule" type="s"/><arg name="incident" type="s"/></signal>')
+            parts.append(
+                f'  <signal name="{name}"><arg name="unit" type="s"/><arg name="action" type="s"/><arg name="before" type="s"/><arg name="after" type="s"/><arg name="rule" type="s"/><arg name="incident" type="s"/></signal>'
+            )
         for name, value in self.properties().items():
             parts.append(f'  <property name="{name}" type="{value.signature}" access="read"/>')
         parts.append(" </interface>")
@@ -613,11 +701,11 @@ _STANDARD_INTERFACES = """ <interface name="org.freedesktop.DBus.Introspectable"
  </interface>"""
 
 
-def _is_ancestor(path: Optional[str]) -> bool:
+def _is_ancestor(path: str | None) -> bool:
     return bool(path) and (path == "/" or OBJECT_PATH.startswith(str(path).rstrip("/") + "/"))
 
 
-def _ancestor_xml(path: Optional[str]) -> str:
+def _ancestor_xml(path: str | None) -> str:
     """Introspection of /, /org, /org/linnix: one child node leading to our object (busctl tree)."""
     below = OBJECT_PATH[len(str(path).rstrip("/")) + 1 :]
     return f'{_XML_HEADER}\n<node>\n <node name="{below.split("/")[0]}"/>\n</node>'
@@ -637,7 +725,9 @@ async def connect(bus: str) -> MessageBus:
     return await MessageBus(**bus_options(bus)).connect()
 
 
-async def serve(daemon: Any, bus: str = "system", *, auth_timeout_s: float = AUTH_TIMEOUT_S) -> BusService:
+async def serve(
+    daemon: Any, bus: str = "system", *, auth_timeout_s: float = AUTH_TIMEOUT_S
+) -> BusService:
     """Connect to `bus`, own org.linnix.linnixd1 and serve `daemon` until BusService.close().
 
     Raises (one-line messages) when the bus is unreachable or the name cannot be owned.

@@ -19,7 +19,7 @@ import os
 import re
 import sys
 import typing
-from typing import Any, Literal, Optional, TextIO
+from typing import Any, Literal, TextIO
 
 import pydantic
 import yaml
@@ -202,7 +202,9 @@ class RuleAction(_Frozen):
 
     rule: Literal[RULE_NAMES]  # type: ignore[valid-type]
     type: ActionType = "none"
-    cpu_pct: float = Field(20.0, gt=0, le=MAX_CPU_PCT)  # throttle_cpu: CPUQuota=, percent of one CPU
+    cpu_pct: float = Field(
+        20.0, gt=0, le=MAX_CPU_PCT
+    )  # throttle_cpu: CPUQuota=, percent of one CPU
     memory_high_mb: float = Field(512.0, gt=0, le=1 << 30)  # limit_memory: MemoryHigh=
     duration_s: float = Field(300.0, gt=0, le=86400)  # reverted after this long (or when resolved)
     signal: Literal["TERM", "KILL"] = "TERM"  # kill: the signal sent to the culprit process
@@ -218,7 +220,9 @@ class Enforcement(_Frozen):
     if PYDANTIC_V2:
         check_one_action_per_rule = pydantic.field_validator("actions")(_one_action_per_rule)
     else:
-        check_one_action_per_rule = pydantic.validator("actions", allow_reuse=True)(_one_action_per_rule)
+        check_one_action_per_rule = pydantic.validator("actions", allow_reuse=True)(
+            _one_action_per_rule
+        )
 
 
 class Policy(_Frozen):
@@ -229,7 +233,7 @@ class Policy(_Frozen):
     rules: Rules = Field(default_factory=Rules)
     enforcement: Enforcement = Field(default_factory=Enforcement)
 
-    def action_for(self, rule: str) -> Optional[RuleAction]:
+    def action_for(self, rule: str) -> RuleAction | None:
         """The action configured for `rule`, or None when it only alerts (the default)."""
         for action in self.enforcement.actions:
             if action.rule == rule and action.type != "none":
@@ -463,7 +467,7 @@ def _unknown(model: type[BaseModel], key: str, known: list[str]) -> str:
     return f"{what} (expected one of {', '.join(known)})"
 
 
-def _field_nodes(root: yaml.Node, loc: tuple[Any, ...]) -> tuple[yaml.Node, Optional[yaml.Node]]:
+def _field_nodes(root: yaml.Node, loc: tuple[Any, ...]) -> tuple[yaml.Node, yaml.Node | None]:
     """The key node naming a pydantic error location (else its nearest parent), its value node."""
     key, value = root, root
     for part in loc:
@@ -514,7 +518,7 @@ def _pydantic_problem(reader: _Reader, root: yaml.Node, error: dict[str, Any]) -
 class _PolicyLoader(yaml.SafeLoader):
     """SafeLoader whose alias nodes carry the alias's own position, so problems point at the use."""
 
-    def compose_node(self, parent: Optional[yaml.Node], index: Any) -> Optional[yaml.Node]:
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         if not self.check_event(yaml.AliasEvent):
             return super().compose_node(parent, index)
         mark = self.peek_event().start_mark
@@ -575,7 +579,7 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     root = _compose(name)
     reader = _Reader(name)
     data = reader.mapping(Policy, root, "")
-    policy: Optional[Policy] = None
+    policy: Policy | None = None
     try:
         policy = Policy(**data)
     except pydantic.ValidationError as exc:
@@ -590,7 +594,7 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     return policy
 
 
-def check_config(path: str, out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
+def check_config(path: str, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Validate one policy file: an OK line on `out` (0), or one line per problem on `err` (78)."""
     out = out or sys.stdout  # looked up per call: tests and the CLI may swap sys.stdout
     err = err or sys.stderr

@@ -10,7 +10,8 @@ import re
 import signal
 import sys
 import time
-from typing import Any, Callable, Iterable, NoReturn, Optional, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NoReturn
 
 from dbus_next import Message, MessageType
 from dbus_next.constants import MessageFlag
@@ -72,7 +73,7 @@ def exit_code_for(error_name: str) -> int:
     return EXIT_FAILURE
 
 
-def parse_since(text: str, now: Optional[float] = None) -> float:
+def parse_since(text: str, now: float | None = None) -> float:
     """Epoch seconds from '10m', '2h', '3d', '90s', '1w' (ago) or an ISO time (local if no zone)."""
     now = time.time() if now is None else now
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
@@ -101,18 +102,22 @@ class Client:
 
         try:
             self.bus = await asyncio.wait_for(connect(self.bus_spec), CALL_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise CtlError(EXIT_UNAVAILABLE, f"{bus_label(self.bus_spec)} did not answer") from None
         except Exception as exc:
             detail = " ".join(str(exc).splitlines()) or type(exc).__name__
-            raise CtlError(EXIT_UNAVAILABLE, f"cannot reach {bus_label(self.bus_spec)}: {detail}") from None
+            raise CtlError(
+                EXIT_UNAVAILABLE, f"cannot reach {bus_label(self.bus_spec)}: {detail}"
+            ) from None
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
         if self.bus is not None:
             self.bus.disconnect()
 
-    async def call(self, member: str, signature: str = "", body: Sequence[Any] = (), interactive: bool = False) -> Any:
+    async def call(
+        self, member: str, signature: str = "", body: Sequence[Any] = (), interactive: bool = False
+    ) -> Any:
         """Call a Manager method; returns the first value of the reply or raises CtlError."""
         msg = Message(
             destination=BUS_NAME,
@@ -125,8 +130,10 @@ class Client:
         )
         try:
             reply = await asyncio.wait_for(self.bus.call(msg), CALL_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            raise CtlError(EXIT_UNAVAILABLE, f"linnixd did not answer {member} within {CALL_TIMEOUT_S:g} s") from None
+        except TimeoutError:
+            raise CtlError(
+                EXIT_UNAVAILABLE, f"linnixd did not answer {member} within {CALL_TIMEOUT_S:g} s"
+            ) from None
         except Exception as exc:
             raise CtlError(EXIT_UNAVAILABLE, f"lost {bus_label(self.bus_spec)}: {exc}") from None
         if reply.message_type == MessageType.ERROR:
@@ -253,7 +260,10 @@ def alert_from_signal(body: list[Any]) -> dict[str, Any]:
     plain = {k: v.value for k, v in details.items() if not k.startswith("evidence")}
     evidence = details.get("evidence")
     return {
-        **{k: plain.get(k) for k in ("pid", "comm", "cgroup", "unit", "parent_pid", "parent_comm", "root_pid")},
+        **{
+            k: plain.get(k)
+            for k in ("pid", "comm", "cgroup", "unit", "parent_pid", "parent_comm", "root_pid")
+        },
         "id": plain.get("id", ""),
         "incident": plain.get("incident", ""),
         "state": plain.get("state", ""),
@@ -314,7 +324,9 @@ async def cmd_top(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def show_rows(args: argparse.Namespace, rows: Any, formatter: Callable[[Any], Iterable[str]], empty: str) -> int:
+def show_rows(
+    args: argparse.Namespace, rows: Any, formatter: Callable[[Any], Iterable[str]], empty: str
+) -> int:
     """Print rows as one JSON document (--json) or as formatted lines; say so when there are none."""
     if args.json:
         emit(json.dumps(rows, sort_keys=True))
@@ -349,7 +361,10 @@ async def cmd_watch(args: argparse.Namespace) -> int:
             f"member='NameOwnerChanged',arg0='{BUS_NAME}'"
         )
         if not await c.has_owner():
-            raise CtlError(EXIT_UNAVAILABLE, f"linnixd is not running (nobody owns {BUS_NAME} on {bus_label(args.bus)})")
+            raise CtlError(
+                EXIT_UNAVAILABLE,
+                f"linnixd is not running (nobody owns {BUS_NAME} on {bus_label(args.bus)})",
+            )
         # on stderr, so stdout stays one record per line; a script can wait for it before acting
         print(f"linnixctl: watching linnixd on {bus_label(args.bus)}", file=sys.stderr, flush=True)
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -360,12 +375,24 @@ async def cmd_watch(args: argparse.Namespace) -> int:
             if msg.message_type != MessageType.SIGNAL or done.done():
                 return
             if msg.member == "NameOwnerChanged" and msg.body and msg.body[0] == BUS_NAME:
-                print(f"linnixctl: linnixd {'started' if msg.body[2] else 'stopped'}", file=sys.stderr, flush=True)
+                print(
+                    f"linnixctl: linnixd {'started' if msg.body[2] else 'stopped'}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return
-            if msg.interface == MANAGER_INTERFACE and msg.member == "Alert" and msg.signature == "sssa{sv}":
+            if (
+                msg.interface == MANAGER_INTERFACE
+                and msg.member == "Alert"
+                and msg.signature == "sssa{sv}"
+            ):
                 row = alert_from_signal(msg.body)
                 emit(json.dumps(row, sort_keys=True) if args.json else format_alert(row))
-            elif msg.interface == MANAGER_INTERFACE and msg.member in ACTION_SIGNALS and msg.signature == "ssssss":
+            elif (
+                msg.interface == MANAGER_INTERFACE
+                and msg.member in ACTION_SIGNALS
+                and msg.signature == "ssssss"
+            ):
                 event = {"signal": msg.member, **dict(zip(ACTION_FIELDS, msg.body))}
                 emit(json.dumps(event, sort_keys=True) if args.json else format_action_event(event))
             else:
@@ -393,7 +420,11 @@ ACTION_FIELDS = ("unit", "action", "before", "after", "rule", "incident")
 def format_action_event(e: dict[str, str]) -> str:
     """One line per ActionTaken / ActionReverted signal."""
     what = "action taken" if e["signal"] == "ActionTaken" else "action reverted"
-    values = f"{e['before']} -> {e['after']}" if e["signal"] == "ActionTaken" else f"back to {e['before']}"
+    values = (
+        f"{e['before']} -> {e['after']}"
+        if e["signal"] == "ActionTaken"
+        else f"back to {e['before']}"
+    )
     return f"{what}: {e['action']} {e['unit']} ({values}) rule {e['rule']} incident {e['incident'] or '-'}"
 
 
@@ -407,9 +438,14 @@ async def cmd_enforcement(args: argparse.Namespace) -> int:
 
 
 def format_actions(rows: list[dict[str, Any]]) -> list[str]:
-    lines = [f"{'UNIT':<32} {'ACTION':<13} {'BEFORE':>20} {'AFTER':>20} {'REVERT IN':>9}  RULE (INCIDENT)"]
+    lines = [
+        f"{'UNIT':<32} {'ACTION':<13} {'BEFORE':>20} {'AFTER':>20} {'REVERT IN':>9}  RULE (INCIDENT)"
+    ]
     for row in rows:
-        show = {k: "infinity" if row.get(k) == 2**64 - 1 else str(row.get(k)) for k in ("before", "after")}
+        show = {
+            k: "infinity" if row.get(k) == 2**64 - 1 else str(row.get(k))
+            for k in ("before", "after")
+        }
         left = max(0.0, float(row.get("expires_at", 0)) - time.time())
         lines.append(
             f"{row.get('unit', '?'):<32} {row.get('action', '?'):<13} {show['before']:>20} {show['after']:>20} "
@@ -427,7 +463,14 @@ async def cmd_actions(args: argparse.Namespace) -> int:
 async def cmd_throttle(args: argparse.Namespace) -> int:
     async with Client(args.bus) as c:
         if args.command == "throttle":
-            emit(await c.call("Throttle", "sdd", [args.unit, float(args.cpu), float(args.duration)], interactive=True))
+            emit(
+                await c.call(
+                    "Throttle",
+                    "sdd",
+                    [args.unit, float(args.cpu), float(args.duration)],
+                    interactive=True,
+                )
+            )
         else:
             emit(await c.call("Unthrottle", "s", [args.unit], interactive=True))
     return EXIT_OK
@@ -437,7 +480,9 @@ def _percent(text: str) -> float:
     try:
         value = float(text.rstrip("%"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a percentage of one CPU like 20, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a percentage of one CPU like 20, got {text!r}"
+        ) from None
     if not 0 < value <= 819200:
         raise argparse.ArgumentTypeError(f"must be more than 0 and at most 819200, got {text}")
     return value
@@ -503,8 +548,18 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="linnixctl", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bus", default="system", metavar="BUS", help="where linnixd is: system (default), session, or a D-Bus address such as unix:path=/run/x")
+    p = _Parser(
+        prog="linnixctl",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--bus",
+        default="system",
+        metavar="BUS",
+        help="where linnixd is: system (default), session, or a D-Bus address such as unix:path=/run/x",
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     s = sub.add_parser("status", help="the daemon's state: policy, rules, counters, open incidents")
@@ -512,66 +567,134 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(run=cmd_status)
 
     s = sub.add_parser("alerts", help="recent alerts from the history, oldest first")
-    s.add_argument("--since", type=parse_since, default=0.0, metavar="WHEN", help="only alerts from WHEN on: a duration ago (90s, 10m, 2h, 3d, 1w) or an ISO time (2025-11-21T14:00, local unless a zone is given)")
-    s.add_argument("--rule", default="", metavar="RULE", help="only alerts of this rule, e.g. fork_storm")
-    s.add_argument("--limit", type=_positive, default=20, metavar="N", help="at most the N newest alerts (default 20, at most 10000)")
-    s.add_argument("--json", action="store_true", help="one JSON object per line (the history record)")
+    s.add_argument(
+        "--since",
+        type=parse_since,
+        default=0.0,
+        metavar="WHEN",
+        help="only alerts from WHEN on: a duration ago (90s, 10m, 2h, 3d, 1w) or an ISO time (2025-11-21T14:00, local unless a zone is given)",
+    )
+    s.add_argument(
+        "--rule", default="", metavar="RULE", help="only alerts of this rule, e.g. fork_storm"
+    )
+    s.add_argument(
+        "--limit",
+        type=_positive,
+        default=20,
+        metavar="N",
+        help="at most the N newest alerts (default 20, at most 10000)",
+    )
+    s.add_argument(
+        "--json", action="store_true", help="one JSON object per line (the history record)"
+    )
     s.set_defaults(run=cmd_alerts)
 
     s = sub.add_parser("incidents", help="incidents still firing")
     s.add_argument("--json", action="store_true", help="one JSON object per line")
     s.set_defaults(run=cmd_incidents)
 
-    s = sub.add_parser("watch", help="print alerts and enforcement actions (ActionTaken, ActionReverted) as linnixd signals them, until interrupted")
-    s.add_argument("--json", action="store_true", help="one JSON object per line instead of a readable line")
+    s = sub.add_parser(
+        "watch",
+        help="print alerts and enforcement actions (ActionTaken, ActionReverted) as linnixd signals them, until interrupted",
+    )
+    s.add_argument(
+        "--json", action="store_true", help="one JSON object per line instead of a readable line"
+    )
     s.add_argument("--count", type=_positive, metavar="N", help="exit after N alerts")
     s.set_defaults(run=cmd_watch)
 
-    s = sub.add_parser("top", help="cgroups by pressure (cpu/io/memory some %%), run-queue wait, and the stall table")
-    s.add_argument("--limit", type=_positive, default=10, metavar="N", help="rows per table (default 10, at most 1000)")
-    s.add_argument("--json", action="store_true", help='one JSON object: {"cgroups": [...], "stalls": [...]}')
+    s = sub.add_parser(
+        "top",
+        help="cgroups by pressure (cpu/io/memory some %%), run-queue wait, and the stall table",
+    )
+    s.add_argument(
+        "--limit",
+        type=_positive,
+        default=10,
+        metavar="N",
+        help="rows per table (default 10, at most 1000)",
+    )
+    s.add_argument(
+        "--json", action="store_true", help='one JSON object: {"cgroups": [...], "stalls": [...]}'
+    )
     s.set_defaults(run=cmd_top)
 
     s = sub.add_parser("stalls", help="who made whom wait for a CPU over the stall window")
-    s.add_argument("--limit", type=_positive, default=20, metavar="N", help="rows (default 20, at most 1000)")
+    s.add_argument(
+        "--limit", type=_positive, default=20, metavar="N", help="rows (default 20, at most 1000)"
+    )
     s.add_argument("--json", action="store_true", help="print the table as a JSON array")
     s.set_defaults(run=cmd_stalls)
 
-    s = sub.add_parser("reload", help="make linnixd re-read its policy (polkit: org.linnix.linnixd1.reload-policy)")
+    s = sub.add_parser(
+        "reload", help="make linnixd re-read its policy (polkit: org.linnix.linnixd1.reload-policy)"
+    )
     s.set_defaults(run=cmd_reload)
 
-    s = sub.add_parser("enable-enforcement", help="let linnixd act on rules that have an action (polkit: org.linnix.linnixd1.manage-enforcement)")
-    s.add_argument("--dry-run", action="store_true", help="only journal what would be done; change nothing")
+    s = sub.add_parser(
+        "enable-enforcement",
+        help="let linnixd act on rules that have an action (polkit: org.linnix.linnixd1.manage-enforcement)",
+    )
+    s.add_argument(
+        "--dry-run", action="store_true", help="only journal what would be done; change nothing"
+    )
     s.set_defaults(run=cmd_enforcement)
 
-    s = sub.add_parser("disable-enforcement", help="back to monitor-only; actions taken by rules are reverted")
+    s = sub.add_parser(
+        "disable-enforcement", help="back to monitor-only; actions taken by rules are reverted"
+    )
     s.set_defaults(run=cmd_enforcement)
 
-    s = sub.add_parser("actions", help="actions in force: unit, action, value before and after, time left")
+    s = sub.add_parser(
+        "actions", help="actions in force: unit, action, value before and after, time left"
+    )
     s.add_argument("--json", action="store_true", help="print the ledger as a JSON array")
     s.set_defaults(run=cmd_actions)
 
-    s = sub.add_parser("throttle", help="cap a unit's CPU for a while (CPUQuota=, runtime; polkit: org.linnix.linnixd1.act)")
+    s = sub.add_parser(
+        "throttle",
+        help="cap a unit's CPU for a while (CPUQuota=, runtime; polkit: org.linnix.linnixd1.act)",
+    )
     s.add_argument("unit", metavar="UNIT", help="the systemd unit, e.g. batch.service")
-    s.add_argument("--cpu", type=_percent, required=True, metavar="PCT", help="percent of one CPU (100 = one core)")
-    s.add_argument("--duration", type=_positive, default=300, metavar="S", help="seconds until it is reverted (default 300, at most 86400)")
+    s.add_argument(
+        "--cpu",
+        type=_percent,
+        required=True,
+        metavar="PCT",
+        help="percent of one CPU (100 = one core)",
+    )
+    s.add_argument(
+        "--duration",
+        type=_positive,
+        default=300,
+        metavar="S",
+        help="seconds until it is reverted (default 300, at most 86400)",
+    )
     s.set_defaults(run=cmd_throttle)
 
-    s = sub.add_parser("unthrottle", help="restore a unit's CPUQuota= from before linnixctl throttle")
+    s = sub.add_parser(
+        "unthrottle", help="restore a unit's CPUQuota= from before linnixctl throttle"
+    )
     s.add_argument("unit", metavar="UNIT", help="the systemd unit")
     s.set_defaults(run=cmd_throttle)
 
-    s = sub.add_parser("check-config", help="validate a policy file without a daemon (0 valid, 78 invalid)")
+    s = sub.add_parser(
+        "check-config", help="validate a policy file without a daemon (0 valid, 78 invalid)"
+    )
     s.add_argument("file", metavar="FILE", help="the policy file, e.g. /etc/linnixd/rules.yaml")
     s.set_defaults(run=cmd_check_config)
 
     # everything after `demo` belongs to the demos' own parser (linnixctl demo --help)
-    s = sub.add_parser("demo", add_help=False, help="run a bounded workload that trips one rule (linnixctl demo --help)")
+    s = sub.add_parser(
+        "demo",
+        add_help=False,
+        help="run a bounded workload that trips one rule (linnixctl demo --help)",
+    )
     s.set_defaults(run=cmd_demo, demo_args=[])
     return p
 
 
-def _split_demo(argv: list[str]) -> tuple[list[str], Optional[list[str]]]:
+def _split_demo(argv: list[str]) -> tuple[list[str], list[str] | None]:
     """(linnixctl's own arguments, the demo's arguments or None when the command is not demo)."""
     i = 0
     while i < len(argv):
@@ -584,7 +707,7 @@ def _split_demo(argv: list[str]) -> tuple[list[str], Optional[list[str]]]:
     return argv, None
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     own, demo_args = _split_demo(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(own)
     if demo_args is not None:

@@ -12,9 +12,10 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from . import __version__
 from .constants import (
@@ -90,8 +91,10 @@ class Daemon:
         self.tick_errors = 0
         self.last_tick_mono = time.monotonic()
         self.last_tick_cost_s = 0.0
-        self.tick_costs: collections.deque[float] = collections.deque(maxlen=1200)  # seconds, newest last
-        self._last_health: Optional[LifecycleTick] = None
+        self.tick_costs: collections.deque[float] = collections.deque(
+            maxlen=1200
+        )  # seconds, newest last
+        self._last_health: LifecycleTick | None = None
         self._reported_errors: set[str] = set()
 
     # ---- the pipeline -------------------------------------------------------------------
@@ -99,13 +102,13 @@ class Daemon:
     def tick(self) -> Snapshot:
         """Read every collector once, update the model, run the detectors, emit alerts."""
         started = time.monotonic()
-        lt: Optional[LifecycleTick] = None
+        lt: LifecycleTick | None = None
         if self.lifecycle is not None:
             lt = self.lifecycle.read()
             self._last_health = lt
             self.totals = self.totals + lt.total
             self.model.apply(lt)
-        stall: Optional[StallSnapshot] = None
+        stall: StallSnapshot | None = None
         if self.sched is not None:
             stall = self.sched.read(self.model.resolve_cgroup)
         snap: Snapshot = self.model.snapshot(lt, time.monotonic(), time.time(), stall)
@@ -176,7 +179,7 @@ class Daemon:
     def enforcement_enabled(self) -> bool:
         return self.enforcer is not None and bool(self.enforcer.enabled)
 
-    def start_time_of(self, pid: int) -> Optional[float]:
+    def start_time_of(self, pid: int) -> float | None:
         """The start time (s since boot) the newest snapshot saw for pid: what a kill must match."""
         proc = self.window[-1].processes.get(pid) if self.window else None
         return proc.start_time if proc is not None else None
@@ -345,8 +348,8 @@ class Runner:
         self.notifier = notifier
         self.triggers = psi_triggers
         daemon.notifier = notifier
-        self.stop_event: Optional[asyncio.Event] = None
-        self.wake_event: Optional[asyncio.Event] = None
+        self.stop_event: asyncio.Event | None = None
+        self.wake_event: asyncio.Event | None = None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -377,7 +380,11 @@ class Runner:
             f"bus {self.args.bus}"
         )
         watchdog = asyncio.ensure_future(self._watchdog())
-        enforcing = asyncio.ensure_future(self.daemon.enforcer.run()) if self.daemon.enforcer is not None else None
+        enforcing = (
+            asyncio.ensure_future(self.daemon.enforcer.run())
+            if self.daemon.enforcer is not None
+            else None
+        )
         try:
             await self._tick_loop()
         finally:
@@ -406,7 +413,11 @@ class Runner:
             self.wake_event.clear()
             stop = asyncio.ensure_future(self.stop_event.wait())
             wake = asyncio.ensure_future(self.wake_event.wait())
-            await asyncio.wait({stop, wake}, timeout=max(0.0, next_at - loop.time()), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {stop, wake},
+                timeout=max(0.0, next_at - loop.time()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
             for fut in (stop, wake):
                 fut.cancel()
             if self.wake_event.is_set():
@@ -475,16 +486,58 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--foreground", action="store_true", help="print alerts on stdout (interactive use); the daemon never forks either way")
-    p.add_argument("--output", choices=("text", "json"), default="text", help="stdout format with --foreground: readable lines or one JSON object per alert (default: text)")
-    p.add_argument("--policy", metavar="FILE", help="policy file (default: /etc/linnixd/rules.yaml, else the checkout's policy/rules.yaml)")
-    p.add_argument("--check-config", metavar="FILE", help="validate a policy file and exit (0 valid, 78 invalid)")
-    p.add_argument("--dump-bpf", action="store_true", help="print the BPF C that would be compiled, with its -D settings, and exit")
-    p.add_argument("--bus", default=None, metavar="BUS", help="D-Bus to serve on: system, session, none or an address (default: system, or none with --foreground)")
-    p.add_argument("--state-dir", metavar="DIR", help=f"alert history directory (default: {STATE_DIR}; none with --foreground unless given)")
-    p.add_argument("--no-journal", action="store_true", help="do not send alerts to journald even when it is running")
-    p.add_argument("--no-sched", action="store_true", help="do not attach the scheduler (stall attribution) program")
-    p.add_argument("--stats-on-exit", action="store_true", help='print {"stats": {...}} as JSON on stderr at exit (also on SIGUSR1)')
+    p.add_argument(
+        "--foreground",
+        action="store_true",
+        help="print alerts on stdout (interactive use); the daemon never forks either way",
+    )
+    p.add_argument(
+        "--output",
+        choices=("text", "json"),
+        default="text",
+        help="stdout format with --foreground: readable lines or one JSON object per alert (default: text)",
+    )
+    p.add_argument(
+        "--policy",
+        metavar="FILE",
+        help="policy file (default: /etc/linnixd/rules.yaml, else the checkout's policy/rules.yaml)",
+    )
+    p.add_argument(
+        "--check-config",
+        metavar="FILE",
+        help="validate a policy file and exit (0 valid, 78 invalid)",
+    )
+    p.add_argument(
+        "--dump-bpf",
+        action="store_true",
+        help="print the BPF C that would be compiled, with its -D settings, and exit",
+    )
+    p.add_argument(
+        "--bus",
+        default=None,
+        metavar="BUS",
+        help="D-Bus to serve on: system, session, none or an address (default: system, or none with --foreground)",
+    )
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help=f"alert history directory (default: {STATE_DIR}; none with --foreground unless given)",
+    )
+    p.add_argument(
+        "--no-journal",
+        action="store_true",
+        help="do not send alerts to journald even when it is running",
+    )
+    p.add_argument(
+        "--no-sched",
+        action="store_true",
+        help="do not attach the scheduler (stall attribution) program",
+    )
+    p.add_argument(
+        "--stats-on-exit",
+        action="store_true",
+        help='print {"stats": {...}} as JSON on stderr at exit (also on SIGUSR1)',
+    )
     p.add_argument("--version", action="version", version=f"linnixd {__version__}")
     return p
 
@@ -502,7 +555,6 @@ def _load_policy_or_exit(path: str) -> Any:
 
 def _dump_bpf(policy: Any) -> int:
     from .collector.lifecycle import LifecycleCollector
-
     from .collector.sched import SchedCollector
 
     print(LifecycleCollector(policy.daemon.short_lived_s).dump_source())
@@ -569,7 +621,9 @@ def run(args: argparse.Namespace) -> int:
         cpu=sched.task_cpu() if sched is not None else None,
     )
     model.seed()
-    daemon = Daemon(policy_path, policy, lifecycle=lifecycle, sched=sched, model=model, history=history)
+    daemon = Daemon(
+        policy_path, policy, lifecycle=lifecycle, sched=sched, model=model, history=history
+    )
     if args.foreground:
         daemon.sinks.append(QueuedSink(StdoutSink(args.output), on_error=log))
     if not args.no_journal and journald_present():
@@ -594,10 +648,18 @@ def run(args: argparse.Namespace) -> int:
         from .systemd_units import SystemdUnits
 
         # systemd is on the system bus whatever bus linnixd serves on
-        daemon.enforcer = Enforcer(state_dir, SystemdUnits("system"), lambda: daemon.policy, journal=journal_writer(), start_time_of=daemon.start_time_of)
+        daemon.enforcer = Enforcer(
+            state_dir,
+            SystemdUnits("system"),
+            lambda: daemon.policy,
+            journal=journal_writer(),
+            start_time_of=daemon.start_time_of,
+        )
         daemon.add_alert_listener(daemon.enforcer.on_alert)
         if daemon.enforcer.enabled:
-            log(f"enforcement is enabled{' (dry run)' if daemon.enforcer.dry_run else ''} (state in {state_dir})")
+            log(
+                f"enforcement is enabled{' (dry run)' if daemon.enforcer.dry_run else ''} (state in {state_dir})"
+            )
 
     notifier = Notifier()
     runner = Runner(daemon, args, notifier, triggers)
@@ -612,7 +674,7 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.check_config:
         from .config import main_check_config

@@ -21,9 +21,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NoReturn, Optional, Sequence
+from typing import NoReturn
 
 from .constants import EXIT_FAILURE, EXIT_NOPERM, EXIT_OK, EXIT_OSERR, EXIT_USAGE
 
@@ -67,7 +68,7 @@ class Demo:
     duration_s: float
     description: str
     run: Callable[[argparse.Namespace], int]
-    nofile: Optional[int] = None  # soft RLIMIT_NOFILE the leader is born with
+    nofile: int | None = None  # soft RLIMIT_NOFILE the leader is born with
 
 
 def _prctl(option: int, arg: int | bytes) -> None:
@@ -215,7 +216,7 @@ def _memory_leak(args: argparse.Namespace) -> int:
         if want > held:
             chunk = bytearray(want - held)
             # Write one byte per page so every page is really resident, not just reserved.
-            chunk[:: PAGE] = b"\x01" * len(range(0, len(chunk), PAGE))
+            chunk[::PAGE] = b"\x01" * len(range(0, len(chunk), PAGE))
             chunks.append(chunk)
             held = want
         steps += 1
@@ -251,34 +252,52 @@ DEMOS: dict[str, Demo] = {
     d.name: d
     for d in (
         Demo(
-            "fork-storm", "fork_storm", "lx-forkstorm", 6.0,
+            "fork-storm",
+            "fork_storm",
+            "lx-forkstorm",
+            6.0,
             f"one parent forks {FORK_RATE_PER_S} children/s that exit at once (no exec)",
             _fork_storm,
         ),
         Demo(
-            "short-jobs", "short_lived_jobs", "lx-shortjobs", 6.0,
+            "short-jobs",
+            "short_lived_jobs",
+            "lx-shortjobs",
+            6.0,
             f"one parent runs /bin/false {SHORT_JOB_RATE_PER_S} times/s (exec'd, short-lived)",
             _short_jobs,
         ),
         Demo(
-            "cpu-spike", "cpu_spike", "lx-cpuspike", 9.0,
+            "cpu-spike",
+            "cpu_spike",
+            "lx-cpuspike",
+            9.0,
             "one process busy-loops on a whole CPU",
             _cpu_spike,
         ),
         Demo(
-            "runaway-tree", "runaway_tree", "lx-runaway", 10.0,
+            "runaway-tree",
+            "runaway_tree",
+            "lx-runaway",
+            10.0,
             f"{RUNAWAY_CHILDREN} children each use ~{RUNAWAY_SHARE:.0%} of a CPU: "
             "no single hog, a hungry tree",
             _runaway_tree,
         ),
         Demo(
-            "memory-leak", "memory_leak", "lx-memleak", 70.0,
+            "memory-leak",
+            "memory_leak",
+            "lx-memleak",
+            70.0,
             f"one process grows its RSS by {MEMLEAK_RATE_MB_S:g} MB/s "
             f"({MEMLEAK_FAST_RATE_MB_S:g} with --fast)",
             _memory_leak,
         ),
         Demo(
-            "fd-leak", "fd_exhaustion", "lx-fdleak", FD_RAMP_S + 5.0,
+            "fd-leak",
+            "fd_exhaustion",
+            "lx-fdleak",
+            FD_RAMP_S + 5.0,
             f"one process opens {FD_TARGET} fds against a soft limit of {FD_SOFT_LIMIT}, "
             "holds them",
             _fd_leak,
@@ -382,7 +401,7 @@ def run_one(demo: Demo, args: argparse.Namespace) -> int:
     return code
 
 
-def _join_cgroup(path: str) -> Optional[int]:
+def _join_cgroup(path: str) -> int | None:
     """Move this process into an existing cgroup2 directory; an exit code on failure."""
     procs = Path(path) / "cgroup.procs"
     if not procs.is_file():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from .model import Alert
 
@@ -87,7 +87,7 @@ class AlertHistory:
             )
         return [Alert.from_dict(json.loads(body)) for (body,) in rows]
 
-    def get(self, alert_id: str) -> Optional[Alert]:
+    def get(self, alert_id: str) -> Alert | None:
         row = self._db.execute("SELECT body FROM alerts WHERE id = ?", (alert_id,)).fetchone()
         return Alert.from_dict(json.loads(row[0])) if row else None
 

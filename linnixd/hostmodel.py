@@ -10,8 +10,9 @@ every process is read every tick (the --no-sched fallback).
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from .collector.cgroups import UNRESOLVED, CgroupResolver
 from .collector.procfs import SAMPLE_S, ProcEntry, ProcScanner, SystemStat
@@ -47,8 +48,8 @@ class Collected:
     changed: frozenset[int]
     cgroups: Mapping[str, CgroupSample]
     by_cgroup: Mapping[str, LifecycleCounts]
-    tick: Optional[LifecycleTick]
-    stall: Optional[StallSnapshot]
+    tick: LifecycleTick | None
+    stall: StallSnapshot | None
 
 
 def assemble(c: Collected) -> Snapshot:
@@ -76,10 +77,16 @@ def assemble(c: Collected) -> Snapshot:
 
 def quiet(sample: CgroupSample) -> CgroupSample:
     """A cgroup not re-read this tick: same levels, no stall, CPU or throttling in the interval."""
-    pressure = {res: replace(ps, some_stall_us=0, full_stall_us=0) for res, ps in sample.pressure.items()}
-    return replace(sample, pressure=pressure, cpu_usage_us=0 if sample.cpu_usage_us is not None else None,
-                   nr_throttled=0 if sample.nr_throttled is not None else None,
-                   throttled_us=0 if sample.throttled_us is not None else None)
+    pressure = {
+        res: replace(ps, some_stall_us=0, full_stall_us=0) for res, ps in sample.pressure.items()
+    }
+    return replace(
+        sample,
+        pressure=pressure,
+        cpu_usage_us=0 if sample.cpu_usage_us is not None else None,
+        nr_throttled=0 if sample.nr_throttled is not None else None,
+        throttled_us=0 if sample.throttled_us is not None else None,
+    )
 
 
 def _interest(p: ProcessSample) -> tuple[float, int, float]:
@@ -94,26 +101,32 @@ class HostModel:
         self,
         max_processes: int,
         max_cgroups: int,
-        resolver: Optional[CgroupResolver] = None,
-        scanner: Optional[ProcScanner] = None,
-        psi: Optional[PsiReader] = None,
-        cpu: Optional[TaskCpuReader] = None,
+        resolver: CgroupResolver | None = None,
+        scanner: ProcScanner | None = None,
+        psi: PsiReader | None = None,
+        cpu: TaskCpuReader | None = None,
         reconcile_s: float = RECONCILE_S,
         pressure_gate_pct: float = PRESSURE_GATE_PCT,
     ) -> None:
         self.max_processes = max_processes
         self.max_cgroups = max_cgroups
         self.resolver = resolver if resolver is not None else CgroupResolver(max_cgroups)
-        self.scanner = scanner if scanner is not None else ProcScanner(sample_s=SAMPLE_S if cpu is not None else 0.0)
+        self.scanner = (
+            scanner
+            if scanner is not None
+            else ProcScanner(sample_s=SAMPLE_S if cpu is not None else 0.0)
+        )
         self.psi = psi if psi is not None else PsiReader()
         self.cpu = cpu
         self.reconcile_s = reconcile_s
         self.pressure_gate_pct = pressure_gate_pct
-        self.last: Optional[Snapshot] = None
+        self.last: Snapshot | None = None
         self._samples: dict[int, ProcessSample] = {}  # every tracked process, as last built
-        self._cgroup_of: dict[int, tuple[str, Optional[str]]] = {}  # pid -> (cgroup, v1 memory path)
+        self._cgroup_of: dict[
+            int, tuple[str, str | None]
+        ] = {}  # pid -> (cgroup, v1 memory path)
         self._members: Counter[str] = Counter()  # cgroup -> tracked processes in it
-        self._v1_members: dict[str, Counter[Optional[str]]] = defaultdict(Counter)
+        self._v1_members: dict[str, Counter[str | None]] = defaultdict(Counter)
         self._cg_samples: dict[str, CgroupSample] = {}
         self._cg_sampled_at: dict[str, float] = {}
         self._cg_hot: set[str] = set()  # cgroups re-read at the previous tick
@@ -122,7 +135,7 @@ class HostModel:
         self._evicted_cgroups: set[str] = set()  # paths left out by the cap
         self.evicted_processes = 0
         self.evicted_cgroups = 0
-        self._last_ts: Optional[float] = None
+        self._last_ts: float | None = None
         self._last_reconcile = 0.0
 
     @property
@@ -179,10 +192,10 @@ class HostModel:
 
     def snapshot(
         self,
-        tick: Optional[LifecycleTick],
+        tick: LifecycleTick | None,
         ts: float,
         wall: float,
-        stall: Optional[StallSnapshot] = None,
+        stall: StallSnapshot | None = None,
     ) -> Snapshot:
         """Read what changed, resolve the tick's cgroup ids, and build a Snapshot."""
         changed, system, scan_interval = self._collect_processes()
@@ -310,9 +323,16 @@ class HostModel:
             del self._cg_samples[gone]
             self._cg_sampled_at.pop(gone, None)
         quiet_due = sorted(
-            (t, p) for p in keep if p not in active and now - (t := self._cg_sampled_at.get(p, -1e18)) >= CGROUP_RESAMPLE_S
+            (t, p)
+            for p in keep
+            if p not in active
+            and now - (t := self._cg_sampled_at.get(p, -1e18)) >= CGROUP_RESAMPLE_S
         )
-        reread = (active & keep) | {p for _, p in quiet_due[:CGROUP_RESAMPLE_BUDGET]} | (keep - set(self._cg_samples))
+        reread = (
+            (active & keep)
+            | {p for _, p in quiet_due[:CGROUP_RESAMPLE_BUDGET]}
+            | (keep - set(self._cg_samples))
+        )
         for path in reread:
             pressure = self.psi.cgroup(path, self.resolver.directory(path))
             v1 = self._v1_members.get(path)
@@ -405,5 +425,5 @@ class HostModel:
         )
         return rows[:limit]
 
-    def resolve_cgroup(self, cgroup_id: int) -> Optional[str]:
+    def resolve_cgroup(self, cgroup_id: int) -> str | None:
         return self.resolver.resolve(cgroup_id)

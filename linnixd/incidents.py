@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
 
 from .model import Alert, Finding
 
@@ -18,7 +18,7 @@ class _Incident:
     """One open incident: the firing alert (None when suppressed) and the latest finding."""
 
     incident: str
-    firing: Optional[Alert]
+    firing: Alert | None
     finding: Finding
     last_seen: float
 
@@ -85,7 +85,7 @@ class IncidentTracker:
 
     def _open_incident(
         self, k: IncidentKey, f: Finding, ts: float, wall: float, cooldown_s: float
-    ) -> Optional[Alert]:
+    ) -> Alert | None:
         if len(self._open) >= self.max_entries:
             oldest = min(self._open, key=lambda key: self._open[key].last_seen)
             del self._open[oldest]
@@ -127,7 +127,7 @@ class IncidentTracker:
             del self._last_fired[next(iter(self._last_fired))]  # the oldest firing goes first
             self.evicted_cooldowns += 1
 
-    def _close(self, k: IncidentKey, wall: float) -> Optional[Alert]:
+    def _close(self, k: IncidentKey, wall: float) -> Alert | None:
         inc = self._open.pop(k)
         if inc.firing is None:
             return None

@@ -8,8 +8,9 @@ seconds. Sizes are bytes, CPU is percent of one CPU (100.0 = one core busy).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 RESOURCES = ("cpu", "io", "memory")
 
@@ -42,9 +43,9 @@ class ExitRecord:
     ppid: int  # tgid of the process that created it (0 when it was created before we attached)
     cgroup_id: int
     comm: str
-    exit_code: Optional[int]  # exit_group() status; None when killed by a signal or unknown
-    signal: Optional[int]  # fatal signal number, when that is how it ended
-    lifetime_s: Optional[float]  # None when its creation was not seen
+    exit_code: int | None  # exit_group() status; None when killed by a signal or unknown
+    signal: int | None  # fatal signal number, when that is how it ended
+    lifetime_s: float | None  # None when its creation was not seen
     ts: float
 
 
@@ -104,10 +105,10 @@ class Owner:
 
     kind: str  # "unit", "container", "pod", "root", "unknown"
     name: str  # "foo.service", "session-3.scope", "docker-<id>.scope", "pod<uid>", "/"
-    unit: Optional[str] = None  # the systemd unit that holds the cgroup, when there is one
-    container_id: Optional[str] = None
-    runtime: Optional[str] = None  # "docker", "podman", "containerd", "cri-o"
-    pod_uid: Optional[str] = None
+    unit: str | None = None  # the systemd unit that holds the cgroup, when there is one
+    container_id: str | None = None
+    runtime: str | None = None  # "docker", "podman", "containerd", "cri-o"
+    pod_uid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,12 +122,12 @@ class ProcessSample:
     start_time: float  # seconds since boot (field 22 of /proc/PID/stat / CLK_TCK)
     uid: int
     cgroup: str  # cgroup v2 path relative to the cgroup2 mount, "/" for the root
-    unit: Optional[str]
+    unit: str | None
     cpu_pct: float  # over the last interval, percent of one CPU
     rss_bytes: int
     threads: int = 1
-    fd_count: Optional[int] = None  # None when not counted this tick (cheap pre-filter said far)
-    fd_soft_limit: Optional[int] = None  # None = unlimited or unknown
+    fd_count: int | None = None  # None when not counted this tick (cheap pre-filter said far)
+    fd_soft_limit: int | None = None  # None = unlimited or unknown
 
 
 @dataclass(frozen=True)
@@ -137,10 +138,10 @@ class CgroupSample:
     path: str  # relative to the cgroup2 mount, "/" for the root
     owner: Owner
     pressure: Mapping[str, PsiSample] = field(default_factory=dict)  # by resource
-    memory_bytes: Optional[int] = None  # memory.current (v2) or usage (v1), when readable
-    cpu_usage_us: Optional[int] = None  # cpu.stat usage_usec delta over the interval
-    nr_throttled: Optional[int] = None  # cpu.stat delta over the interval
-    throttled_us: Optional[int] = None  # cpu.stat throttled_usec delta over the interval
+    memory_bytes: int | None = None  # memory.current (v2) or usage (v1), when readable
+    cpu_usage_us: int | None = None  # cpu.stat usage_usec delta over the interval
+    nr_throttled: int | None = None  # cpu.stat delta over the interval
+    throttled_us: int | None = None  # cpu.stat throttled_usec delta over the interval
 
 
 @dataclass(frozen=True)
@@ -215,11 +216,11 @@ class Snapshot:
     file_nr: int = 0  # allocated file handles (/proc/sys/fs/file-nr first field)
     file_max: int = 0
     exits: Sequence[ExitRecord] = ()  # exit records that arrived during this interval
-    stall: Optional[StallSnapshot] = None
+    stall: StallSnapshot | None = None
     # Pids whose sample was rebuilt this interval (ran, stopped running, re-read, appeared).
     # None: every sample is fresh (the /proc fallback, synthetic snapshots). A process not in
     # `changed` used no CPU in the interval and its sample is the same object as before.
-    changed: Optional[frozenset[int]] = None
+    changed: frozenset[int] | None = None
 
     def slim(self) -> Snapshot:
         """This snapshot as an older member of the window: only the processes it changed.
@@ -239,17 +240,21 @@ class Culprit:
     """What an alert blames. Fields that do not apply are None."""
 
     kind: str  # "process", "tree", "cgroup", "system"
-    pid: Optional[int] = None
-    comm: Optional[str] = None
-    cgroup: Optional[str] = None
-    unit: Optional[str] = None
-    parent_pid: Optional[int] = None
-    parent_comm: Optional[str] = None
-    root_pid: Optional[int] = None  # subtree root for tree-shaped culprits
+    pid: int | None = None
+    comm: str | None = None
+    cgroup: str | None = None
+    unit: str | None = None
+    parent_pid: int | None = None
+    parent_comm: str | None = None
+    root_pid: int | None = None  # subtree root for tree-shaped culprits
 
     def label(self) -> str:
         """Human-readable name, most specific first: 'stress-ng[1234] in foo.service'."""
-        who = f"{self.comm}[{self.pid}]" if self.pid is not None else (self.unit or self.cgroup or "host")
+        who = (
+            f"{self.comm}[{self.pid}]"
+            if self.pid is not None
+            else (self.unit or self.cgroup or "host")
+        )
         where = self.unit or self.cgroup
         if self.pid is not None and where:
             return f"{who} in {where}"

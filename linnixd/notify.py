@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Optional
 
 import sdnotify
 
@@ -13,7 +12,7 @@ class Notifier:
     """Tells the service manager about the daemon's state; does nothing without NOTIFY_SOCKET."""
 
     def __init__(self) -> None:
-        self._notifier: Optional[sdnotify.SystemdNotifier] = None
+        self._notifier: sdnotify.SystemdNotifier | None = None
         self.failures = 0  # notifications the socket refused (counted, never raised)
         if os.environ.get("NOTIFY_SOCKET"):
             try:
@@ -42,7 +41,9 @@ class Notifier:
 
     def reloading(self) -> None:
         # MONOTONIC_USEC lets systemd >= 253 (Type=notify-reload) match the reload to its READY=1
-        self._send(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        self._send(
+            f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+        )
 
     def watchdog(self) -> None:
         self._send("WATCHDOG=1")

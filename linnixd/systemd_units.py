@@ -13,7 +13,7 @@ Every D-Bus error becomes an EnforcementError (UnitGone for an unknown unit) wit
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Optional
+from typing import Any
 
 from dbus_next import Message, MessageType, Variant
 from dbus_next.aio import MessageBus
@@ -26,7 +26,11 @@ MANAGER_INTERFACE = "org.freedesktop.systemd1.Manager"
 UNIT_INTERFACE = "org.freedesktop.systemd1.Unit"
 PROPERTIES_INTERFACE = "org.freedesktop.DBus.Properties"
 CALL_TIMEOUT_S = 10.0
-_GONE = {"org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.systemd1.LoadFailed", "org.freedesktop.DBus.Error.UnknownObject"}
+_GONE = {
+    "org.freedesktop.systemd1.NoSuchUnit",
+    "org.freedesktop.systemd1.LoadFailed",
+    "org.freedesktop.DBus.Error.UnknownObject",
+}
 # Where each property lives: cgroup settings on the unit type's interface, the freezer on Unit.
 _TYPE_INTERFACE = {
     "service": "org.freedesktop.systemd1.Service",
@@ -54,7 +58,7 @@ class SystemdUnits:
     def __init__(self, bus: str = "system", timeout_s: float = CALL_TIMEOUT_S) -> None:
         self.bus_spec = bus
         self.timeout_s = timeout_s
-        self._bus: Optional[MessageBus] = None
+        self._bus: MessageBus | None = None
 
     async def _connection(self) -> MessageBus:
         if self._bus is None or not self._bus.connected:
@@ -63,16 +67,34 @@ class SystemdUnits:
             try:
                 self._bus = await asyncio.wait_for(connect(self.bus_spec), self.timeout_s)
             except Exception as exc:
-                raise EnforcementError(f"cannot reach systemd on the {self.bus_spec} bus: {exc or type(exc).__name__}") from None
+                raise EnforcementError(
+                    f"cannot reach systemd on the {self.bus_spec} bus: {exc or type(exc).__name__}"
+                ) from None
         return self._bus
 
-    async def _call(self, path: str, interface: str, member: str, signature: str = "", body: Optional[list[Any]] = None) -> Message:
+    async def _call(
+        self,
+        path: str,
+        interface: str,
+        member: str,
+        signature: str = "",
+        body: list[Any] | None = None,
+    ) -> Message:
         bus = await self._connection()
-        msg = Message(destination=SYSTEMD_NAME, path=path, interface=interface, member=member, signature=signature, body=body or [])
+        msg = Message(
+            destination=SYSTEMD_NAME,
+            path=path,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=body or [],
+        )
         try:
             reply = await asyncio.wait_for(bus.call(msg), self.timeout_s)
-        except asyncio.TimeoutError:
-            raise EnforcementError(f"systemd did not answer {member} within {self.timeout_s:g} s") from None
+        except TimeoutError:
+            raise EnforcementError(
+                f"systemd did not answer {member} within {self.timeout_s:g} s"
+            ) from None
         except Exception as exc:
             raise EnforcementError(f"{member} failed: {exc or type(exc).__name__}") from None
         if reply is None or reply.message_type == MessageType.ERROR:
@@ -98,7 +120,13 @@ class SystemdUnits:
         """SetUnitProperties(unit, runtime=true, [(name, value)]): systemd writes the cgroup file."""
         if name not in _SIGNATURE:
             raise EnforcementError(f"linnixd does not set {name}")
-        await self._call(SYSTEMD_PATH, MANAGER_INTERFACE, "SetUnitProperties", "sba(sv)", [unit, True, [[name, Variant(_SIGNATURE[name], value)]]])
+        await self._call(
+            SYSTEMD_PATH,
+            MANAGER_INTERFACE,
+            "SetUnitProperties",
+            "sba(sv)",
+            [unit, True, [[name, Variant(_SIGNATURE[name], value)]]],
+        )
 
     async def freeze(self, unit: str) -> None:
         await self._call(SYSTEMD_PATH, MANAGER_INTERFACE, "FreezeUnit", "s", [unit])

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import pytest
 
-_bpf_problem: Optional[str] = None
+_bpf_problem: str | None = None
 _bpf_checked = False
 
 
-def bpf_unavailable() -> Optional[str]:
+def bpf_unavailable() -> str | None:
     """Why BPF programs cannot be loaded here (None when they can); checked once per session."""
     global _bpf_problem, _bpf_checked
     if not _bpf_checked:

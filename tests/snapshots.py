@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import types
 import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any
 
 import yaml
 
@@ -48,11 +49,11 @@ def proc(
     *,
     cpu: float = 0.0,
     rss: int = 10 << 20,
-    start: Optional[float] = None,
+    start: float | None = None,
     cgroup: str = "/system.slice/app.service",
-    unit: Optional[str] = "app.service",
-    fds: Optional[int] = None,
-    fd_limit: Optional[int] = None,
+    unit: str | None = "app.service",
+    fds: int | None = None,
+    fd_limit: int | None = None,
     threads: int = 1,
 ) -> ProcessSample:
     """A process sample; start time defaults to pid/100 so each pid has a stable identity."""
@@ -81,11 +82,11 @@ def psi(some_pct: float, interval: float = TICK, avg10: float = 0.0) -> PsiSampl
 
 def cgroup(
     path: str,
-    cid: Optional[int] = None,
+    cid: int | None = None,
     *,
-    unit: Optional[str] = None,
-    memory: Optional[int] = None,
-    pressure: Optional[Mapping[str, PsiSample]] = None,
+    unit: str | None = None,
+    memory: int | None = None,
+    pressure: Mapping[str, PsiSample] | None = None,
 ) -> CgroupSample:
     """A cgroup sample; a path ending in .service/.scope is owned by that unit unless told."""
     leaf = path.rsplit("/", 1)[-1]
@@ -106,14 +107,14 @@ def snap(
     processes: Iterable[ProcessSample] = (),
     *,
     interval: float = TICK,
-    by_parent: Optional[Mapping[int, LifecycleCounts]] = None,
-    by_cgroup: Optional[Mapping[str, LifecycleCounts]] = None,
+    by_parent: Mapping[int, LifecycleCounts] | None = None,
+    by_cgroup: Mapping[str, LifecycleCounts] | None = None,
     cgroups: Iterable[CgroupSample] = (),
-    system_pressure: Optional[Mapping[str, PsiSample]] = None,
+    system_pressure: Mapping[str, PsiSample] | None = None,
     exits: Sequence[ExitRecord] = (),
     file_nr: int = 0,
     file_max: int = 0,
-    ts: Optional[float] = None,
+    ts: float | None = None,
 ) -> Snapshot:
     """Snapshot number `i` of a series ticking every `interval` seconds from T0."""
     t = ts if ts is not None else T0 + i * interval
@@ -151,9 +152,9 @@ def exit_record(
     comm: str,
     cgroup_id: int,
     *,
-    code: Optional[int] = 0,
-    signal: Optional[int] = None,
-    lifetime: Optional[float] = 0.05,
+    code: int | None = 0,
+    signal: int | None = None,
+    lifetime: float | None = 0.05,
     ts: float = T0,
 ) -> ExitRecord:
     return ExitRecord(pid, ppid, cgroup_id, comm, code, signal, lifetime, ts)

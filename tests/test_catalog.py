@@ -56,11 +56,26 @@ def test_journalctl_builds_a_catalog_database_from_it(tmp_path: Path) -> None:
     catdir = tmp_path / "usr" / "lib" / "systemd" / "catalog"
     catdir.mkdir(parents=True)
     shutil.copy(CATALOG, catdir / "linnixd.catalog")
-    update = subprocess.run(["journalctl", f"--root={tmp_path}", "--update-catalog"], capture_output=True, text=True, timeout=60)
+    update = subprocess.run(
+        ["journalctl", f"--root={tmp_path}", "--update-catalog"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert update.returncode == 0, update.stderr
     assert update.stderr == ""  # journalctl warns about every line it cannot parse
-    listed = subprocess.run(["journalctl", f"--root={tmp_path}", "--list-catalog"], capture_output=True, text=True, timeout=60)
+    listed = subprocess.run(
+        ["journalctl", f"--root={tmp_path}", "--list-catalog"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     ids = {line.split()[0] for line in listed.stdout.splitlines() if line.strip()}
     assert ids == set(MESSAGE_IDS.values())
-    fork = subprocess.run(["journalctl", f"--root={tmp_path}", "--dump-catalog", MESSAGE_IDS["fork_storm"]], capture_output=True, text=True, timeout=60)
+    fork = subprocess.run(
+        ["journalctl", f"--root={tmp_path}", "--dump-catalog", MESSAGE_IDS["fork_storm"]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "Subject: Fork storm" in fork.stdout and "TasksMax=" in fork.stdout

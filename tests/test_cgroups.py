@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import uuid
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import pytest
 
@@ -25,7 +25,10 @@ OWNERS: list[tuple[str, Owner]] = [
     ("/system.slice/dbus.socket", Owner("unit", "dbus.socket", unit="dbus.socket")),
     ("/system.slice/boot.mount", Owner("unit", "boot.mount", unit="boot.mount")),
     ("/system.slice/dev-vda2.swap", Owner("unit", "dev-vda2.swap", unit="dev-vda2.swap")),
-    ("/user.slice/user-1000.slice/session-3.scope", Owner("unit", "session-3.scope", unit="session-3.scope")),
+    (
+        "/user.slice/user-1000.slice/session-3.scope",
+        Owner("unit", "session-3.scope", unit="session-3.scope"),
+    ),
     (
         "/user.slice/user-1000.slice/user@1000.service",
         Owner("unit", "user@1000.service", unit="user@1000.service"),
@@ -44,18 +47,33 @@ OWNERS: list[tuple[str, Owner]] = [
     ("/linnixd-test", Owner("unknown", "/linnixd-test")),
     (
         f"/system.slice/docker-{D64}.scope",
-        Owner("container", f"docker-{D64}.scope", unit=f"docker-{D64}.scope", container_id=D64, runtime="docker"),
+        Owner(
+            "container",
+            f"docker-{D64}.scope",
+            unit=f"docker-{D64}.scope",
+            container_id=D64,
+            runtime="docker",
+        ),
     ),
     (f"/docker/{D64}", Owner("container", D64, container_id=D64, runtime="docker")),
     (
         f"/machine.slice/libpod-{C64}.scope/container",
-        Owner("container", f"libpod-{C64}.scope", unit=f"libpod-{C64}.scope", container_id=C64, runtime="podman"),
+        Owner(
+            "container",
+            f"libpod-{C64}.scope",
+            unit=f"libpod-{C64}.scope",
+            container_id=C64,
+            runtime="podman",
+        ),
     ),
     (
         f"/machine.slice/libpod-conmon-{C64}.scope",
         Owner("unit", f"libpod-conmon-{C64}.scope", unit=f"libpod-conmon-{C64}.scope"),
     ),
-    (f"/libpod_parent/libpod-{C64}", Owner("container", f"libpod-{C64}", container_id=C64, runtime="podman")),
+    (
+        f"/libpod_parent/libpod-{C64}",
+        Owner("container", f"libpod-{C64}", container_id=C64, runtime="podman"),
+    ),
     (
         f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{POD_}.slice/cri-containerd-{C64}.scope",
         Owner(
@@ -69,7 +87,14 @@ OWNERS: list[tuple[str, Owner]] = [
     ),
     (
         f"/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{POD_}.slice/crio-{C64}.scope",
-        Owner("container", f"crio-{C64}.scope", unit=f"crio-{C64}.scope", container_id=C64, runtime="cri-o", pod_uid=POD),
+        Owner(
+            "container",
+            f"crio-{C64}.scope",
+            unit=f"crio-{C64}.scope",
+            container_id=C64,
+            runtime="cri-o",
+            pod_uid=POD,
+        ),
     ),
     (
         f"/kubepods.slice/kubepods-pod{POD_}.slice",
@@ -91,7 +116,9 @@ def test_owner_of_real_world_paths(path: str, expected: Owner) -> None:
 
 
 MOUNT = cgroup2_mount()
-needs_cgroup2 = pytest.mark.skipif(MOUNT is None or os.geteuid() != 0, reason="needs root and cgroup2")
+needs_cgroup2 = pytest.mark.skipif(
+    MOUNT is None or os.geteuid() != 0, reason="needs root and cgroup2"
+)
 
 
 @pytest.fixture
@@ -190,13 +217,17 @@ def test_sample_reads_cpu_stat_delta_and_v1_memory(testcg: str) -> None:
     assert MOUNT is not None
     r = CgroupResolver()
     child = subprocess.Popen(
-        [sys.executable, "-c", "import sys,time\nsys.stdin.readline()\nwhile time.process_time() < 0.6: pass\n"],
+        [
+            sys.executable,
+            "-c",
+            "import sys,time\nsys.stdin.readline()\nwhile time.process_time() < 0.6: pass\n",
+        ],
         stdin=subprocess.PIPE,
     )
     try:
         with open(f"{MOUNT}{testcg}/cgroup.procs", "w") as f:
             f.write(str(child.pid))
-        v1: Optional[str] = None
+        v1: str | None = None
         with open(f"/proc/{child.pid}/cgroup") as f:
             for line in f:
                 _, ctrl, path = line.rstrip("\n").split(":", 2)
@@ -216,7 +247,10 @@ def test_sample_reads_cpu_stat_delta_and_v1_memory(testcg: str) -> None:
             assert second.memory_bytes is not None and second.memory_bytes >= 0
         elif r.v1_memory is not None and v1 is not None:
             with open(f"{r.v1_memory}{v1}/memory.usage_in_bytes") as f:
-                assert second.memory_bytes is not None and abs(second.memory_bytes - int(f.read())) < 64 << 20
+                assert (
+                    second.memory_bytes is not None
+                    and abs(second.memory_bytes - int(f.read())) < 64 << 20
+                )
     finally:
         child.kill()
         child.wait()

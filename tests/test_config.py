@@ -112,7 +112,9 @@ def test_check_config_ok_line(tmp_path: Path) -> None:
     assert result.returncode == EXIT_OK
     assert result.stderr == ""
     assert result.stdout == f"{SHIPPED}: OK (9 rules enabled: {', '.join(RULE_NAMES)})\n"
-    path = write(tmp_path, "rules:\n" + "".join(f"  {n}: {{enabled: false}}\n" for n in RULE_NAMES[1:]))
+    path = write(
+        tmp_path, "rules:\n" + "".join(f"  {n}: {{enabled: false}}\n" for n in RULE_NAMES[1:])
+    )
     out, err = io.StringIO(), io.StringIO()
     assert check_config(path, out=out, err=err) == EXIT_OK
     assert (out.getvalue(), err.getvalue()) == (f"{path}: OK (1 rule enabled: fork_storm)\n", "")
@@ -181,11 +183,15 @@ BAD = {
     ),
     "huge_integer": (
         "daemon:\n  max_cgroups: " + "9" * 60 + "\n",
-        ["{f}:2: daemon.max_cgroups: must be at most 1048576 (got 9999999999999999999999999999999999999...)"],
+        [
+            "{f}:2: daemon.max_cgroups: must be at most 1048576 (got 9999999999999999999999999999999999999...)"
+        ],
     ),
     "bad_severity": (
         "rules:\n  cpu_spike: {severity: urgent}\n",
-        ["{f}:2: rules.cpu_spike.severity: must be one of info, notice, warning, critical (got 'urgent')"],
+        [
+            "{f}:2: rules.cpu_spike.severity: must be one of info, notice, warning, critical (got 'urgent')"
+        ],
     ),
     "bad_enabled": (
         "rules:\n  cpu_spike:\n    enabled: maybe\n",
@@ -255,21 +261,30 @@ BAD = {
     ),
     "nul_character": (
         "version: \x00\n",
-        ["{f}:1:10: YAML syntax error: unacceptable character #x0000: special characters are not allowed"],
+        [
+            "{f}:1:10: YAML syntax error: unacceptable character #x0000: special characters are not allowed"
+        ],
     ),
     "two_documents": (
         "version: 1\n---\nversion: 1\n",
-        ["{f}:2:1: YAML syntax error: expected a single document in the stream, but found another document"],
+        [
+            "{f}:2:1: YAML syntax error: expected a single document in the stream, but found another document"
+        ],
     ),
     "empty": ("", ["{f}: empty policy file (expected a mapping with version, daemon and rules)"]),
-    "comments_only": ("# nothing\n", ["{f}: empty policy file (expected a mapping with version, daemon and rules)"]),
+    "comments_only": (
+        "# nothing\n",
+        ["{f}: empty policy file (expected a mapping with version, daemon and rules)"],
+    ),
     "top_level_list": (
         "- fork_storm\n",
         ["{f}:1: (top level): expected a mapping with version, daemon and rules, got a list"],
     ),
     "top_level_scalar": (
         "hello\n",
-        ["{f}:1: (top level): expected a mapping with version, daemon and rules, got a single value"],
+        [
+            "{f}:1: (top level): expected a mapping with version, daemon and rules, got a single value"
+        ],
     ),
     "deep_nesting": (
         "rules:\n  fork_storm:\n    top: " + "[" * 5000 + "]" * 5000 + "\n",
@@ -341,7 +356,10 @@ def test_problem_lines_are_capped_and_the_rest_counted(tmp_path: Path) -> None:
     with pytest.raises(PolicyError) as info:
         load_policy(path)
     assert len(info.value.problems) == 51
-    assert info.value.problems[0] == f"{path}:5: rules.cpu_spike.exclude.comms[0]: expected a string, got 0"
+    assert (
+        info.value.problems[0]
+        == f"{path}:5: rules.cpu_spike.exclude.comms[0]: expected a string, got 0"
+    )
     assert info.value.problems[-1] == f"{path}: ... and 70 more problems"
 
 

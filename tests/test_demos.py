@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
@@ -106,7 +105,7 @@ def in_pgrp(pgid: int) -> list[int]:
     return found
 
 
-def fd_count(pid: int) -> Optional[int]:
+def fd_count(pid: int) -> int | None:
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))
     except FileNotFoundError:
@@ -122,7 +121,12 @@ def test_list_names_every_demo_with_its_rule() -> None:
         check=True,
     ).stdout.splitlines()
     assert [line.split()[0] for line in out] == [
-        "fork-storm", "short-jobs", "cpu-spike", "runaway-tree", "memory-leak", "fd-leak"
+        "fork-storm",
+        "short-jobs",
+        "cpu-spike",
+        "runaway-tree",
+        "memory-leak",
+        "fd-leak",
     ]
     assert "rule fork_storm" in out[0] and "rule fd_exhaustion" in out[5]
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from snapshots import proc, rule_cfg, series, snap
+
 from linnixd.detectors.cpu import CpuSpikeDetector, RunawayTreeDetector
 from linnixd.model import Snapshot
-from snapshots import proc, rule_cfg, series, snap
 
 SPIKE = CpuSpikeDetector()
 TREE = RunawayTreeDetector()
@@ -13,7 +14,9 @@ APP = "/system.slice/app.service"
 
 def spike_window(cpu: list[float], *, start: float = 12.0):
     shell = proc(900, 1, "bash")
-    return series(len(cpu), lambda i: snap(i, [shell, proc(1234, 900, "burner", cpu=cpu[i], start=start)]))
+    return series(
+        len(cpu), lambda i: snap(i, [shell, proc(1234, 900, "burner", cpu=cpu[i], start=start)])
+    )
 
 
 def test_cpu_spike_fires_just_above_and_names_the_process() -> None:
@@ -22,16 +25,35 @@ def test_cpu_spike_fires_just_above_and_names_the_process() -> None:
     assert f.key == "pid:1234:12"
     c = f.culprit
     assert (c.kind, c.pid, c.comm, c.cgroup, c.unit, c.parent_pid, c.parent_comm) == (
-        "process", 1234, "burner", APP, "app.service", 900, "bash")
-    assert f.evidence["cpu_pct"] == 53.0 and f.evidence["min_cpu_pct"] == 51.0 and f.evidence["sustain_s"] == 5.0
+        "process",
+        1234,
+        "burner",
+        APP,
+        "app.service",
+        900,
+        "bash",
+    )
+    assert (
+        f.evidence["cpu_pct"] == 53.0
+        and f.evidence["min_cpu_pct"] == 51.0
+        and f.evidence["sustain_s"] == 5.0
+    )
     assert f.summary == "cpu spike: burner[1234] in app.service at 53% CPU (min 51%) for 5 s"
 
 
 def test_cpu_spike_threshold_and_sustain_both_sides() -> None:
     assert SPIKE.evaluate(spike_window([50.0] * 12), rule_cfg("cpu_spike")) == []  # must exceed 50
-    assert SPIKE.evaluate(spike_window([0.0] * 3 + [90.0] * 9), rule_cfg("cpu_spike")) == []  # 4.5 s < 5 s
+    assert (
+        SPIKE.evaluate(spike_window([0.0] * 3 + [90.0] * 9), rule_cfg("cpu_spike")) == []
+    )  # 4.5 s < 5 s
     assert len(SPIKE.evaluate(spike_window([0.0] * 2 + [90.0] * 10), rule_cfg("cpu_spike"))) == 1
-    assert SPIKE.evaluate(spike_window([0.0] * 2 + [90.0] * 10), rule_cfg("cpu_spike", exclude={"comms": ["burn*"]})) == []
+    assert (
+        SPIKE.evaluate(
+            spike_window([0.0] * 2 + [90.0] * 10),
+            rule_cfg("cpu_spike", exclude={"comms": ["burn*"]}),
+        )
+        == []
+    )
 
 
 def test_a_reused_pid_is_a_new_culprit() -> None:
@@ -63,7 +85,14 @@ def test_runaway_tree_blames_the_smallest_subtree_that_explains_it() -> None:
     assert f.key == "pid:810:8.1"
     c = f.culprit
     assert (c.kind, c.pid, c.comm, c.root_pid, c.parent_pid, c.parent_comm, c.unit) == (
-        "tree", 810, "make", 810, 800, "bash", "app.service")
+        "tree",
+        810,
+        "make",
+        810,
+        800,
+        "bash",
+        "app.service",
+    )
     ev = f.evidence
     assert ev["subtree_cpu_pct"] == 98.0 and ev["processes"] == 5 and ev["root_pid"] == 810
     assert [m["pid"] for m in ev["top_members"]] == [820, 821, 822, 823, 810]
@@ -75,7 +104,12 @@ def test_runaway_tree_threshold_both_sides() -> None:
     # fires, and it is named after make, which holds 99% of it (bash only launched it)
     [f] = TREE.evaluate(series(12, lambda i: tree_snapshot(i, 22.0)), rule_cfg("runaway_tree"))
     assert f.culprit.pid == 810 and f.evidence["subtree_cpu_pct"] == 90.0
-    assert TREE.evaluate(series(12, lambda i: tree_snapshot(i, 22.0)), rule_cfg("runaway_tree", cpu_pct=91.5)) == []
+    assert (
+        TREE.evaluate(
+            series(12, lambda i: tree_snapshot(i, 22.0)), rule_cfg("runaway_tree", cpu_pct=91.5)
+        )
+        == []
+    )
     # one tick below the threshold inside sustain_s: no finding
     window = series(12, lambda i: tree_snapshot(i, 10.0 if i == 4 else 24.0))
     assert TREE.evaluate(window, rule_cfg("runaway_tree")) == []
@@ -87,8 +121,16 @@ def test_runaway_tree_dip_does_not_move_the_blame_to_the_launcher() -> None:
     # leader's subtree is 89% there while the supervisor's stays at 90.5%: the leader is named
     def make(i: int) -> Snapshot:
         w = 22.0 if i == 6 else 26.0
-        return snap(i, [proc(1, 0, "init"), proc(700, 1, "supervisor", cpu=1.5), proc(710, 700, "leader", cpu=1.0)]
-                    + [proc(720 + k, 710, "worker", cpu=w) for k in range(4)])
+        return snap(
+            i,
+            [
+                proc(1, 0, "init"),
+                proc(700, 1, "supervisor", cpu=1.5),
+                proc(710, 700, "leader", cpu=1.0),
+            ]
+            + [proc(720 + k, 710, "worker", cpu=w) for k in range(4)],
+        )
+
     [f] = TREE.evaluate(series(12, make), rule_cfg("runaway_tree"))
     assert (f.culprit.pid, f.culprit.comm, f.culprit.parent_pid) == (710, "leader", 700)
     assert f.evidence["processes"] == 5
@@ -96,12 +138,27 @@ def test_runaway_tree_dip_does_not_move_the_blame_to_the_launcher() -> None:
 
 def test_runaway_tree_is_not_one_hot_process() -> None:
     # one cc1 at 95% alone: that is cpu_spike's finding, and no ancestor is blamed for it
-    window = series(12, lambda i: snap(i, [proc(1, 0, "init"), proc(810, 1, "make", cpu=1.0), proc(820, 810, "cc1", cpu=95.0)]))
+    window = series(
+        12,
+        lambda i: snap(
+            i, [proc(1, 0, "init"), proc(810, 1, "make", cpu=1.0), proc(820, 810, "cc1", cpu=95.0)]
+        ),
+    )
     assert TREE.evaluate(window, rule_cfg("runaway_tree")) == []
 
 
 def test_runaway_tree_never_blames_init() -> None:
     # four unrelated services at 30% each: only init's subtree exceeds 90, and init is never a culprit
-    window = series(12, lambda i: snap(i, [proc(1, 0, "init")] + [proc(100 + k, 1, f"svc{k}", cpu=30.0) for k in range(4)]))
+    window = series(
+        12,
+        lambda i: snap(
+            i, [proc(1, 0, "init")] + [proc(100 + k, 1, f"svc{k}", cpu=30.0) for k in range(4)]
+        ),
+    )
     assert TREE.evaluate(window, rule_cfg("runaway_tree")) == []
-    assert TREE.evaluate(series(12, tree_snapshot), rule_cfg("runaway_tree", exclude={"comms": ["make"]})) == []
+    assert (
+        TREE.evaluate(
+            series(12, tree_snapshot), rule_cfg("runaway_tree", exclude={"comms": ["make"]})
+        )
+        == []
+    )

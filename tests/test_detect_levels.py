@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from snapshots import cgroup, proc, psi, rule_cfg, series, snap
+
 from linnixd.detectors.fds import FdExhaustionDetector
 from linnixd.detectors.pressure import PsiSaturationDetector
-from snapshots import cgroup, proc, psi, rule_cfg, series, snap
 
 FDS = FdExhaustionDetector()
 PSI = PsiSaturationDetector()
@@ -13,28 +14,53 @@ WEB = "/system.slice/web.service"
 
 
 def fd_snap(fds: int, file_nr: int = 1000):
-    return [snap(0, [proc(1, 0, "init", fds=20, fd_limit=None), proc(300, 1, "postgres", fds=fds, fd_limit=1024, cgroup=DB, unit="db.service"),
-                     proc(301, 1, "nginx", fds=500, fd_limit=65536)], file_nr=file_nr, file_max=10_000)]
+    return [
+        snap(
+            0,
+            [
+                proc(1, 0, "init", fds=20, fd_limit=None),
+                proc(300, 1, "postgres", fds=fds, fd_limit=1024, cgroup=DB, unit="db.service"),
+                proc(301, 1, "nginx", fds=500, fd_limit=65536),
+            ],
+            file_nr=file_nr,
+            file_max=10_000,
+        )
+    ]
 
 
 def test_fd_exhaustion_process_both_sides() -> None:
     [f] = FDS.evaluate(fd_snap(820), rule_cfg("fd_exhaustion"))  # 80.08% of 1024
-    assert f.key == "pid:300:3" and (f.culprit.pid, f.culprit.comm, f.culprit.unit) == (300, "postgres", "db.service")
+    assert f.key == "pid:300:3" and (f.culprit.pid, f.culprit.comm, f.culprit.unit) == (
+        300,
+        "postgres",
+        "db.service",
+    )
     assert f.evidence == {"fd_count": 820, "fd_limit": 1024, "pct": 80.1, "threshold_pct": 80.0}
     assert FDS.evaluate(fd_snap(819), rule_cfg("fd_exhaustion")) == []  # 79.98%
-    assert FDS.evaluate(fd_snap(820), rule_cfg("fd_exhaustion", exclude={"cgroups": ["/system.slice/db*"]})) == []
+    assert (
+        FDS.evaluate(
+            fd_snap(820), rule_cfg("fd_exhaustion", exclude={"cgroups": ["/system.slice/db*"]})
+        )
+        == []
+    )
 
 
 def test_fd_exhaustion_system_names_top_holders() -> None:
     [f] = FDS.evaluate(fd_snap(100, file_nr=9000), rule_cfg("fd_exhaustion"))
     assert f.key == "system:fds" and f.culprit.kind == "system"
-    assert f.evidence["fd_count"] == 9000 and f.evidence["fd_limit"] == 10_000 and f.evidence["pct"] == 90.0
+    assert (
+        f.evidence["fd_count"] == 9000
+        and f.evidence["fd_limit"] == 10_000
+        and f.evidence["pct"] == 90.0
+    )
     assert [h["pid"] for h in f.evidence["top_holders"]] == [301, 300, 1]
     assert "nginx[301] 500" in f.summary
     assert FDS.evaluate(fd_snap(100, file_nr=8999), rule_cfg("fd_exhaustion")) == []
 
 
-def psi_window(system_pct: list[float], db_pct: float = 30.0, web_pct: float = 10.0, slice_pct: float = 35.0):
+def psi_window(
+    system_pct: list[float], db_pct: float = 30.0, web_pct: float = 10.0, slice_pct: float = 35.0
+):
     def make(i: int):
         cgs = [
             cgroup("/system.slice", pressure={"cpu": psi(slice_pct)}),
@@ -59,7 +85,9 @@ def test_psi_saturation_system_names_top_cgroups() -> None:
     ]
     assert "db.service (73%)" in f.summary
     assert PSI.evaluate(psi_window([40.0] * 12), rule_cfg("psi_saturation")) == []  # must exceed
-    assert PSI.evaluate(psi_window([0.0] * 3 + [90.0] * 9), rule_cfg("psi_saturation")) == []  # 4.5 s
+    assert (
+        PSI.evaluate(psi_window([0.0] * 3 + [90.0] * 9), rule_cfg("psi_saturation")) == []
+    )  # 4.5 s
 
 
 def test_psi_saturation_per_cgroup_names_the_most_specific() -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from snapshots import cgroup, exit_record, proc, rule_cfg, series, snap
+
 from linnixd.detectors.forks import ForkStormDetector, ShortLivedJobsDetector
 from linnixd.model import LifecycleCounts as LC
-from snapshots import cgroup, exit_record, proc, rule_cfg, series, snap
 
 FOO = "/system.slice/foo.service"
 BAR = "/system.slice/bar.service"
@@ -25,7 +26,11 @@ def storm_window(forks_per_tick: list[int], *, dead_parent: bool = False, extra_
         return snap(
             i,
             procs,
-            by_parent={4242: LC(forks=n * 4 // 5, threads=500), 4300: LC(forks=n - n * 4 // 5), 5000: LC(forks=1)},
+            by_parent={
+                4242: LC(forks=n * 4 // 5, threads=500),
+                4300: LC(forks=n - n * 4 // 5),
+                5000: LC(forks=1),
+            },
             by_cgroup={FOO: LC(forks=n, threads=500), BAR: LC(forks=1)},
             cgroups=[cgroup(FOO), cgroup(BAR)],
         )
@@ -39,7 +44,13 @@ def test_fork_storm_names_the_cgroup_and_its_top_parent() -> None:
     assert f.rule == "fork_storm" and f.key == f"cgroup:{FOO}"
     c = f.culprit
     assert (c.pid, c.comm, c.cgroup, c.unit, c.parent_pid, c.parent_comm) == (
-        4242, "stress-ng-fork", FOO, "foo.service", 4000, "stress-ng")
+        4242,
+        "stress-ng-fork",
+        FOO,
+        "foo.service",
+        4000,
+        "stress-ng",
+    )
     ev = f.evidence
     assert ev["rate_per_s"] == 20.0 and ev["forks"] == 40 and ev["window_s"] == 2.0
     assert ev["top_parents"] == [
@@ -68,7 +79,10 @@ def test_fork_storm_sustain_both_sides() -> None:
 
 def test_fork_storm_uses_the_real_interval_not_a_fixed_tick() -> None:
     # 10 forks per 1.0 s interval is 10/s, not 20/s
-    window = [snap(i, by_cgroup={FOO: LC(forks=10)}, interval=1.0, cgroups=[cgroup(FOO)]) for i in range(4)]
+    window = [
+        snap(i, by_cgroup={FOO: LC(forks=10)}, interval=1.0, cgroups=[cgroup(FOO)])
+        for i in range(4)
+    ]
     assert STORM.evaluate(window, rule_cfg("fork_storm", rate_per_s=12)) == []
     [f] = STORM.evaluate(window, rule_cfg("fork_storm", rate_per_s=9))
     assert f.evidence["rate_per_s"] == 10.0
@@ -76,20 +90,42 @@ def test_fork_storm_uses_the_real_interval_not_a_fixed_tick() -> None:
 
 
 def test_fork_storm_dead_parent_keeps_its_pid() -> None:
-    [f] = STORM.evaluate(storm_window([10] * 6, dead_parent=True), rule_cfg("fork_storm", rate_per_s=10))
+    [f] = STORM.evaluate(
+        storm_window([10] * 6, dead_parent=True), rule_cfg("fork_storm", rate_per_s=10)
+    )
     assert (f.culprit.pid, f.culprit.comm, f.culprit.cgroup) == (4242, "unknown", FOO)
-    assert f.evidence["top_parents"][0] == {"pid": 4242, "comm": "unknown", "forks": 32, "share": 0.8}
+    assert f.evidence["top_parents"][0] == {
+        "pid": 4242,
+        "comm": "unknown",
+        "forks": 32,
+        "share": 0.8,
+    }
 
 
 def test_fork_storm_exclusions() -> None:
     window = storm_window([10] * 6)
-    assert STORM.evaluate(window, rule_cfg("fork_storm", rate_per_s=10, exclude={"units": ["foo.*"]})) == []
-    assert STORM.evaluate(window, rule_cfg("fork_storm", rate_per_s=10, exclude={"cgroups": ["/system.slice/*"]})) == []
+    assert (
+        STORM.evaluate(window, rule_cfg("fork_storm", rate_per_s=10, exclude={"units": ["foo.*"]}))
+        == []
+    )
+    assert (
+        STORM.evaluate(
+            window, rule_cfg("fork_storm", rate_per_s=10, exclude={"cgroups": ["/system.slice/*"]})
+        )
+        == []
+    )
     # an excluded parent is skipped: the next parent is named
-    [f] = STORM.evaluate(window, rule_cfg("fork_storm", rate_per_s=10, exclude={"comms": ["stress-ng*"]}))
+    [f] = STORM.evaluate(
+        window, rule_cfg("fork_storm", rate_per_s=10, exclude={"comms": ["stress-ng*"]})
+    )
     assert (f.culprit.pid, f.culprit.comm) == (4300, "sh")
     # every parent excluded: nothing left to blame
-    assert STORM.evaluate(window, rule_cfg("fork_storm", rate_per_s=10, exclude={"comms": ["stress-ng*", "sh"]})) == []
+    assert (
+        STORM.evaluate(
+            window, rule_cfg("fork_storm", rate_per_s=10, exclude={"comms": ["stress-ng*", "sh"]})
+        )
+        == []
+    )
 
 
 def jobs_window(per_tick: int, ticks: int = 20, *, two_parents: bool = False):
@@ -101,16 +137,32 @@ def jobs_window(per_tick: int, ticks: int = 20, *, two_parents: bool = False):
     def make(i: int):
         ts = 1000.0 + i * 0.5
         exits = [
-            exit_record(10_000 + i * 100 + j, 701 if two_parents and j % 2 else 700, "job.sh", 11,
-                        code=None if j == 0 else 1, signal=9 if j == 0 else None, ts=ts)
+            exit_record(
+                10_000 + i * 100 + j,
+                701 if two_parents and j % 2 else 700,
+                "job.sh",
+                11,
+                code=None if j == 0 else 1,
+                signal=9 if j == 0 else None,
+                ts=ts,
+            )
             for j in range(per_tick)
         ]
         if two_parents:
-            counts = {700: LC(short_exits=per_tick - per_tick // 2), 701: LC(short_exits=per_tick // 2)}
+            counts = {
+                700: LC(short_exits=per_tick - per_tick // 2),
+                701: LC(short_exits=per_tick // 2),
+            }
         else:
             counts = {700: LC(short_exits=per_tick)}
-        return snap(i, [parent, other], by_parent=counts, by_cgroup={FOO: LC(short_exits=per_tick)},
-                    cgroups=[foo], exits=exits)
+        return snap(
+            i,
+            [parent, other],
+            by_parent=counts,
+            by_cgroup={FOO: LC(short_exits=per_tick)},
+            cgroups=[foo],
+            exits=exits,
+        )
 
     return series(ticks, make)
 
@@ -120,7 +172,12 @@ def test_short_lived_jobs_prefers_the_parent() -> None:
     window = jobs_window(1, ticks=24)
     [f] = JOBS.evaluate(window, rule_cfg("short_lived_jobs", min_count=20))
     assert f.key == "pid:700:7" and f.culprit.kind == "process"
-    assert (f.culprit.pid, f.culprit.comm, f.culprit.cgroup, f.culprit.unit) == (700, "crond", FOO, "foo.service")
+    assert (f.culprit.pid, f.culprit.comm, f.culprit.cgroup, f.culprit.unit) == (
+        700,
+        "crond",
+        FOO,
+        "foo.service",
+    )
     ev = f.evidence
     assert ev["count"] == 20 and ev["window_s"] == 10.0 and ev["max_lifetime_s"] == 1.0
     assert ev["exit_statuses"] == [{"status": "signal 9", "count": 20}]
@@ -132,9 +189,14 @@ def test_short_lived_jobs_prefers_the_parent() -> None:
 def test_short_lived_jobs_falls_back_to_the_cgroup() -> None:
     window = jobs_window(3, ticks=20, two_parents=True)  # 60 in FOO: 40 from 700, 20 from 701
     [f] = JOBS.evaluate(window, rule_cfg("short_lived_jobs", min_count=41))
-    assert f.key == f"cgroup:{FOO}" and f.culprit.kind == "cgroup" and f.culprit.unit == "foo.service"
+    assert (
+        f.key == f"cgroup:{FOO}" and f.culprit.kind == "cgroup" and f.culprit.unit == "foo.service"
+    )
     assert f.evidence["count"] == 60
-    assert f.evidence["exit_statuses"] == [{"status": "exit 1", "count": 40}, {"status": "signal 9", "count": 20}]
+    assert f.evidence["exit_statuses"] == [
+        {"status": "exit 1", "count": 40},
+        {"status": "signal 9", "count": 20},
+    ]
     # with min_count 40 parent 700 accounts for it: the parent is named instead of the cgroup
     [g] = JOBS.evaluate(window, rule_cfg("short_lived_jobs", min_count=40))
     assert g.culprit.pid == 700 and g.evidence["count"] == 40
@@ -144,5 +206,15 @@ def test_short_lived_jobs_falls_back_to_the_cgroup() -> None:
 def test_short_lived_jobs_window_and_exclusions() -> None:
     window = jobs_window(1, ticks=24)
     assert JOBS.evaluate(window, rule_cfg("short_lived_jobs", min_count=20, window_s=9.5)) == []
-    assert JOBS.evaluate(window, rule_cfg("short_lived_jobs", min_count=20, exclude={"comms": ["cron*"]})) == []
-    assert JOBS.evaluate(window, rule_cfg("short_lived_jobs", min_count=20, exclude={"units": ["foo.service"]})) == []
+    assert (
+        JOBS.evaluate(
+            window, rule_cfg("short_lived_jobs", min_count=20, exclude={"comms": ["cron*"]})
+        )
+        == []
+    )
+    assert (
+        JOBS.evaluate(
+            window, rule_cfg("short_lived_jobs", min_count=20, exclude={"units": ["foo.service"]})
+        )
+        == []
+    )

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+
+from snapshots import cgroup, proc, rule_cfg, series, snap
 
 from linnixd.detectors.memory import MemoryLeakDetector, fit
-from snapshots import cgroup, proc, rule_cfg, series, snap
 
 MIB = 1 << 20
 LEAK = MemoryLeakDetector()
@@ -13,9 +14,14 @@ APP = "/system.slice/app.service"
 N = 121  # 60 s of 0.5 s ticks, both ends included
 
 
-def rss_window(rss: Callable[[int], float], n: int = N, *, cg_memory: Callable[[int], float] | None = None):
+def rss_window(
+    rss: Callable[[int], float], n: int = N, *, cg_memory: Callable[[int], float] | None = None
+):
     def make(i: int):
-        procs = [proc(1, 0, "init", cgroup="/", unit=None), proc(4321, 1, "leaky", rss=int(rss(i)), start=50.0)]
+        procs = [
+            proc(1, 0, "init", cgroup="/", unit=None),
+            proc(4321, 1, "leaky", rss=int(rss(i)), start=50.0),
+        ]
         cgs = [cgroup(APP, memory=int(cg_memory(i)))] if cg_memory else []
         return snap(i, procs, cgroups=cgs)
 
@@ -29,7 +35,12 @@ def ramp(i: int) -> float:
 def test_memory_leak_fires_on_a_linear_ramp() -> None:
     [f] = LEAK.evaluate(rss_window(ramp), rule_cfg("memory_leak"))
     assert f.key == "pid:4321:50" and f.culprit.kind == "process"
-    assert (f.culprit.pid, f.culprit.comm, f.culprit.unit, f.culprit.parent_pid) == (4321, "leaky", "app.service", 1)
+    assert (f.culprit.pid, f.culprit.comm, f.culprit.unit, f.culprit.parent_pid) == (
+        4321,
+        "leaky",
+        "app.service",
+        1,
+    )
     ev = f.evidence
     assert ev["slope_mb_per_min"] == 60.0 and ev["growth_mb"] == 60.0 and ev["r2"] == 1.0
     assert ev["rss_start_mb"] == 200.0 and ev["rss_now_mb"] == 260.0 and ev["samples"] == N
@@ -49,7 +60,12 @@ def test_memory_leak_needs_samples_spanning_most_of_the_window() -> None:
 
 
 def test_flat_high_rss_never_fires() -> None:
-    assert LEAK.evaluate(rss_window(lambda i: 2048 * MIB), rule_cfg("memory_leak", min_growth_mb=0.001)) == []
+    assert (
+        LEAK.evaluate(
+            rss_window(lambda i: 2048 * MIB), rule_cfg("memory_leak", min_growth_mb=0.001)
+        )
+        == []
+    )
 
 
 def test_sawtooth_with_low_r2_never_fires() -> None:
@@ -82,11 +98,15 @@ def test_cgroup_leak_and_the_process_wins_when_it_explains_it() -> None:
     # a cgroup growing without any single process growing (page cache, many workers): the cgroup
     window = rss_window(lambda i: 100 * MIB, cg_memory=lambda i: 300 * MIB + i * MIB)
     [f] = LEAK.evaluate(window, rule_cfg("memory_leak"))
-    assert f.key == f"cgroup:{APP}" and f.culprit.kind == "cgroup" and f.culprit.unit == "app.service"
+    assert (
+        f.key == f"cgroup:{APP}" and f.culprit.kind == "cgroup" and f.culprit.unit == "app.service"
+    )
     assert f.evidence["growth_mb"] == 120.0 and f.evidence["memory_now_mb"] == 420.0
     assert LEAK.evaluate(window, rule_cfg("memory_leak", scope=["process"])) == []
     assert LEAK.evaluate(window, rule_cfg("memory_leak", exclude={"units": ["app.service"]})) == []
 
 
 def test_memory_leak_exclusion_by_comm() -> None:
-    assert LEAK.evaluate(rss_window(ramp), rule_cfg("memory_leak", exclude={"comms": ["leak*"]})) == []
+    assert (
+        LEAK.evaluate(rss_window(ramp), rule_cfg("memory_leak", exclude={"comms": ["leak*"]})) == []
+    )

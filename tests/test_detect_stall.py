@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 from linnixd.detectors import all_detectors
 from linnixd.detectors.stall import CircuitBreakerDetector, NoisyNeighbourDetector
@@ -25,10 +24,10 @@ def stall(victim: str, wait_us: int, edges: dict[str, int], waits: int = 10) -> 
 def nn_snap(
     i: int,
     wait_us: int = 20_000,
-    edges: Optional[dict[str, int]] = None,
+    edges: dict[str, int] | None = None,
     avg10: float = 0.0,
     some_pct: float = 0.0,
-    throttled_us: Optional[int] = None,
+    throttled_us: int | None = None,
 ) -> Snapshot:
     edges = {BATCH: 15_000, OTHER: 3_000, WEB: 2_000} if edges is None else edges
     web = dataclasses.replace(
@@ -53,9 +52,13 @@ def test_noisy_neighbour_names_top_culprit_with_shares() -> None:
     assert f.severity == "warning"
     ev = f.evidence
     assert ev["wait_ms"] == 400.0 and ev["waits"] == 200
-    assert ev["culprit_share"] == 0.9  # (15 + 3) of 20 ms per tick; the 2 ms self-stall is not a neighbour
+    assert (
+        ev["culprit_share"] == 0.9
+    )  # (15 + 3) of 20 ms per tick; the 2 ms self-stall is not a neighbour
     assert ev["self_stall_ms"] == 40.0
-    assert [(c["cgroup"], c["stall_ms"], c["share"], c["preemptions"]) for c in ev["top_culprits"]] == [
+    assert [
+        (c["cgroup"], c["stall_ms"], c["share"], c["preemptions"]) for c in ev["top_culprits"]
+    ] == [
         (BATCH, 300.0, 0.75, 20),
         (OTHER, 60.0, 0.15, 20),
     ]
@@ -120,7 +123,11 @@ def cb_snap(i: int, some: float = 60.0, util: float = 95.0, with_stall: bool = T
     s = snap(i, procs, cgroups=[cgroup(WEB), cgroup(BATCH)], system_pressure={"cpu": psi(some)})
     st = StallSnapshot(
         runqueue={WEB: CgroupRunqueue(WEB, 60_000, 30)},
-        edges=(StallEdge(WEB, BATCH, 50_000, 4), StallEdge(BATCH, WEB, 5_000, 1), StallEdge(WEB, WEB, 7_000)),
+        edges=(
+            StallEdge(WEB, BATCH, 50_000, 4),
+            StallEdge(BATCH, WEB, 5_000, 1),
+            StallEdge(WEB, WEB, 7_000),
+        ),
     )
     return dataclasses.replace(s, cpu_util_pct=util, stall=st if with_stall else None)
 
@@ -129,7 +136,12 @@ def test_circuit_breaker_names_tree_of_top_stall_culprit() -> None:
     window = [cb_snap(i) for i in range(31)]  # 15.5 s >= sustain_s 15
     (f,) = CircuitBreakerDetector().evaluate(window, rule_cfg("circuit_breaker"))
     assert f.rule == "circuit_breaker" and f.severity == "critical"
-    assert (f.culprit.kind, f.culprit.pid, f.culprit.root_pid, f.culprit.comm) == ("tree", 100, 100, "make")
+    assert (f.culprit.kind, f.culprit.pid, f.culprit.root_pid, f.culprit.comm) == (
+        "tree",
+        100,
+        100,
+        "make",
+    )
     assert (f.culprit.cgroup, f.culprit.unit) == (BATCH, "batch.service")
     assert f.key == "pid:100:1"
     ev = f.evidence
@@ -138,7 +150,10 @@ def test_circuit_breaker_names_tree_of_top_stall_culprit() -> None:
     assert ev["stall_caused_ms"] == 30 * 50.0
     assert ev["victims"] == [{"cgroup": WEB, "stall_ms": 30 * 50.0}]
     assert (ev["cpu_some_pct"], ev["cpu_util_pct"]) == (60.0, 95.0)
-    assert f.summary == "make[100] in batch.service held the CPU at 95% with 60% cpu pressure for 15 s and stalled others for 1500 ms"
+    assert (
+        f.summary
+        == "make[100] in batch.service held the CPU at 95% with 60% cpu pressure for 15 s and stalled others for 1500 ms"
+    )
 
 
 def test_circuit_breaker_needs_sustained_pressure_and_utilisation() -> None:

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 
@@ -28,14 +28,23 @@ class RecordingUnits:
     """An in-process systemd stand-in: unit -> properties; records every call (the D-Bus client is tested on a real bus)."""
 
     def __init__(self) -> None:
-        self.props: dict[str, dict[str, Any]] = {"batch.service": {"CPUQuotaPerSecUSec": UINT64_MAX, "MemoryHigh": UINT64_MAX, "FreezerState": "running", "MemoryCurrent": 0}}
+        self.props: dict[str, dict[str, Any]] = {
+            "batch.service": {
+                "CPUQuotaPerSecUSec": UINT64_MAX,
+                "MemoryHigh": UINT64_MAX,
+                "FreezerState": "running",
+                "MemoryCurrent": 0,
+            }
+        }
         self.calls: list[tuple[Any, ...]] = []
         self.refuse_set = False
         self.cpu_pct: dict[str, float] = {}  # CPUUsageNSec grows at this rate (percent of one CPU)
 
     def _unit(self, unit: str) -> dict[str, Any]:
         if unit not in self.props:
-            raise UnitGone(f"systemd refused GetUnit: org.freedesktop.systemd1.NoSuchUnit: Unit {unit} not loaded.")
+            raise UnitGone(
+                f"systemd refused GetUnit: org.freedesktop.systemd1.NoSuchUnit: Unit {unit} not loaded."
+            )
         return self.props[unit]
 
     async def get_property(self, unit: str, name: str) -> Any:
@@ -49,7 +58,9 @@ class RecordingUnits:
         self.calls.append(("set", unit, name, value))
         props = self._unit(unit)
         if self.refuse_set:
-            raise EnforcementError("systemd refused SetUnitProperties: org.freedesktop.DBus.Error.InvalidArgs: nope")
+            raise EnforcementError(
+                "systemd refused SetUnitProperties: org.freedesktop.DBus.Error.InvalidArgs: nope"
+            )
         props[name] = value
 
     async def freeze(self, unit: str) -> None:
@@ -74,23 +85,56 @@ class Clock:
 
 def policy_file(tmp_path: Path, actions: str, extra: str = "") -> Any:
     path = tmp_path / "rules.yaml"
-    path.write_text(f"version: 1\nenforcement:\n  max_actions_per_min: 3\n{extra}  actions:\n{actions}")
+    path.write_text(
+        f"version: 1\nenforcement:\n  max_actions_per_min: 3\n{extra}  actions:\n{actions}"
+    )
     return load_policy(path)
 
 
 THROTTLE = "    - {rule: cpu_spike, type: throttle_cpu, cpu_pct: 20, duration_s: 60}\n"
 
 
-def alert(n: int = 1, state: str = "firing", rule: str = "cpu_spike", unit: Optional[str] = "batch.service", pid: int = 4321) -> Alert:
-    return Alert(id=f"a{n}-{state}", incident=f"i{n}", rule=rule, severity="warning", state=state, ts=1.0, summary="cpu", culprit=Culprit(kind="process", pid=pid, comm="burn", cgroup="/system.slice/batch.service", unit=unit), evidence={})
+def alert(
+    n: int = 1,
+    state: str = "firing",
+    rule: str = "cpu_spike",
+    unit: str | None = "batch.service",
+    pid: int = 4321,
+) -> Alert:
+    return Alert(
+        id=f"a{n}-{state}",
+        incident=f"i{n}",
+        rule=rule,
+        severity="warning",
+        state=state,
+        ts=1.0,
+        summary="cpu",
+        culprit=Culprit(
+            kind="process", pid=pid, comm="burn", cgroup="/system.slice/batch.service", unit=unit
+        ),
+        evidence={},
+    )
 
 
-def make(tmp_path: Path, actions: str = THROTTLE, units: Optional[RecordingUnits] = None, clock: Optional[Clock] = None, **kw: Any) -> tuple[Enforcer, RecordingUnits, list[tuple[str, str, dict[str, str]]]]:
+def make(
+    tmp_path: Path,
+    actions: str = THROTTLE,
+    units: RecordingUnits | None = None,
+    clock: Clock | None = None,
+    **kw: Any,
+) -> tuple[Enforcer, RecordingUnits, list[tuple[str, str, dict[str, str]]]]:
     pol = policy_file(tmp_path, actions)
     units = units or RecordingUnits()
     journal: list[tuple[str, str, dict[str, str]]] = []
     kw.setdefault("usage_window_s", 0.2)
-    enf = Enforcer(tmp_path, units, lambda: pol, journal=lambda m, k, f: journal.append((m, k, f)), clock=clock or Clock(), **kw)
+    enf = Enforcer(
+        tmp_path,
+        units,
+        lambda: pol,
+        journal=lambda m, k, f: journal.append((m, k, f)),
+        clock=clock or Clock(),
+        **kw,
+    )
     return enf, units, journal
 
 
@@ -119,7 +163,7 @@ def run(coro: Any) -> Any:
         ("foo.target", "'foo.target' is not a unit name linnixd acts on"),
     ],
 )
-def test_guard_refuses_protected_and_odd_units(unit: Optional[str], reason: str) -> None:
+def test_guard_refuses_protected_and_odd_units(unit: str | None, reason: str) -> None:
     assert refusal(unit, ("db*.service",)) == reason
 
 
@@ -155,7 +199,10 @@ def test_nothing_happens_unless_enabled_and_configured(tmp_path: Path) -> None:
 
 def test_enable_state_persists_and_is_journaled_with_the_caller(tmp_path: Path) -> None:
     enf, _, journal = make(tmp_path)
-    assert run(enf.set_enabled(True, True, WHO)) == "enforcement enabled (dry run: actions are only journaled)"
+    assert (
+        run(enf.set_enabled(True, True, WHO))
+        == "enforcement enabled (dry run: actions are only journaled)"
+    )
     saved = json.loads((tmp_path / ENFORCEMENT_STATE).read_text())
     assert saved["enabled"] is True and saved["dry_run"] is True
     assert saved["by"] == {"bus_name": ":1.42", "uid": 0, "pid": 4242}
@@ -176,14 +223,30 @@ def test_throttle_records_before_and_reverts_after_its_duration(tmp_path: Path) 
     enf, units, journal = make(tmp_path, clock=clock)
     signalled: list[tuple[str, dict[str, str]]] = []
     enf.listeners.append(lambda name, event: signalled.append((name, event)))
-    units.props["batch.service"]["CPUQuotaPerSecUSec"] = 500_000  # a quota set by the admin: restored exactly
+    units.props["batch.service"]["CPUQuotaPerSecUSec"] = (
+        500_000  # a quota set by the admin: restored exactly
+    )
     run(enf.set_enabled(True, False, WHO))
     record = run(enf.handle(alert()))
     assert record is not None and record.state == "applied"
     assert units.changes() == [("set", "batch.service", "CPUQuotaPerSecUSec", 200_000)]
     ledger = json.loads((tmp_path / ACTION_LEDGER).read_text())
-    assert [(e["unit"], e["before"], e["after"], e["state"], e["incident"]) for e in ledger] == [("batch.service", 500_000, 200_000, "applied", "i1")]
-    assert signalled == [("ActionTaken", {"unit": "batch.service", "action": "throttle_cpu", "before": "500000", "after": "200000", "rule": "cpu_spike", "incident": "i1"})]
+    assert [(e["unit"], e["before"], e["after"], e["state"], e["incident"]) for e in ledger] == [
+        ("batch.service", 500_000, 200_000, "applied", "i1")
+    ]
+    assert signalled == [
+        (
+            "ActionTaken",
+            {
+                "unit": "batch.service",
+                "action": "throttle_cpu",
+                "before": "500000",
+                "after": "200000",
+                "rule": "cpu_spike",
+                "incident": "i1",
+            },
+        )
+    ]
     clock.now += 59.0
     assert run(enf.revert_due()) == 0
     clock.now += 1.0
@@ -196,7 +259,9 @@ def test_throttle_records_before_and_reverts_after_its_duration(tmp_path: Path) 
 
 
 def test_resolved_incident_reverts_its_action(tmp_path: Path) -> None:
-    enf, units, _ = make(tmp_path, actions="    - {rule: memory_leak, type: limit_memory, memory_high_mb: 256}\n")
+    enf, units, _ = make(
+        tmp_path, actions="    - {rule: memory_leak, type: limit_memory, memory_high_mb: 256}\n"
+    )
     run(enf.set_enabled(True, False, WHO))
     run(enf.handle(alert(rule="memory_leak")))
     assert units.props["batch.service"]["MemoryHigh"] == 256 << 20
@@ -223,12 +288,17 @@ def test_resolution_caused_by_the_action_keeps_it_until_its_duration(tmp_path: P
     run(enf.handle(alert(2)))
     units.cpu_pct["batch.service"] = 3.0
     run(enf.handle(alert(2, state="resolved")))
-    assert units.props["batch.service"]["CPUQuotaPerSecUSec"] == UINT64_MAX and "incident resolved" in journal[-1][0]
+    assert (
+        units.props["batch.service"]["CPUQuotaPerSecUSec"] == UINT64_MAX
+        and "incident resolved" in journal[-1][0]
+    )
     assert enf.counters.kept == 1 and enf.counters.reverted == 2
 
 
 def test_memory_limit_is_kept_while_the_unit_sits_at_it(tmp_path: Path) -> None:
-    enf, units, _ = make(tmp_path, actions="    - {rule: memory_leak, type: limit_memory, memory_high_mb: 256}\n")
+    enf, units, _ = make(
+        tmp_path, actions="    - {rule: memory_leak, type: limit_memory, memory_high_mb: 256}\n"
+    )
     run(enf.set_enabled(True, False, WHO))
     run(enf.handle(alert(rule="memory_leak")))
     units.props["batch.service"]["MemoryCurrent"] = 250 << 20
@@ -253,10 +323,18 @@ def test_dry_run_journals_exactly_and_changes_nothing(tmp_path: Path) -> None:
     run(enf.set_enabled(True, True, WHO))
     assert run(enf.handle(alert())) is None
     assert units.changes() == []
-    assert json.loads((tmp_path / ACTION_LEDGER).read_text() if (tmp_path / ACTION_LEDGER).exists() else "[]") == []
+    assert (
+        json.loads(
+            (tmp_path / ACTION_LEDGER).read_text() if (tmp_path / ACTION_LEDGER).exists() else "[]"
+        )
+        == []
+    )
     message, kind, fields = journal[-1]
     assert kind == "action_taken"
-    assert message == "dry run: would throttle_cpu batch.service: CPUQuotaPerSecUSec infinity -> 200000 for 60 s (rule cpu_spike, incident i1)"
+    assert (
+        message
+        == "dry run: would throttle_cpu batch.service: CPUQuotaPerSecUSec infinity -> 200000 for 60 s (rule cpu_spike, incident i1)"
+    )
     assert fields["LINNIX_DRY_RUN"] == "1" and fields["LINNIX_ACTION_UNIT"] == "batch.service"
     assert enf.counters.dry_run == 1 and enf.counters.applied == 0
 
@@ -270,7 +348,11 @@ def test_rate_limit_and_protected_units_are_refused_and_counted(tmp_path: Path) 
     assert run(enf.handle(alert(50, unit="sshd.service"))) is None
     for i in range(5):
         run(enf.handle(alert(i, unit=f"w{i}.service")))
-    assert [c[1] for c in units.changes()] == ["w0.service", "w1.service", "w2.service"]  # 3 per minute
+    assert [c[1] for c in units.changes()] == [
+        "w0.service",
+        "w1.service",
+        "w2.service",
+    ]  # 3 per minute
     assert enf.counters.refused == 1 and enf.counters.rate_limited == 2
 
 
@@ -283,7 +365,9 @@ def test_vanished_unit_and_refused_property_apply_nothing(tmp_path: Path) -> Non
     assert run(enf.handle(alert(unit="gone.service"))) is None
     units.refuse_set = True
     assert run(enf.handle(alert(2))) is None
-    assert json.loads((tmp_path / ACTION_LEDGER).read_text()) == []  # the write-ahead entry was taken back
+    assert (
+        json.loads((tmp_path / ACTION_LEDGER).read_text()) == []
+    )  # the write-ahead entry was taken back
     assert enf.counters.failed == 2 and enf.counters.applied == 0
 
 
@@ -325,16 +409,32 @@ def test_a_restarted_daemon_reverts_what_a_killed_one_left(tmp_path: Path) -> No
     run(first.set_enabled(True, False, WHO))
     run(first.handle(alert()))
     ledger = json.loads((tmp_path / ACTION_LEDGER).read_text())
-    ledger.append(dict(ledger[0], id="p1", unit="half.service", action="limit_memory", prop="MemoryHigh", before=1 << 30, after=64 << 20, state="pending"))
+    ledger.append(
+        dict(
+            ledger[0],
+            id="p1",
+            unit="half.service",
+            action="limit_memory",
+            prop="MemoryHigh",
+            before=1 << 30,
+            after=64 << 20,
+            state="pending",
+        )
+    )
     (tmp_path / ACTION_LEDGER).write_text(json.dumps(ledger))
     del first  # the process died: nothing ran at exit
     units.calls.clear()
     second, _, journal = make(tmp_path, units=units)
     assert [r.state for r in second.records] == ["applied", "pending"]
     assert run(second.recover()) == 2
-    assert units.changes() == [("set", "batch.service", "CPUQuotaPerSecUSec", UINT64_MAX), ("set", "half.service", "MemoryHigh", 1 << 30)]
+    assert units.changes() == [
+        ("set", "batch.service", "CPUQuotaPerSecUSec", UINT64_MAX),
+        ("set", "half.service", "MemoryHigh", 1 << 30),
+    ]
     assert json.loads((tmp_path / ACTION_LEDGER).read_text()) == []
-    assert all("left behind by a previous run" in m for m, k, _ in journal if k == "action_reverted")
+    assert all(
+        "left behind by a previous run" in m for m, k, _ in journal if k == "action_reverted"
+    )
 
 
 def test_corrupt_ledger_is_set_aside_not_fatal(tmp_path: Path) -> None:
@@ -350,11 +450,17 @@ def test_corrupt_ledger_is_set_aside_not_fatal(tmp_path: Path) -> None:
 def test_manual_throttle_and_unthrottle(tmp_path: Path) -> None:
     enf, units, _ = make(tmp_path)
     text = run(enf.throttle("batch.service", 35, 120, WHO))
-    assert text == "batch.service throttled to 35% of one CPU for 120 s (was infinity CPUQuotaPerSecUSec)"
+    assert (
+        text
+        == "batch.service throttled to 35% of one CPU for 120 s (was infinity CPUQuotaPerSecUSec)"
+    )
     assert units.props["batch.service"]["CPUQuotaPerSecUSec"] == 350_000
     with pytest.raises(EnforcementError, match="sshd.service is protected"):
         run(enf.throttle("sshd.service", 35, 120, WHO))
-    assert run(enf.unthrottle("batch.service")) == "batch.service unthrottled: CPUQuotaPerSecUSec back to infinity"
+    assert (
+        run(enf.unthrottle("batch.service"))
+        == "batch.service unthrottled: CPUQuotaPerSecUSec back to infinity"
+    )
     assert units.props["batch.service"]["CPUQuotaPerSecUSec"] == UINT64_MAX
     with pytest.raises(EnforcementError, match="no active throttle on batch.service"):
         run(enf.unthrottle("batch.service"))
@@ -378,7 +484,9 @@ def test_pidfd_kill_signals_the_culprit(child: subprocess.Popen[bytes]) -> None:
     assert child.wait(5) == -signal.SIGTERM
 
 
-def test_pidfd_kill_refuses_a_process_that_started_at_another_time(child: subprocess.Popen[bytes]) -> None:
+def test_pidfd_kill_refuses_a_process_that_started_at_another_time(
+    child: subprocess.Popen[bytes],
+) -> None:
     start = start_ticks(child.pid) / CLK_TCK
     with pytest.raises(EnforcementError, match=f"pid {child.pid} now belongs to another process"):
         kill_process(child.pid, start - 5.0, signal.SIGKILL)
@@ -390,14 +498,23 @@ def test_pidfd_kill_refuses_a_process_that_started_at_another_time(child: subpro
         kill_process(2**22 + 1, 0.0, signal.SIGTERM)  # above PID_MAX_LIMIT: never a process
 
 
-def test_kill_action_goes_through_the_enforcer(tmp_path: Path, child: subprocess.Popen[bytes]) -> None:
+def test_kill_action_goes_through_the_enforcer(
+    tmp_path: Path, child: subprocess.Popen[bytes]
+) -> None:
     start = start_ticks(child.pid) / CLK_TCK
     starts = {child.pid: start}
-    enf, _, journal = make(tmp_path, actions="    - {rule: cpu_spike, type: kill, signal: KILL}\n", start_time_of=starts.get)
+    enf, _, journal = make(
+        tmp_path,
+        actions="    - {rule: cpu_spike, type: kill, signal: KILL}\n",
+        start_time_of=starts.get,
+    )
     run(enf.set_enabled(True, False, WHO))
     run(enf.handle(alert(pid=os.getpid() + 10**6)))  # start time unknown: refused
     assert child.poll() is None and enf.counters.refused == 1
     run(enf.handle(alert(2, pid=child.pid)))
     assert child.wait(5) == -signal.SIGKILL
-    assert journal[-1][1] == "action_taken" and f"SIGKILL sent to burn[{child.pid}] in batch.service" in journal[-1][0]
+    assert (
+        journal[-1][1] == "action_taken"
+        and f"SIGKILL sent to burn[{child.pid}] in batch.service" in journal[-1][0]
+    )
     assert enf.records == []  # a kill has nothing to revert

@@ -23,7 +23,14 @@ def alert(n: int, ts: float, rule: str = "fork_storm", state: str = "firing") ->
         state=state,
         ts=ts,
         summary=f"alert {n}",
-        culprit=Culprit(kind="process", pid=100 + n, comm="lx-demo", cgroup="/x.slice", unit="x.service", parent_pid=1),
+        culprit=Culprit(
+            kind="process",
+            pid=100 + n,
+            comm="lx-demo",
+            cgroup="/x.slice",
+            unit="x.service",
+            parent_pid=1,
+        ),
         evidence={"rate_per_s": 12.5 * n, "top": [{"pid": 7, "forks": 3}]},
     )
 
@@ -58,7 +65,12 @@ def test_history_survives_a_restart_and_uses_wal(tmp_path: Path) -> None:
     again.close()
     mode = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
-    indexes = {r[0] for r in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    indexes = {
+        r[0]
+        for r in sqlite3.connect(path).execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index'"
+        )
+    }
     assert {"alerts_ts", "alerts_rule_ts", "alerts_incident"} <= indexes
 
 
@@ -77,7 +89,9 @@ def test_retention_by_age_on_open(tmp_path: Path) -> None:
 
 def test_retention_by_count_and_periodic_prune(tmp_path: Path) -> None:
     clock = [NOW]
-    h = AlertHistory(str(tmp_path / "h.db"), max_count=3, prune_every_s=3600, clock=lambda: clock[0])
+    h = AlertHistory(
+        str(tmp_path / "h.db"), max_count=3, prune_every_s=3600, clock=lambda: clock[0]
+    )
     for n in range(1, 6):
         h.store(alert(n, NOW + n))
     assert h.count() == 5  # no prune yet: the last one was at open, less than an hour ago

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -34,7 +34,9 @@ FDS = (
 
 
 def spawn(code: str) -> subprocess.Popen[bytes]:
-    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    p = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
     if "ready" in code:
         assert p.stdout is not None and p.stdout.readline() == b"ready\n"
     return p
@@ -99,7 +101,9 @@ def test_process_in_a_test_cgroup(scope: str, children: list[subprocess.Popen[by
     with open(MOUNT + scope + "/cgroup.procs", "w") as f:
         f.write(str(child.pid))
     # no rate limit on re-walks, so an unknown id is counted at once
-    model = HostModel(max_processes=32768, max_cgroups=4096, resolver=CgroupResolver(min_rewalk_s=0.0))
+    model = HostModel(
+        max_processes=32768, max_cgroups=4096, resolver=CgroupResolver(min_rewalk_s=0.0)
+    )
     model.seed()
     time.sleep(0.3)
     s = snap(model)
@@ -119,7 +123,14 @@ def test_process_in_a_test_cgroup(scope: str, children: list[subprocess.Popen[by
     assert child.pid in model.children(os.getpid())
     rows = {r["path"]: r for r in model.top_cgroups(100)}
     assert rows[scope]["unit"] == scope[1:]
-    assert set(rows[scope]) == {"path", "unit", "cpu_some_pct", "io_some_pct", "memory_some_pct", "memory_bytes"}
+    assert set(rows[scope]) == {
+        "path",
+        "unit",
+        "cpu_some_pct",
+        "io_some_pct",
+        "memory_some_pct",
+        "memory_bytes",
+    }
 
     # lifecycle counts by cgroup id: resolved to the path, unknown ids under <unresolved>
     counts = LifecycleCounts(forks=3, execs=2)
@@ -213,4 +224,7 @@ def test_caps_evict_and_count_once(scope: str, children: list[subprocess.Popen[b
     time.sleep(0.2)
     snap(model)
     # the same processes left out again are not counted twice
-    assert model.counters()["evicted_processes"] <= first["evicted_processes"] + (len(model.scanner.procs) - total) + 2
+    assert (
+        model.counters()["evicted_processes"]
+        <= first["evicted_processes"] + (len(model.scanner.procs) - total) + 2
+    )

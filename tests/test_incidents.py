@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from snapshots import proc, rule_cfg, snap
+
 from linnixd.detectors.cpu import CpuSpikeDetector
 from linnixd.incidents import IncidentTracker
 from linnixd.model import Culprit, Finding
-from snapshots import proc, rule_cfg, snap
 
 WALL = 1_700_000_000.0
 COOL = {"cpu_spike": 300.0}
@@ -92,9 +93,15 @@ def test_reused_pid_opens_a_separate_incident_end_to_end() -> None:
         start = 12.0 if i < 6 else 99.0  # pid 1234 is a new process from tick 6 on
         window.append(snap(i, [proc(1234, 1, "burner", cpu=90.0, start=start)]))
         newest = window[-1]
-        for a in t.update(detector.evaluate(window, cfg), newest.ts, newest.wall, {"cpu_spike": 300.0}):
+        for a in t.update(
+            detector.evaluate(window, cfg), newest.ts, newest.wall, {"cpu_spike": 300.0}
+        ):
             states.append((a.state, a.culprit.pid, a.incident, i))
     # old process fires at tick 1 (1 s covered); the new one fires on its own at tick 7 despite the
     # cooldown, in the same tick the old one resolves (last seen tick 5, 1 s before)
-    assert [(s, pid, i) for s, pid, _, i in states] == [("firing", 1234, 1), ("firing", 1234, 7), ("resolved", 1234, 7)]
+    assert [(s, pid, i) for s, pid, _, i in states] == [
+        ("firing", 1234, 1),
+        ("firing", 1234, 7),
+        ("resolved", 1234, 7),
+    ]
     assert states[2][2] == states[0][2] != states[1][2]

@@ -15,8 +15,9 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -55,17 +56,31 @@ class Daemon:
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            [PYTHON, "-m", "linnixd", "--foreground", "--output", "json", "--stats-on-exit",
-             "--policy", str(ROOT / "policy" / "rules.yaml")],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                PYTHON,
+                "-m",
+                "linnixd",
+                "--foreground",
+                "--output",
+                "json",
+                "--stats-on-exit",
+                "--policy",
+                str(ROOT / "policy" / "rules.yaml"),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         self.alerts: list[dict[str, Any]] = []
         self.changed = threading.Condition()
         self.stats: queue.Queue[dict[str, Any]] = queue.Queue()
         self.log: list[str] = []
         self.ready = threading.Event()
-        self.threads = [threading.Thread(target=self._stdout, daemon=True),
-                        threading.Thread(target=self._stderr, daemon=True)]
+        self.threads = [
+            threading.Thread(target=self._stdout, daemon=True),
+            threading.Thread(target=self._stderr, daemon=True),
+        ]
         for t in self.threads:
             t.start()
 
@@ -152,7 +167,10 @@ class Demo:
         self.t0, self.usage0 = time.monotonic(), self.usage_s()
         self.proc = subprocess.Popen(
             [PYTHON, "-m", "linnixd.demos", name, "--cgroup", str(self.cgroup_dir), *extra],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().rstrip("\n")
@@ -227,7 +245,9 @@ def test_idle_host_gives_no_alert(daemon: Daemon) -> None:
     assert blamed == []
     others = [a["summary"] for a in new]
     if others:
-        pytest.skip(f"host not idle: {len(others)} alerts about other workloads, first: {others[0]}")
+        pytest.skip(
+            f"host not idle: {len(others)} alerts about other workloads, first: {others[0]}"
+        )
 
 
 def test_fork_storm_names_the_forking_parent(daemon: Daemon) -> None:

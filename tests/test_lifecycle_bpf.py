@@ -6,8 +6,8 @@ import collections
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import pytest
 
@@ -74,7 +74,7 @@ class Seen:
         self.by_cgroup: dict[int, LifecycleCounts] = collections.defaultdict(LifecycleCounts)
         self.execs: list[ExecRecord] = []
         self.exits: list[ExitRecord] = []
-        self.last: Optional[LifecycleTick] = None
+        self.last: LifecycleTick | None = None
 
     def add(self, tick: LifecycleTick) -> None:
         self.total = self.total + tick.total

@@ -29,7 +29,11 @@ def test_messages_reach_the_notify_socket(tmp_path: Path, monkeypatch: pytest.Mo
         sock.close()
     assert got[:3] == ["READY=1", "STATUS=12 events, 0 dropped 3 alerts", "WATCHDOG=1"]
     first, second = got[3].split("\n")
-    assert first == "RELOADING=1" and second.startswith("MONOTONIC_USEC=") and int(second.split("=")[1]) > 0
+    assert (
+        first == "RELOADING=1"
+        and second.startswith("MONOTONIC_USEC=")
+        and int(second.split("=")[1]) > 0
+    )
     assert got[4] == "STOPPING=1"
     assert n.failures == 0
 
@@ -46,7 +50,9 @@ def test_abstract_socket_address(monkeypatch: pytest.MonkeyPatch) -> None:
         sock.close()
 
 
-def test_no_socket_is_a_no_op_and_a_gone_socket_is_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_socket_is_a_no_op_and_a_gone_socket_is_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     quiet = Notifier()
     quiet.ready()

@@ -44,7 +44,9 @@ def ticks_of(pid: int) -> int:
 def test_cpu_pct_of_busy_child_and_whole_time_for_new_process() -> None:
     s = ProcScanner()
     s.scan()
-    busy = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<20: pass\n"])
+    busy = subprocess.Popen(
+        [sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<20: pass\n"]
+    )
     try:
         time.sleep(1.0)
         first = s.scan()
@@ -67,7 +69,9 @@ def test_cpu_pct_of_busy_child_and_whole_time_for_new_process() -> None:
 
 
 def test_process_seen_first_but_older_than_interval_gets_zero() -> None:
-    busy = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<20: pass\n"])
+    busy = subprocess.Popen(
+        [sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<20: pass\n"]
+    )
     try:
         time.sleep(0.5)
         s = ProcScanner()
@@ -92,8 +96,12 @@ sys.stdin.readline()
 
 
 def test_fd_count_only_past_the_fdsize_prefilter() -> None:
-    many = subprocess.Popen([sys.executable, "-c", FD_CHILD, "900"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    few = subprocess.Popen([sys.executable, "-c", FD_CHILD, "10"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    many = subprocess.Popen(
+        [sys.executable, "-c", FD_CHILD, "900"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    few = subprocess.Popen(
+        [sys.executable, "-c", FD_CHILD, "10"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
     try:
         for p in (many, few):
             assert p.stdout is not None and p.stdout.readline() == b"ready\n"

@@ -43,7 +43,9 @@ def test_reader_turns_totals_into_interval_deltas(tmp_path: Path) -> None:
     assert set(first) == {"cpu", "memory"}  # io missing -> skipped
     assert first["memory"].some_stall_us == 0 and first["memory"].interval_s == 0.0
     clock.t += 0.5
-    (tmp_path / "memory").write_text(MEM.replace("total=5000000", "total=5200000").replace("total=2000000", "total=2050000"))
+    (tmp_path / "memory").write_text(
+        MEM.replace("total=5000000", "total=5200000").replace("total=2000000", "total=2050000")
+    )
     second = r.system()
     m = second["memory"]
     assert (m.some_stall_us, m.full_stall_us, m.interval_s) == (200000, 50000, 0.5)
@@ -138,7 +140,10 @@ def test_trigger_wakes_an_asyncio_reader_like_the_daemon() -> None:
     t = PsiTriggers(["cpu"], 5, 2.0)
     assert t.mode == "triggers", t.reason
     procs = [
-        subprocess.Popen([sys.executable, "-c", BUSY.format(s=3.0)], preexec_fn=lambda: os.sched_setaffinity(0, {0}))
+        subprocess.Popen(
+            [sys.executable, "-c", BUSY.format(s=3.0)],
+            preexec_fn=lambda: os.sched_setaffinity(0, {0}),
+        )
         for _ in range(2 * (os.cpu_count() or 1) + 2)
     ]
 

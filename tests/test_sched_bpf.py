@@ -6,8 +6,9 @@ import os
 import subprocess
 import time
 import types
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
 import pytest
 import yaml
@@ -16,7 +17,15 @@ from linnixd.collector.cgroups import cgroup2_mount
 from linnixd.collector.psi import parse_pressure
 from linnixd.collector.sched import NSLOTS, NSTATS, SchedCollector, _Deltas, switch_state_flags
 from linnixd.detectors.stall import NoisyNeighbourDetector
-from linnixd.model import CgroupSample, LifecycleCounts, Owner, PsiSample, Snapshot, StallEdge, StallSnapshot
+from linnixd.model import (
+    CgroupSample,
+    LifecycleCounts,
+    Owner,
+    PsiSample,
+    Snapshot,
+    StallEdge,
+    StallSnapshot,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 PY = "/usr/bin/python3"
@@ -60,7 +69,7 @@ class InodeResolver:
     def __init__(self, mount: str) -> None:
         self.mount = mount
 
-    def __call__(self, cid: int) -> Optional[str]:
+    def __call__(self, cid: int) -> str | None:
         for directory, _, _ in os.walk(self.mount):
             try:
                 if os.stat(directory).st_ino == cid:
@@ -114,8 +123,12 @@ def spawn(cg_dir: str, cpu: int, code: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([PY, "-c", code], preexec_fn=enter)
 
 
-def pressure(cg_dir: str, prev: Optional[tuple[float, int]], dt: float) -> tuple[PsiSample, tuple[float, int]]:
-    some_avg, full_avg, some_total, full_total = parse_pressure(Path(cg_dir + "/cpu.pressure").read_text())
+def pressure(
+    cg_dir: str, prev: tuple[float, int] | None, dt: float
+) -> tuple[PsiSample, tuple[float, int]]:
+    some_avg, full_avg, some_total, full_total = parse_pressure(
+        Path(cg_dir + "/cpu.pressure").read_text()
+    )
     delta = some_total - prev[1] if prev else 0
     return PsiSample(some_avg, full_avg, delta, 0, dt), (some_avg, some_total)
 
@@ -147,12 +160,28 @@ def run_experiment(
             stall = collector.read(resolve)
             psi, prev_psi = pressure(groups["victim"], prev_psi, now - last)
             stalls.append(stall)
-            sample = CgroupSample(id=victim_id, path=victim_path, owner=Owner("unknown", victim_path),
-                                  pressure={"cpu": psi})
-            snaps.append(Snapshot(ts=now, wall=time.time(), interval_s=now - last, ncpu=os.cpu_count() or 1,
-                                  processes={}, total=LifecycleCounts(), by_parent={}, by_cgroup={},
-                                  cgroups={victim_path: sample}, system_pressure={}, cpu_util_pct=0.0,
-                                  stall=stall))
+            sample = CgroupSample(
+                id=victim_id,
+                path=victim_path,
+                owner=Owner("unknown", victim_path),
+                pressure={"cpu": psi},
+            )
+            snaps.append(
+                Snapshot(
+                    ts=now,
+                    wall=time.time(),
+                    interval_s=now - last,
+                    ncpu=os.cpu_count() or 1,
+                    processes={},
+                    total=LifecycleCounts(),
+                    by_parent={},
+                    by_cgroup={},
+                    cgroups={victim_path: sample},
+                    system_pressure={},
+                    cpu_util_pct=0.0,
+                    stall=stall,
+                )
+            )
             last = now
     finally:
         for p in procs + others:
@@ -163,7 +192,9 @@ def run_experiment(
 
 
 def edge_sum(stalls: list[StallSnapshot], victim: str, culprit: str) -> int:
-    return sum(e.stall_us for s in stalls for e in s.edges if e.victim == victim and e.culprit == culprit)
+    return sum(
+        e.stall_us for s in stalls for e in s.edges if e.victim == victim and e.culprit == culprit
+    )
 
 
 def wait_sum(stalls: list[StallSnapshot], path: str) -> tuple[int, int]:
@@ -182,7 +213,7 @@ def test_switch_state_flags_bad_format(tmp_path: Path) -> None:
     from linnixd.collector.bpfload import KernelFeatureError
 
     bad = tmp_path / "format"
-    bad.write_text("name: sched_switch\nprint fmt: \"prev_state=%s\"\n")
+    bad.write_text('name: sched_switch\nprint fmt: "prev_state=%s"\n')
     with pytest.raises(KernelFeatureError, match=r"has no prev_state flags \(X, Z\) to decode"):
         switch_state_flags(str(bad))
     with pytest.raises(KernelFeatureError, match="is tracefs mounted"):
@@ -197,13 +228,17 @@ def test_culprit_gets_the_victims_stall(collector: SchedCollector, groups: dict[
     to_culprit = edge_sum(stalls, v, c)
     to_bystander = edge_sum(stalls, v, b)
     ours = to_culprit + to_bystander + edge_sum(stalls, v, v)
-    print(f"victim wait {wait_us} us over {waits} waits, culprit {to_culprit} us, bystander {to_bystander} us")
+    print(
+        f"victim wait {wait_us} us over {waits} waits, culprit {to_culprit} us, bystander {to_bystander} us"
+    )
     assert waits >= 100  # ~RUN_S / 11 ms wake-ups, with margin for a loaded host
     assert wait_us >= 100_000
     assert to_culprit >= 0.8 * ours
     assert to_bystander == 0
     # the victim preempted the spinner's slice or was preempted by it: both are counted as edges
-    assert sum(e.preemptions for s in stalls for e in s.edges if {e.victim, e.culprit} == {v, c}) > 0
+    assert (
+        sum(e.preemptions for s in stalls for e in s.edges if {e.victim, e.culprit} == {v, c}) > 0
+    )
     findings = NoisyNeighbourDetector().evaluate(snaps, foreign_excluded(groups, snaps))
     mine = [f for f in findings if f.evidence["victim"] == v]
     assert len(mine) == 1
@@ -211,7 +246,9 @@ def test_culprit_gets_the_victims_stall(collector: SchedCollector, groups: dict[
     assert f.culprit.kind == "cgroup" and f.culprit.cgroup == c
     assert f.key == f"cgroup:{c}->cgroup:{v}"
     assert f.evidence["top_culprits"][0]["cgroup"] == c
-    assert f.summary.startswith(f"{c} caused ") and f.summary.endswith(f"of stall to {v} in the last 10 s")
+    assert f.summary.startswith(f"{c} caused ") and f.summary.endswith(
+        f"of stall to {v} in the last 10 s"
+    )
 
 
 @needs_root
@@ -226,7 +263,11 @@ def test_no_contention_no_alert(collector: SchedCollector, groups: dict[str, str
     print("findings (others' load may stall the victim):", [f.summary for f in findings])
     assert [f for f in findings if f.evidence["victim"] == v and f.culprit.cgroup == c] == []
     # with foreign load out of the picture nothing of ours is blamed
-    assert [f for f in NoisyNeighbourDetector().evaluate(snaps, foreign_excluded(groups, snaps)) if f.evidence["victim"] == v] == []
+    assert [
+        f
+        for f in NoisyNeighbourDetector().evaluate(snaps, foreign_excluded(groups, snaps))
+        if f.evidence["victim"] == v
+    ] == []
 
 
 @needs_root
@@ -259,7 +300,9 @@ def test_vanished_cgroup_is_unresolved_not_misattributed(
 
 
 @needs_root
-def test_pid_churn_attributed_to_its_cgroup(collector: SchedCollector, groups: dict[str, str]) -> None:
+def test_pid_churn_attributed_to_its_cgroup(
+    collector: SchedCollector, groups: dict[str, str]
+) -> None:
     cpu = max(os.sched_getaffinity(0))
     resolve = InodeResolver(groups["mount"])
     collector.read(resolve)
@@ -280,7 +323,9 @@ def test_reused_cgroup_id_is_unresolved_for_the_window() -> None:
     paths = {7: "/a", 8: "/v"}
     hist = [0] * NSLOTS
     hist[10] = 2
-    d = _Deltas(runq={7: (2_000_000, 2, hist), 8: (3_000_000, 2, hist)}, edges={(8, 7): (1_500_000, 1)})
+    d = _Deltas(
+        runq={7: (2_000_000, 2, hist), 8: (3_000_000, 2, hist)}, edges={(8, 7): (1_500_000, 1)}
+    )
     first = c.attribute(d, paths.get, [0] * NSTATS, {})
     assert first.runqueue["/a"].wait_us == 2000 and first.runqueue["/a"].hist_log2_us[10] == 2
     assert list(first.edges) == [StallEdge("/v", "/a", 1500, 1)]
@@ -290,7 +335,9 @@ def test_reused_cgroup_id_is_unresolved_for_the_window() -> None:
     assert set(reused.runqueue) == {"/v"} and reused.edges == ()
     assert (reused.unresolved_us, reused.unresolved_preemptions) == (2000 + 1500, 1)
     settled = c.attribute(d, paths.get, [0] * NSTATS, {})  # a whole window of /b: now its own
-    assert settled.runqueue["/b"].wait_us == 2000 and list(settled.edges) == [StallEdge("/v", "/b", 1500, 1)]
+    assert settled.runqueue["/b"].wait_us == 2000 and list(settled.edges) == [
+        StallEdge("/v", "/b", 1500, 1)
+    ]
     del paths[8]  # the victim vanished: its wait and the stall it suffered are unresolved once
     gone = c.attribute(d, paths.get, [0] * NSTATS, {})
     assert set(gone.runqueue) == {"/b"} and gone.edges == ()

@@ -22,7 +22,14 @@ def make_alert(state: str = "firing", severity: str = "warning") -> Alert:
         state=state,
         ts=1_700_000_000.0,
         summary="fork storm: 812 process creations/s for 2.0 s",
-        culprit=Culprit(kind="process", pid=4242, comm="lx-forkstorm", cgroup="/system.slice/foo.service", unit="foo.service", parent_pid=1),
+        culprit=Culprit(
+            kind="process",
+            pid=4242,
+            comm="lx-forkstorm",
+            cgroup="/system.slice/foo.service",
+            unit="foo.service",
+            parent_pid=1,
+        ),
         evidence={"rate_per_s": 812.5, "forks": 1625},
     )
 
@@ -54,7 +61,18 @@ def test_stdout_json_has_the_documented_keys() -> None:
     out = io.StringIO()
     StdoutSink("json", out).write(make_alert())
     obj = json.loads(out.getvalue())
-    for key in ("rule", "severity", "ts", "summary", "pid", "comm", "cgroup", "unit", "evidence", "state"):
+    for key in (
+        "rule",
+        "severity",
+        "ts",
+        "summary",
+        "pid",
+        "comm",
+        "cgroup",
+        "unit",
+        "evidence",
+        "state",
+    ):
         assert key in obj
     assert obj["pid"] == 4242 and obj["evidence"]["forks"] == 1625
     assert Alert.from_dict(obj) == make_alert()
@@ -123,7 +141,9 @@ def test_journal_sink_with_a_real_journald(tmp_path) -> None:
         while not entries and time.monotonic() < deadline:
             out = subprocess.run(
                 ["journalctl", "--no-pager", "-o", "json", f"LINNIX_ALERT_ID={marker}"],
-                capture_output=True, text=True, check=False,
+                capture_output=True,
+                text=True,
+                check=False,
             ).stdout
             entries = [json.loads(line) for line in out.splitlines() if line.strip()]
             time.sleep(0.1)

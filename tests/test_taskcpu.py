@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -82,7 +82,10 @@ def test_busy_process_matches_the_kernels_own_count(sched: SchedCollector) -> No
 
 def test_host_model_reads_only_processes_that_ran(sched: SchedCollector) -> None:
     holder = subprocess.Popen(
-        [sys.executable, "-c", SLEEPERS.format(n=300)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", SLEEPERS.format(n=300)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     busy = subprocess.Popen([sys.executable, "-c", BURN.format(s=30)])
     try:
@@ -128,7 +131,16 @@ def test_host_model_reads_only_processes_that_ran(sched: SchedCollector) -> None
 
 def test_slim_without_changes_is_itself() -> None:
     snap = Snapshot(
-        ts=1.0, wall=1.0, interval_s=0.5, ncpu=2, processes={}, total=LifecycleCounts(),
-        by_parent={}, by_cgroup={}, cgroups={}, system_pressure={}, cpu_util_pct=0.0,
+        ts=1.0,
+        wall=1.0,
+        interval_s=0.5,
+        ncpu=2,
+        processes={},
+        total=LifecycleCounts(),
+        by_parent={},
+        by_cgroup={},
+        cgroups={},
+        system_pressure={},
+        cpu_util_pct=0.0,
     )
     assert snap.slim() is snap  # changed=None: a synthetic or /proc-scan snapshot, all fresh

@@ -36,9 +36,23 @@ def main() -> None:
         pid1_fds = len(os.listdir("/proc/1/fd"))
     except OSError as exc:
         pid1_fds = -exc.errno
-    status = dict(line.split(":\t", 1) for line in open("/proc/self/status").read().splitlines() if ":\t" in line)
-    print(json.dumps({"forks_made": FORKS, "forks_counted": counted, "pid1_fds": pid1_fds,
-                      "uid": os.getuid(), "cap_eff": status["CapEff"].strip()}), flush=True)
+    status = dict(
+        line.split(":\t", 1)
+        for line in open("/proc/self/status").read().splitlines()
+        if ":\t" in line
+    )
+    print(
+        json.dumps(
+            {
+                "forks_made": FORKS,
+                "forks_counted": counted,
+                "pid1_fds": pid1_fds,
+                "uid": os.getuid(),
+                "cap_eff": status["CapEff"].strip(),
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 SHARE = Path("/mnt/share")
 PAYLOAD = SHARE / "payload"
@@ -55,14 +55,18 @@ class Report:
         self.figures.flush()
 
 
-def sh(*argv: str, user: Optional[str] = None, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+def sh(
+    *argv: str, user: str | None = None, timeout: float = 120.0
+) -> subprocess.CompletedProcess[str]:
     """Runs a command (as `user` through runuser), never raising: the result is asserted on."""
     if user:
         argv = ("runuser", "-u", user, "--", *argv)
     try:
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        return subprocess.CompletedProcess(argv, 124, str(exc.stdout or ""), f"timed out after {timeout} s")
+        return subprocess.CompletedProcess(
+            argv, 124, str(exc.stdout or ""), f"timed out after {timeout} s"
+        )
 
 
 def out(cp: subprocess.CompletedProcess[str]) -> str:
@@ -90,7 +94,11 @@ def journal_tail() -> str:
     """The daemon's own lines (not systemd's restart chatter): what it said before dying."""
     text = sh("journalctl", "-u", UNIT, "-n", "80", "--no-pager", "-o", "cat").stdout
     print(text, flush=True)
-    own = [line for line in text.splitlines() if line.startswith(("linnixd:", "Traceback")) or "Error" in line]
+    own = [
+        line
+        for line in text.splitlines()
+        if line.startswith(("linnixd:", "Traceback")) or "Error" in line
+    ]
     return "\n".join(own[-4:])
 
 
@@ -132,9 +140,19 @@ def history_rows() -> int:
         con.close()
 
 
-def dbus_call(member: str, *args: str, user: Optional[str] = None) -> subprocess.CompletedProcess[str]:
-    return sh("dbus-send", "--system", "--print-reply", f"--dest={BUS}", PATH, f"{IFACE}.{member}", *args,
-              user=user)
+def dbus_call(
+    member: str, *args: str, user: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return sh(
+        "dbus-send",
+        "--system",
+        "--print-reply",
+        f"--dest={BUS}",
+        PATH,
+        f"{IFACE}.{member}",
+        *args,
+        user=user,
+    )
 
 
 def fork_storm_entries() -> list[dict[str, str]]:
@@ -150,14 +168,20 @@ def run(r: Report) -> None:
 
     debs = sorted(PAYLOAD.glob("linnixd_*.deb"))
     t0 = time.monotonic()
-    cp = sh("apt-get", "install", "-y", str(debs[0]) if debs else "linnixd_missing.deb", timeout=600)
+    cp = sh(
+        "apt-get", "install", "-y", str(debs[0]) if debs else "linnixd_missing.deb", timeout=600
+    )
     r.figure("install_s", f"{time.monotonic() - t0:.1f}")
     if not r.check("apt install ./linnixd_*.deb (offline)", cp.returncode == 0, out(cp)[-400:]):
         return
 
     unit_file = next((f for f in UNIT_FILES if os.path.exists(f)), "")
     cp = sh("systemd-analyze", "verify", unit_file or "linnixd.service")
-    r.check("systemd-analyze verify linnixd.service", cp.returncode == 0 and not cp.stderr.strip(), out(cp))
+    r.check(
+        "systemd-analyze verify linnixd.service",
+        cp.returncode == 0 and not cp.stderr.strip(),
+        out(cp),
+    )
     cp = sh("systemd-analyze", "security", "--no-pager", UNIT)
     m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", cp.stdout)
     exposure = float(m.group(1)) if m else 99.0
@@ -165,30 +189,60 @@ def run(r: Report) -> None:
     r.check("systemd-analyze security exposure <= 4.0", exposure <= 4.0, f"exposure {exposure}")
 
     pw = pwd.getpwnam("linnix") if sh("getent", "passwd", "linnix").returncode == 0 else None
-    r.check("sysusers created user linnix", pw is not None and pw.pw_uid < 1000 and pw.pw_shell.endswith("nologin"),
-            f"{pw}")
+    r.check(
+        "sysusers created user linnix",
+        pw is not None and pw.pw_uid < 1000 and pw.pw_shell.endswith("nologin"),
+        f"{pw}",
+    )
     st = os.stat("/var/lib/linnixd") if os.path.isdir("/var/lib/linnixd") else None
-    r.check("state dir /var/lib/linnixd owned by linnix", st is not None and pw is not None and st.st_uid == pw.pw_uid,
-            f"stat {st}")
-    shipped = ["/usr/share/dbus-1/system.d/org.linnix.linnixd1.conf",
-               "/usr/share/polkit-1/actions/org.linnix.linnixd1.policy", POLKIT_RULES, "/etc/linnixd/rules.yaml"]
+    r.check(
+        "state dir /var/lib/linnixd owned by linnix",
+        st is not None and pw is not None and st.st_uid == pw.pw_uid,
+        f"stat {st}",
+    )
+    shipped = [
+        "/usr/share/dbus-1/system.d/org.linnix.linnixd1.conf",
+        "/usr/share/polkit-1/actions/org.linnix.linnixd1.policy",
+        POLKIT_RULES,
+        "/etc/linnixd/rules.yaml",
+    ]
     missing = [f for f in shipped if not os.path.exists(f)]
-    r.check("bus policy, polkit actions and rules, policy file in place", not missing, f"missing {missing}")
+    r.check(
+        "bus policy, polkit actions and rules, policy file in place",
+        not missing,
+        f"missing {missing}",
+    )
     conff = sh("dpkg-query", "-W", "-f=${Conffiles}", "linnixd").stdout
     r.check("/etc/linnixd/rules.yaml is a conffile", "/etc/linnixd/rules.yaml" in conff, conff)
     cp = sh("pkaction", "--action-id", "org.linnix.linnixd1.reload-policy", "--verbose")
-    r.check("polkit knows org.linnix.linnixd1.reload-policy (auth_admin_keep)",
-            cp.returncode == 0 and "auth_admin_keep" in cp.stdout, out(cp)[:300])
-    r.check("unit enabled", sh("systemctl", "is-enabled", UNIT).stdout.strip() == "enabled",
-            sh("systemctl", "is-enabled", UNIT).stdout)
+    r.check(
+        "polkit knows org.linnix.linnixd1.reload-policy (auth_admin_keep)",
+        cp.returncode == 0 and "auth_admin_keep" in cp.stdout,
+        out(cp)[:300],
+    )
+    r.check(
+        "unit enabled",
+        sh("systemctl", "is-enabled", UNIT).stdout.strip() == "enabled",
+        sh("systemctl", "is-enabled", UNIT).stdout,
+    )
 
     probe_sandbox(r)
 
     # a restart means the first start crashed: stop waiting then instead of watching a restart loop
-    active = wait_for(lambda: is_active() or prop("ActiveState") == "failed" or int(prop("NRestarts") or 0) > 0,
-                      READY_TIMEOUT_S) and is_active()
-    if not r.check("systemctl is-active linnixd", active, f"state {prop('ActiveState')}/{prop('SubState')}; "
-                   + journal_tail()[-300:]):
+    active = (
+        wait_for(
+            lambda: (
+                is_active() or prop("ActiveState") == "failed" or int(prop("NRestarts") or 0) > 0
+            ),
+            READY_TIMEOUT_S,
+        )
+        and is_active()
+    )
+    if not r.check(
+        "systemctl is-active linnixd",
+        active,
+        f"state {prop('ActiveState')}/{prop('SubState')}; " + journal_tail()[-300:],
+    ):
         return
     r.figure("start_to_ready_s", f"{ready_seconds():.1f}")
     r.figure("boot_to_ready_s", f"{int(prop('ActiveEnterTimestampMonotonic')) / 1e6:.1f}")
@@ -198,9 +252,16 @@ def run(r: Report) -> None:
     uids = re.search(r"^Uid:\s+(.*)$", status, re.M).group(1).split()  # type: ignore[union-attr]
     capeff = int(re.search(r"^CapEff:\s+(\w+)$", status, re.M).group(1), 16)  # type: ignore[union-attr]
     want = cap_mask(unit_caps())
-    r.check("daemon runs as linnix", pw is not None and all(int(u) == pw.pw_uid for u in uids), f"Uid: {uids}")
-    r.check("CapEff equals the unit's capabilities", capeff == want and want != 0,
-            f"CapEff {capeff:#x}, unit {unit_caps()} = {want:#x}")
+    r.check(
+        "daemon runs as linnix",
+        pw is not None and all(int(u) == pw.pw_uid for u in uids),
+        f"Uid: {uids}",
+    )
+    r.check(
+        "CapEff equals the unit's capabilities",
+        capeff == want and want != 0,
+        f"CapEff {capeff:#x}, unit {unit_caps()} = {want:#x}",
+    )
 
     sh("useradd", "--create-home", TESTER)
     # busctl monitor needs org.freedesktop.DBus.Monitoring.BecomeMonitor, which dbus-daemon grants
@@ -208,21 +269,42 @@ def run(r: Report) -> None:
     # signal instead, which is what `linnixctl watch` does.
     # both write to files in the results (kept for diagnosis), and both say when they listen
     mon_log, watch_log = RESULTS / "busctl-monitor.txt", RESULTS / "watch-alerts.jsonl"
-    monitor = subprocess.Popen(["busctl", "monitor", "--system", BUS], stdout=mon_log.open("w"),
-                               stderr=subprocess.STDOUT, text=True)
-    watcher = subprocess.Popen(["runuser", "-u", TESTER, "--", "linnixctl", "watch", "--json"],
-                               stdout=watch_log.open("w"), stderr=subprocess.STDOUT, text=True)
-    listening = wait_for(lambda: "Monitoring bus message stream" in mon_log.read_text()
-                         and "linnixctl: watching" in watch_log.read_text(), 120)
+    monitor = subprocess.Popen(
+        ["busctl", "monitor", "--system", BUS],
+        stdout=mon_log.open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    watcher = subprocess.Popen(
+        ["runuser", "-u", TESTER, "--", "linnixctl", "watch", "--json"],
+        stdout=watch_log.open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    listening = wait_for(
+        lambda: (
+            "Monitoring bus message stream" in mon_log.read_text()
+            and "linnixctl: watching" in watch_log.read_text()
+        ),
+        120,
+    )
 
-    demo = subprocess.Popen(["linnixctl", "demo", "fork-storm"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    demo = subprocess.Popen(
+        ["linnixctl", "demo", "fork-storm"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         demo_out = demo.communicate(timeout=120)[0]
     except subprocess.TimeoutExpired:
         demo.kill()
         demo_out = demo.communicate()[0]
-    r.check("linnixctl demo fork-storm runs", demo.returncode == 0, f"rc={demo.returncode} {demo_out[-300:]}")
+    r.check(
+        "linnixctl demo fork-storm runs",
+        demo.returncode == 0,
+        f"rc={demo.returncode} {demo_out[-300:]}",
+    )
     entries: list[dict[str, str]] = []
 
     def alerted() -> bool:
@@ -234,11 +316,18 @@ def run(r: Report) -> None:
     m = re.search(r"pid (\d+) \(([^)]+)\)", demo_out)
     pids = {str(demo.pid)} | ({m.group(1)} if m else set())
     demo_comm = m.group(2) if m else ""
-    named = [e for e in entries if pids & {e.get("LINNIX_PID"), e.get("LINNIX_PARENT_PID"), e.get("LINNIX_ROOT_PID")}
-             or (demo_comm and demo_comm in (e.get("LINNIX_COMM"), e.get("LINNIX_PARENT_COMM")))]
-    r.check("journalctl -u linnixd LINNIX_RULE=fork_storm names the demo's process", bool(named),
-            f"demo pid {demo.pid} comm {demo_comm!r}; {len(entries)} entries; first: "
-            + (entries[0].get("MESSAGE", "") if entries else "none"))
+    named = [
+        e
+        for e in entries
+        if pids & {e.get("LINNIX_PID"), e.get("LINNIX_PARENT_PID"), e.get("LINNIX_ROOT_PID")}
+        or (demo_comm and demo_comm in (e.get("LINNIX_COMM"), e.get("LINNIX_PARENT_COMM")))
+    ]
+    r.check(
+        "journalctl -u linnixd LINNIX_RULE=fork_storm names the demo's process",
+        bool(named),
+        f"demo pid {demo.pid} comm {demo_comm!r}; {len(entries)} entries; first: "
+        + (entries[0].get("MESSAGE", "") if entries else "none"),
+    )
 
     def monitored() -> bool:
         text = mon_log.read_text()
@@ -247,47 +336,72 @@ def run(r: Report) -> None:
     seen = wait_for(monitored, 30)
     monitor.terminate()
     monitor.wait(timeout=10)
-    r.check("busctl monitor org.linnix.linnixd1 (root) captures the Alert signal", seen,
-            f"listening {listening}; {mon_log.stat().st_size} bytes in {mon_log.name}")
+    r.check(
+        "busctl monitor org.linnix.linnixd1 (root) captures the Alert signal",
+        seen,
+        f"listening {listening}; {mon_log.stat().st_size} bytes in {mon_log.name}",
+    )
 
     def watched_alerts() -> list[dict[str, object]]:
-        return [json.loads(line) for line in watch_log.read_text().splitlines() if line.startswith("{")]
+        return [
+            json.loads(line) for line in watch_log.read_text().splitlines() if line.startswith("{")
+        ]
 
     got = wait_for(lambda: any(a.get("rule") == "fork_storm" for a in watched_alerts()), 30)
     watcher.terminate()
     watcher.wait(timeout=10)
-    r.check("unprivileged user receives the Alert signal (linnixctl watch)", got,
-            f"{len(watched_alerts())} records; {watch_log.read_text()[-200:]}")
+    r.check(
+        "unprivileged user receives the Alert signal (linnixctl watch)",
+        got,
+        f"{len(watched_alerts())} records; {watch_log.read_text()[-200:]}",
+    )
 
-    for member, args in (("Status", ()), ("RecentAlerts", ("double:0", "string:", "uint32:10")),
-                         ("OpenIncidents", ())):
+    for member, args in (
+        ("Status", ()),
+        ("RecentAlerts", ("double:0", "string:", "uint32:10")),
+        ("OpenIncidents", ()),
+    ):
         cp = dbus_call(member, *args, user=TESTER)
         r.check(f"unprivileged {member} over the bus", cp.returncode == 0, out(cp)[:200])
     cp = sh("linnixctl", "status", user=TESTER)
     r.check("unprivileged linnixctl status", cp.returncode == 0, out(cp)[:200])
     cp = dbus_call("ReloadPolicy", user=TESTER)
-    r.check("unprivileged ReloadPolicy refused by polkit", cp.returncode != 0 and "NotAuthorized" in cp.stderr,
-            out(cp)[:200])
+    r.check(
+        "unprivileged ReloadPolicy refused by polkit",
+        cp.returncode != 0 and "NotAuthorized" in cp.stderr,
+        out(cp)[:200],
+    )
     cp = dbus_call("ReloadPolicy")
     r.check("root ReloadPolicy succeeds", cp.returncode == 0, out(cp)[:200])
     cp = sh("systemctl", "reload", UNIT)
     # RELOADING=1 puts the unit in "reloading" until READY=1 follows: give it time to come back
-    r.check("systemctl reload (SIGHUP, RELOADING=1) keeps it active",
-            cp.returncode == 0 and wait_for(is_active, 30), f"{out(cp)} state {prop('ActiveState')}")
+    r.check(
+        "systemctl reload (SIGHUP, RELOADING=1) keeps it active",
+        cp.returncode == 0 and wait_for(is_active, 30),
+        f"{out(cp)} state {prop('ActiveState')}",
+    )
 
     before = history_rows()
     cp = sh("systemctl", "restart", UNIT, timeout=300)
     after = history_rows()
     r.figure("restart_to_ready_s", f"{ready_seconds():.1f}")
-    r.check("systemctl restart keeps the alert history", cp.returncode == 0 and is_active() and before > 0
-            and after >= before, f"fork_storm rows before {before}, after {after}; {out(cp)}")
+    r.check(
+        "systemctl restart keeps the alert history",
+        cp.returncode == 0 and is_active() and before > 0 and after >= before,
+        f"fork_storm rows before {before}, after {after}; {out(cp)}",
+    )
 
     old = int(prop("MainPID"))
     restarts = int(prop("NRestarts") or 0)
     os.kill(old, 9)
-    back = wait_for(lambda: is_active() and int(prop("MainPID") or 0) not in (0, old), READY_TIMEOUT_S)
-    r.check("kill -9 of the daemon gets it restarted", back and int(prop("NRestarts")) == restarts + 1,
-            f"old pid {old}, new pid {prop('MainPID')}, NRestarts {prop('NRestarts')}")
+    back = wait_for(
+        lambda: is_active() and int(prop("MainPID") or 0) not in (0, old), READY_TIMEOUT_S
+    )
+    r.check(
+        "kill -9 of the daemon gets it restarted",
+        back and int(prop("NRestarts")) == restarts + 1,
+        f"old pid {old}, new pid {prop('MainPID')}, NRestarts {prop('NRestarts')}",
+    )
 
     enforcement(r)
 
@@ -309,10 +423,12 @@ def unit_file_text(unit: str, name: str) -> str:
 
 def cpu_pct(unit: str, seconds: float = 3.0) -> float:
     """The unit's CPU use in percent of one CPU over `seconds`, from its cgroup's cpu.stat."""
+
     def usage() -> int:
         text = unit_file_text(unit, "cpu.stat")
         m = re.search(r"^usage_usec (\d+)$", text, re.M)
         return int(m.group(1)) if m else 0
+
     u0, t0 = usage(), time.monotonic()
     time.sleep(seconds)
     return (usage() - u0) / 1e6 / (time.monotonic() - t0) * 100
@@ -320,8 +436,13 @@ def cpu_pct(unit: str, seconds: float = 3.0) -> float:
 
 def unlimited(unit: str) -> bool:
     """No CPU quota: systemd may also drop the cpu controller (then there is no cpu.max) once none is set."""
-    return wait_for(lambda: unit_file_text(unit, "cpu.max") in ("absent", "max 100000")
-                    and unit_prop(unit, "CPUQuotaPerSecUSec") == "infinity", 10.0)
+    return wait_for(
+        lambda: (
+            unit_file_text(unit, "cpu.max") in ("absent", "max 100000")
+            and unit_prop(unit, "CPUQuotaPerSecUSec") == "infinity"
+        ),
+        10.0,
+    )
 
 
 def unit_prop(unit: str, name: str) -> str:
@@ -352,9 +473,21 @@ def enforcement_enabled() -> str:
     return sh("busctl", "get-property", BUS, PATH, IFACE, "EnforcementEnabled").stdout.strip()
 
 
-def systemd_call_as_linnix(member: str, signature: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return sh("busctl", "call", "--allow-interactive-authorization=no", "org.freedesktop.systemd1",
-              "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager", member, signature, *args, user="linnix")
+def systemd_call_as_linnix(
+    member: str, signature: str, *args: str
+) -> subprocess.CompletedProcess[str]:
+    return sh(
+        "busctl",
+        "call",
+        "--allow-interactive-authorization=no",
+        "org.freedesktop.systemd1",
+        "/org/freedesktop/systemd1",
+        "org.freedesktop.systemd1.Manager",
+        member,
+        signature,
+        *args,
+        user="linnix",
+    )
 
 
 def enforcement(r: Report) -> None:
@@ -365,105 +498,188 @@ def enforcement(r: Report) -> None:
     action = f"  actions:\n    - {{rule: cpu_spike, type: throttle_cpu, cpu_pct: {THROTTLE_PCT}, duration_s: {THROTTLE_S}}}\n"
     policy.write_text(re.sub(r"^  actions: \[\].*$\n?", action, text, flags=re.M))
     cp = sh("linnixctl", "check-config", str(policy))
-    r.check("policy with a cpu_spike throttle_cpu action is valid", cp.returncode == 0 and "cpu_spike" in policy.read_text()
-            and "throttle_cpu" in policy.read_text(), out(cp)[:300])
+    r.check(
+        "policy with a cpu_spike throttle_cpu action is valid",
+        cp.returncode == 0
+        and "cpu_spike" in policy.read_text()
+        and "throttle_cpu" in policy.read_text(),
+        out(cp)[:300],
+    )
     cp = sh("systemctl", "reload", UNIT)
     wait_for(is_active, 60)
-    r.check("enforcement is off by default (EnforcementEnabled false)", enforcement_enabled() == "b false",
-            enforcement_enabled())
+    r.check(
+        "enforcement is off by default (EnforcementEnabled false)",
+        enforcement_enabled() == "b false",
+        enforcement_enabled(),
+    )
 
     # monitor only: the rule fires, its action is configured, nothing is done
     start_unit("linnix-hog-mon", HOG)
-    alert = wait_entry(60, "LINNIX_RULE=cpu_spike", "LINNIX_UNIT=linnix-hog-mon.service", "LINNIX_STATE=firing")
+    alert = wait_entry(
+        60, "LINNIX_RULE=cpu_spike", "LINNIX_UNIT=linnix-hog-mon.service", "LINNIX_STATE=firing"
+    )
     time.sleep(3)
-    r.check("monitor only: cpu_spike fires for a hog, its unit is not throttled",
-            bool(alert) and unlimited("linnix-hog-mon.service")
-            and not journal_entries("LINNIX_ACTION_UNIT=linnix-hog-mon.service"),
-            f"alert {alert.get('MESSAGE', 'none')}; CPUQuotaPerSecUSec "
-            f"{unit_prop('linnix-hog-mon.service', 'CPUQuotaPerSecUSec')}")
+    r.check(
+        "monitor only: cpu_spike fires for a hog, its unit is not throttled",
+        bool(alert)
+        and unlimited("linnix-hog-mon.service")
+        and not journal_entries("LINNIX_ACTION_UNIT=linnix-hog-mon.service"),
+        f"alert {alert.get('MESSAGE', 'none')}; CPUQuotaPerSecUSec "
+        f"{unit_prop('linnix-hog-mon.service', 'CPUQuotaPerSecUSec')}",
+    )
     sh("systemctl", "stop", "linnix-hog-mon.service")
 
     cp = sh("linnixctl", "enable-enforcement", user=TESTER)
-    r.check("unprivileged linnixctl enable-enforcement refused by polkit (exit 77)",
-            cp.returncode == 77 and enforcement_enabled() == "b false", out(cp)[:300])
+    r.check(
+        "unprivileged linnixctl enable-enforcement refused by polkit (exit 77)",
+        cp.returncode == 77 and enforcement_enabled() == "b false",
+        out(cp)[:300],
+    )
     cp = sh("linnixctl", "throttle", "linnix-none.service", "--cpu", "10", user=TESTER)
-    r.check("unprivileged linnixctl throttle refused by polkit (exit 77)", cp.returncode == 77, out(cp)[:300])
+    r.check(
+        "unprivileged linnixctl throttle refused by polkit (exit 77)",
+        cp.returncode == 77,
+        out(cp)[:300],
+    )
 
     # dry run: journals exactly what would be done, changes nothing
     cp = sh("linnixctl", "enable-enforcement", "--dry-run")
-    r.check("root linnixctl enable-enforcement --dry-run", cp.returncode == 0 and enforcement_enabled() == "b true",
-            out(cp)[:300])
+    r.check(
+        "root linnixctl enable-enforcement --dry-run",
+        cp.returncode == 0 and enforcement_enabled() == "b true",
+        out(cp)[:300],
+    )
     start_unit("linnix-hog-dry", HOG)
     dry = wait_entry(60, "LINNIX_ACTION_UNIT=linnix-hog-dry.service", "LINNIX_DRY_RUN=1")
     time.sleep(2)
     actions = sh("linnixctl", "actions", "--json").stdout.strip()
-    r.check("dry run journals the throttle it would apply and changes nothing",
-            f"would throttle_cpu linnix-hog-dry.service: CPUQuotaPerSecUSec infinity -> {THROTTLE_PCT * 10000}"
-            in dry.get("MESSAGE", "") and unlimited("linnix-hog-dry.service") and actions == "[]",
-            f"entry {dry.get('MESSAGE', 'none')}; cpu.max {unit_file_text('linnix-hog-dry.service', 'cpu.max')}; "
-            f"actions {actions}")
+    r.check(
+        "dry run journals the throttle it would apply and changes nothing",
+        f"would throttle_cpu linnix-hog-dry.service: CPUQuotaPerSecUSec infinity -> {THROTTLE_PCT * 10000}"
+        in dry.get("MESSAGE", "")
+        and unlimited("linnix-hog-dry.service")
+        and actions == "[]",
+        f"entry {dry.get('MESSAGE', 'none')}; cpu.max {unit_file_text('linnix-hog-dry.service', 'cpu.max')}; "
+        f"actions {actions}",
+    )
     sh("systemctl", "stop", "linnix-hog-dry.service")
 
     # for real: the hog is throttled when cpu_spike fires, its CPU use falls, the duration reverts it
     cp = sh("linnixctl", "enable-enforcement")
     changed = wait_entry(10, "LINNIX_ENFORCEMENT=enabled", "LINNIX_DRY_RUN=0")
-    r.check("root linnixctl enable-enforcement, journaled with the caller's uid, pid and bus name",
-            cp.returncode == 0 and enforcement_enabled() == "b true" and changed.get("LINNIX_CALLER_UID") == "0"
-            and changed.get("LINNIX_CALLER_PID", "").isdigit() and changed.get("LINNIX_CALLER_BUS_NAME", "").startswith(":"),
-            f"{out(cp)[:200]}; entry {changed.get('MESSAGE', 'none')}")
+    r.check(
+        "root linnixctl enable-enforcement, journaled with the caller's uid, pid and bus name",
+        cp.returncode == 0
+        and enforcement_enabled() == "b true"
+        and changed.get("LINNIX_CALLER_UID") == "0"
+        and changed.get("LINNIX_CALLER_PID", "").isdigit()
+        and changed.get("LINNIX_CALLER_BUS_NAME", "").startswith(":"),
+        f"{out(cp)[:200]}; entry {changed.get('MESSAGE', 'none')}",
+    )
     # an unprivileged subscriber (busctl monitor needs root, see above); line-buffered JSON to a file
     watch_log = RESULTS / "watch-actions.jsonl"
-    watcher = subprocess.Popen(["runuser", "-u", TESTER, "--", "linnixctl", "watch", "--json"],
-                               stdout=watch_log.open("w"), stderr=subprocess.STDOUT, text=True)
+    watcher = subprocess.Popen(
+        ["runuser", "-u", TESTER, "--", "linnixctl", "watch", "--json"],
+        stdout=watch_log.open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     subscribed = wait_for(lambda: "linnixctl: watching" in watch_log.read_text(), 120)
     hog = "linnix-hog-act.service"
     start_unit("linnix-hog-act", HOG)
     time.sleep(1)
     before_pct = cpu_pct(hog)  # the rule needs 5 s over 50% before it fires
-    taken = wait_entry(90, f"LINNIX_ACTION_UNIT={hog}", "LINNIX_ACTION_ACTION=throttle_cpu", "LINNIX_DRY_RUN=0")
+    taken = wait_entry(
+        90, f"LINNIX_ACTION_UNIT={hog}", "LINNIX_ACTION_ACTION=throttle_cpu", "LINNIX_DRY_RUN=0"
+    )
     time.sleep(1)
     cpu_max = unit_file_text(hog, "cpu.max")
     after_pct = cpu_pct(hog)
     r.figure("throttle_cpu_before_pct", f"{before_pct:.0f}")
     r.figure("throttle_cpu_after_pct", f"{after_pct:.0f}")
-    r.check(f"cpu_spike throttles a systemd-run hog: cpu.max {THROTTLE_PCT * 1000} 100000, CPU use falls",
-            bool(taken) and cpu_max == f"{THROTTLE_PCT * 1000} 100000" and before_pct >= 60
-            and after_pct <= THROTTLE_PCT * 1.5,
-            f"entry {taken.get('MESSAGE', 'none')}; cpu.max {cpu_max}; CPU {before_pct:.0f}% -> {after_pct:.0f}%")
+    r.check(
+        f"cpu_spike throttles a systemd-run hog: cpu.max {THROTTLE_PCT * 1000} 100000, CPU use falls",
+        bool(taken)
+        and cpu_max == f"{THROTTLE_PCT * 1000} 100000"
+        and before_pct >= 60
+        and after_pct <= THROTTLE_PCT * 1.5,
+        f"entry {taken.get('MESSAGE', 'none')}; cpu.max {cpu_max}; CPU {before_pct:.0f}% -> {after_pct:.0f}%",
+    )
     cp = sh("linnixctl", "actions", "--json")
-    listed = json.loads(cp.stdout) if cp.returncode == 0 and cp.stdout.strip().startswith("[") else []
-    r.check("linnixctl actions lists the throttle with its before and after values",
-            any(a.get("unit") == hog and a.get("after") == THROTTLE_PCT * 10000 for a in listed), out(cp)[:300])
-    reverted = wait_entry(THROTTLE_S + 60, f"LINNIX_ACTION_UNIT={hog}", "MESSAGE_ID=1a22f2d188df4eb294c8482edd799a44")
-    r.check(f"the throttle is reverted after its {THROTTLE_S} s duration (kept while the hog pressed against it)",
-            reverted.get("LINNIX_REVERT_REASON") == "duration over" and unlimited(hog),
-            f"entry {reverted.get('MESSAGE', 'none')}; cpu.max {unit_file_text(hog, 'cpu.max')}")
+    listed = (
+        json.loads(cp.stdout) if cp.returncode == 0 and cp.stdout.strip().startswith("[") else []
+    )
+    r.check(
+        "linnixctl actions lists the throttle with its before and after values",
+        any(a.get("unit") == hog and a.get("after") == THROTTLE_PCT * 10000 for a in listed),
+        out(cp)[:300],
+    )
+    reverted = wait_entry(
+        THROTTLE_S + 60, f"LINNIX_ACTION_UNIT={hog}", "MESSAGE_ID=1a22f2d188df4eb294c8482edd799a44"
+    )
+    r.check(
+        f"the throttle is reverted after its {THROTTLE_S} s duration (kept while the hog pressed against it)",
+        reverted.get("LINNIX_REVERT_REASON") == "duration over" and unlimited(hog),
+        f"entry {reverted.get('MESSAGE', 'none')}; cpu.max {unit_file_text(hog, 'cpu.max')}",
+    )
     sh("systemctl", "stop", hog)
     time.sleep(1)
     watcher.terminate()
     watcher.wait(timeout=10)
-    events = [json.loads(line) for line in watch_log.read_text().splitlines() if line.startswith("{")]
-    signalled = {(e.get("signal"), e.get("before"), e.get("after")) for e in events if e.get("unit") == hog}
-    r.check("unprivileged linnixctl watch receives ActionTaken and ActionReverted with before and after values",
-            ("ActionTaken", "infinity", str(THROTTLE_PCT * 10000)) in signalled
-            and ("ActionReverted", "infinity", str(THROTTLE_PCT * 10000)) in signalled,
-            f"subscribed {subscribed}; {sorted(map(str, signalled))}; {watch_log.read_text()[-300:]}")
+    events = [
+        json.loads(line) for line in watch_log.read_text().splitlines() if line.startswith("{")
+    ]
+    signalled = {
+        (e.get("signal"), e.get("before"), e.get("after")) for e in events if e.get("unit") == hog
+    }
+    r.check(
+        "unprivileged linnixctl watch receives ActionTaken and ActionReverted with before and after values",
+        ("ActionTaken", "infinity", str(THROTTLE_PCT * 10000)) in signalled
+        and ("ActionReverted", "infinity", str(THROTTLE_PCT * 10000)) in signalled,
+        f"subscribed {subscribed}; {sorted(map(str, signalled))}; {watch_log.read_text()[-300:]}",
+    )
 
     # refusals: protected units, and what polkit grants linnix on systemd (only set-property and freeze)
     quota = unit_prop("dbus.service", "CPUQuotaPerSecUSec")
     cp = sh("linnixctl", "throttle", "dbus.service", "--cpu", "10")
-    r.check("linnixctl throttle dbus.service refused: protected unit, nothing changed",
-            cp.returncode != 0 and "protected" in cp.stderr and unit_prop("dbus.service", "CPUQuotaPerSecUSec") == quota,
-            out(cp)[:300])
+    r.check(
+        "linnixctl throttle dbus.service refused: protected unit, nothing changed",
+        cp.returncode != 0
+        and "protected" in cp.stderr
+        and unit_prop("dbus.service", "CPUQuotaPerSecUSec") == quota,
+        out(cp)[:300],
+    )
     idle = "linnix-idle.service"
     start_unit("linnix-idle", ["/bin/sleep", "3600"])
     grants = {
-        "SetUnitProperties on an ordinary unit": (True, ("SetUnitProperties", "sba(sv)", idle, "true", "1",
-                                                         "CPUQuotaPerSecUSec", "t", "500000")),
+        "SetUnitProperties on an ordinary unit": (
+            True,
+            (
+                "SetUnitProperties",
+                "sba(sv)",
+                idle,
+                "true",
+                "1",
+                "CPUQuotaPerSecUSec",
+                "t",
+                "500000",
+            ),
+        ),
         "FreezeUnit": (True, ("FreezeUnit", "s", idle)),
         "ThawUnit": (True, ("ThawUnit", "s", idle)),
-        "SetUnitProperties on dbus.service": (False, ("SetUnitProperties", "sba(sv)", "dbus.service", "true", "1",
-                                                      "CPUQuotaPerSecUSec", "t", "500000")),
+        "SetUnitProperties on dbus.service": (
+            False,
+            (
+                "SetUnitProperties",
+                "sba(sv)",
+                "dbus.service",
+                "true",
+                "1",
+                "CPUQuotaPerSecUSec",
+                "t",
+                "500000",
+            ),
+        ),
         "FreezeUnit on dbus.service": (False, ("FreezeUnit", "s", "dbus.service")),
         "StopUnit": (False, ("StopUnit", "ss", idle, "replace")),
         "RestartUnit": (False, ("RestartUnit", "ss", idle, "replace")),
@@ -472,32 +688,63 @@ def enforcement(r: Report) -> None:
     }
     for what, (allowed, call) in grants.items():
         cp = systemd_call_as_linnix(*call)
-        denied = "access denied" in cp.stderr.lower() or "interactive authentication required" in cp.stderr.lower()
+        denied = (
+            "access denied" in cp.stderr.lower()
+            or "interactive authentication required" in cp.stderr.lower()
+        )
         ok = cp.returncode == 0 if allowed else cp.returncode != 0 and denied
         r.check(f"polkit {'grants' if allowed else 'refuses'} linnix {what}", ok, out(cp)[:300])
     sh("systemctl", "set-property", "--runtime", idle, "CPUQuota=")
-    r.check("linnix-idle.service survived the refused stop, restart and kill", unit_prop(idle, "ActiveState") == "active"
-            and unit_prop(idle, "FreezerState") == "running", unit_prop(idle, "ActiveState"))
+    r.check(
+        "linnix-idle.service survived the refused stop, restart and kill",
+        unit_prop(idle, "ActiveState") == "active" and unit_prop(idle, "FreezerState") == "running",
+        unit_prop(idle, "ActiveState"),
+    )
 
     # manual throttle and unthrottle; then kill -9 during a throttle: the restarted daemon reverts it
     cp = sh("linnixctl", "throttle", idle, "--cpu", "40")
-    r.check("linnixctl throttle UNIT --cpu 40 sets cpu.max 40000 100000",
-            cp.returncode == 0 and unit_file_text(idle, "cpu.max") == "40000 100000", out(cp)[:300])
+    r.check(
+        "linnixctl throttle UNIT --cpu 40 sets cpu.max 40000 100000",
+        cp.returncode == 0 and unit_file_text(idle, "cpu.max") == "40000 100000",
+        out(cp)[:300],
+    )
     cp = sh("linnixctl", "unthrottle", idle)
-    r.check("linnixctl unthrottle UNIT restores cpu.max", cp.returncode == 0 and unlimited(idle), f"{out(cp)[:300]} cpu.max {unit_file_text(idle, 'cpu.max')}")
+    r.check(
+        "linnixctl unthrottle UNIT restores cpu.max",
+        cp.returncode == 0 and unlimited(idle),
+        f"{out(cp)[:300]} cpu.max {unit_file_text(idle, 'cpu.max')}",
+    )
     cp = sh("linnixctl", "throttle", idle, "--cpu", "30", "--duration", "3600")
     throttled = unit_file_text(idle, "cpu.max")
     old = int(prop("MainPID"))
     os.kill(old, 9)
-    back = wait_for(lambda: is_active() and int(prop("MainPID") or 0) not in (0, old), READY_TIMEOUT_S)
-    reverted = wait_entry(60, f"LINNIX_ACTION_UNIT={idle}", "LINNIX_REVERT_REASON=left behind by a previous run")
-    r.check("kill -9 during a throttle: the restarted daemon reverts it from the ledger",
-            cp.returncode == 0 and throttled == "30000 100000" and back and bool(reverted) and unlimited(idle),
-            f"throttled {throttled}; back {back}; entry {reverted.get('MESSAGE', 'none')}; "
-            f"cpu.max now {unit_file_text(idle, 'cpu.max')}")
-    r.check("enforcement state persists across the restart", enforcement_enabled() == "b true", enforcement_enabled())
+    back = wait_for(
+        lambda: is_active() and int(prop("MainPID") or 0) not in (0, old), READY_TIMEOUT_S
+    )
+    reverted = wait_entry(
+        60, f"LINNIX_ACTION_UNIT={idle}", "LINNIX_REVERT_REASON=left behind by a previous run"
+    )
+    r.check(
+        "kill -9 during a throttle: the restarted daemon reverts it from the ledger",
+        cp.returncode == 0
+        and throttled == "30000 100000"
+        and back
+        and bool(reverted)
+        and unlimited(idle),
+        f"throttled {throttled}; back {back}; entry {reverted.get('MESSAGE', 'none')}; "
+        f"cpu.max now {unit_file_text(idle, 'cpu.max')}",
+    )
+    r.check(
+        "enforcement state persists across the restart",
+        enforcement_enabled() == "b true",
+        enforcement_enabled(),
+    )
     cp = sh("linnixctl", "disable-enforcement")
-    r.check("root linnixctl disable-enforcement", cp.returncode == 0 and enforcement_enabled() == "b false", out(cp)[:300])
+    r.check(
+        "root linnixctl disable-enforcement",
+        cp.returncode == 0 and enforcement_enabled() == "b false",
+        out(cp)[:300],
+    )
     sh("systemctl", "stop", idle)
 
 
@@ -505,13 +752,23 @@ def sandbox_argv(unit: str, drop: str = "") -> list[str]:
     """systemd-run with the installed unit's sandbox and capabilities, less the capability `drop`."""
     unit_file = next((f for f in UNIT_FILES if os.path.exists(f)), "")
     service = Path(unit_file).read_text().split("[Service]", 1)[1].split("[Install]", 1)[0]
-    skip = ("Type=", "BusName=", "ExecStart=", "ExecReload=", "WatchdogSec=", "TimeoutStartSec=", "Restart",
-            "AmbientCapabilities=", "CapabilityBoundingSet=")
+    skip = (
+        "Type=",
+        "BusName=",
+        "ExecStart=",
+        "ExecReload=",
+        "WatchdogSec=",
+        "TimeoutStartSec=",
+        "Restart",
+        "AmbientCapabilities=",
+        "CapabilityBoundingSet=",
+    )
     props = [line for line in service.splitlines() if line and not line.startswith(("#", *skip))]
     caps = " ".join(c for c in unit_caps() if c != drop)
     props += [f"AmbientCapabilities={caps}", f"CapabilityBoundingSet={caps}"]
     return ["systemd-run", "--wait", "--pipe", "--quiet", "--collect", f"--unit={unit}"] + [
-        f"--property={p}" for p in props]
+        f"--property={p}" for p in props
+    ]
 
 
 def probe_sandbox(r: Report) -> None:
@@ -526,31 +783,61 @@ def probe_sandbox(r: Report) -> None:
     res = json.loads(lines[-1]) if lines else {}
     if not lines:
         print(cp.stderr, flush=True)
-    full = r.check("bcc compiles and counts 20 of 20 forks under the unit's sandbox as linnix",
-            cp.returncode == 0 and res.get("forks_counted") == res.get("forks_made") == 20
-            and res.get("uid") == pwd.getpwnam("linnix").pw_uid,
-            f"{res} {cp.stderr.strip()}")
-    r.check("fd_exhaustion: sandboxed linnix lists root's /proc/1/fd without CAP_SYS_PTRACE",
-            res.get("pid1_fds", -1) > 0 and not int(res.get("cap_eff", "0"), 16) & (1 << CAP_NUMBERS["CAP_SYS_PTRACE"]),
-            f"{res}")
+    full = r.check(
+        "bcc compiles and counts 20 of 20 forks under the unit's sandbox as linnix",
+        cp.returncode == 0
+        and res.get("forks_counted") == res.get("forks_made") == 20
+        and res.get("uid") == pwd.getpwnam("linnix").pw_uid,
+        f"{res} {cp.stderr.strip()}",
+    )
+    r.check(
+        "fd_exhaustion: sandboxed linnix lists root's /proc/1/fd without CAP_SYS_PTRACE",
+        res.get("pid1_fds", -1) > 0
+        and not int(res.get("cap_eff", "0"), 16) & (1 << CAP_NUMBERS["CAP_SYS_PTRACE"]),
+        f"{res}",
+    )
     for cap in unit_caps():
-        cp = sh(*sandbox_argv("linnix-probe-less", drop=cap), "/usr/bin/python3", "-B", probe, timeout=300)
+        cp = sh(
+            *sandbox_argv("linnix-probe-less", drop=cap),
+            "/usr/bin/python3",
+            "-B",
+            probe,
+            timeout=300,
+        )
         # only meaningful when the probe passes with every capability
-        r.check(f"{cap} is necessary: the probe fails without it", full and cp.returncode != 0,
-                f"rc={cp.returncode} {cp.stdout.strip()} ... {cp.stderr.strip()[-200:]}")
+        r.check(
+            f"{cap} is necessary: the probe fails without it",
+            full and cp.returncode != 0,
+            f"rc={cp.returncode} {cp.stdout.strip()} ... {cp.stderr.strip()[-200:]}",
+        )
 
 
 def purge(r: Report) -> None:
     cp = sh("apt-get", "purge", "-y", "linnixd", timeout=300)
     r.check("apt purge linnixd", cp.returncode == 0, out(cp)[-300:])
-    left = [f for f in (*UNIT_FILES, "/etc/systemd/system/multi-user.target.wants/linnixd.service",
-                        "/usr/share/dbus-1/system.d/org.linnix.linnixd1.conf",
-                        "/usr/share/polkit-1/actions/org.linnix.linnixd1.policy", POLKIT_RULES, "/var/lib/linnixd",
-                        "/etc/linnixd")
-            if os.path.lexists(f)]
-    r.check("purge leaves no unit, bus policy, polkit action, state or config", not left, f"left {left}")
-    user = sh("getent", "passwd", "linnix").returncode == 0 or sh("getent", "group", "linnix").returncode == 0
-    r.check("purge leaves no linnix user or group", not user, sh("getent", "passwd", "linnix").stdout)
+    left = [
+        f
+        for f in (
+            *UNIT_FILES,
+            "/etc/systemd/system/multi-user.target.wants/linnixd.service",
+            "/usr/share/dbus-1/system.d/org.linnix.linnixd1.conf",
+            "/usr/share/polkit-1/actions/org.linnix.linnixd1.policy",
+            POLKIT_RULES,
+            "/var/lib/linnixd",
+            "/etc/linnixd",
+        )
+        if os.path.lexists(f)
+    ]
+    r.check(
+        "purge leaves no unit, bus policy, polkit action, state or config", not left, f"left {left}"
+    )
+    user = (
+        sh("getent", "passwd", "linnix").returncode == 0
+        or sh("getent", "group", "linnix").returncode == 0
+    )
+    r.check(
+        "purge leaves no linnix user or group", not user, sh("getent", "passwd", "linnix").stdout
+    )
     cp = sh("systemctl", "cat", UNIT)
     r.check("systemd no longer knows linnixd.service", cp.returncode != 0, out(cp)[:200])
 

@@ -8,8 +8,9 @@ import io
 import os
 import platform
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 BTF_PATH = "/sys/kernel/btf/vmlinux"
@@ -31,21 +32,27 @@ def preflight(tracepoints: Sequence[str] = ()) -> None:
     try:
         import bcc  # noqa: F401  (its import is the check)
     except ImportError:
-        raise KernelFeatureError("bcc is not installed: apt install python3-bpfcc (and run with /usr/bin/python3)") from None
+        raise KernelFeatureError(
+            "bcc is not installed: apt install python3-bpfcc (and run with /usr/bin/python3)"
+        ) from None
     root = tracefs_root()
     if root is None:
         if _unreadable(os.path.join(TRACEFS_CANDIDATES[0], "README")) == "denied":
             raise KernelFeatureError(
                 "cannot read /sys/kernel/tracing: needs CAP_DAC_READ_SEARCH (bcc reads tracepoint formats)"
             )
-        raise KernelFeatureError("tracefs is not mounted: mount -t tracefs nodev /sys/kernel/tracing")
+        raise KernelFeatureError(
+            "tracefs is not mounted: mount -t tracefs nodev /sys/kernel/tracing"
+        )
     for tp in tracepoints:
         fmt = os.path.join(root, "events", tp, "format")
         problem = _unreadable(fmt)
         if problem == "missing":
             raise KernelFeatureError(f"tracepoint {tp} is missing from this kernel ({fmt})")
         if problem == "denied":
-            raise KernelFeatureError(f"cannot read {fmt}: needs CAP_DAC_READ_SEARCH (bcc reads tracepoint formats)")
+            raise KernelFeatureError(
+                f"cannot read {fmt}: needs CAP_DAC_READ_SEARCH (bcc reads tracepoint formats)"
+            )
     build = Path("/lib/modules") / platform.release() / "build"
     if not (build / "Makefile").exists() and not Path(BTF_PATH).exists():
         raise KernelFeatureError(
@@ -60,7 +67,7 @@ def preflight(tracepoints: Sequence[str] = ()) -> None:
 
 
 def _unreadable(path: str) -> str | None:
-    """"missing", "denied" or None, by really opening the file.
+    """ "missing", "denied" or None, by really opening the file.
 
     os.access() would be wrong here: it ignores capabilities such as CAP_DAC_READ_SEARCH,
     which is exactly how the service user reads tracefs.
@@ -89,7 +96,14 @@ def ringbuf_supported() -> bool:
     map_type_ringbuf = 27  # enum bpf_map_type: BPF_MAP_TYPE_RINGBUF
     create = libbcc.lib.bcc_create_map
     create.restype = ctypes.c_int
-    create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    create.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+    ]
     fd = create(map_type_ringbuf, b"lx_probe_rb", 0, 0, 4096, 0)
     if fd < 0:
         return False
@@ -130,7 +144,9 @@ def _perf_paranoid() -> int:
 def _verifier_reason(text: str) -> str:
     """The verifier log's verdict: the last line that is not a statistics or instruction line."""
     skip = ("processed ", "verification time", "stack depth", "max_states_per_insn", "mark_precise")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(skip)]
+    lines = [
+        ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(skip)
+    ]
     lines = [ln for ln in lines if not ln[:1].isdigit() and not ln.startswith(";")]
     return lines[-1] if lines else "no verifier log"
 
@@ -148,7 +164,9 @@ def compile_program(src: Path, cflags: Sequence[str]) -> Any:
     from bcc import BPF
 
     if not src.is_file():
-        raise KernelFeatureError(f"BPF source {src} is missing (set LINNIXD_BPF_DIR or reinstall linnixd)")
+        raise KernelFeatureError(
+            f"BPF source {src} is missing (set LINNIXD_BPF_DIR or reinstall linnixd)"
+        )
     try:
         with _captured_stderr() as err:
             try:
@@ -179,4 +197,6 @@ def compile_program(src: Path, cflags: Sequence[str]) -> Any:
                 "/usr/lib/sysctl.d/50-linnixd.conf: sysctl --system)"
             ) from None
         raise KernelFeatureError(f"cannot attach {src.name}: {message.splitlines()[0]}") from None
-    raise KernelFeatureError(f"cannot load {src.name}: {message.splitlines()[0] if message else _first_error(text)}") from None
+    raise KernelFeatureError(
+        f"cannot load {src.name}: {message.splitlines()[0] if message else _first_error(text)}"
+    ) from None

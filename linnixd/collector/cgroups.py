@@ -6,8 +6,8 @@ import os
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
 
 from ..model import CgroupSample, Owner, PsiSample
 
@@ -35,9 +35,9 @@ def owner_of(path: str) -> Owner:
     if not parts:
         return Owner(kind="root", name="/")
     unit = next((p for p in reversed(parts) if p.endswith(UNIT_SUFFIXES)), None)
-    pod_uid: Optional[str] = None
+    pod_uid: str | None = None
     in_kubepods = False
-    container: Optional[tuple[str, str, Optional[str]]] = None  # (name, id, runtime)
+    container: tuple[str, str, str | None] | None = None  # (name, id, runtime)
     for i, part in enumerate(parts):
         if part.startswith("kubepods"):
             in_kubepods = True
@@ -63,7 +63,9 @@ def owner_of(path: str) -> Owner:
                 container = (part, part[len("libpod-") :], "podman")
     if container is not None:
         name, cid, runtime = container
-        return Owner("container", name, unit=unit, container_id=cid, runtime=runtime, pod_uid=pod_uid)
+        return Owner(
+            "container", name, unit=unit, container_id=cid, runtime=runtime, pod_uid=pod_uid
+        )
     if pod_uid is not None:
         return Owner("pod", f"pod{pod_uid}", unit=unit, pod_uid=pod_uid)
     if unit is not None:
@@ -71,17 +73,17 @@ def owner_of(path: str) -> Owner:
     return Owner("unknown", path)
 
 
-def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> Optional[str]:
+def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str | None:
     """Mount point of the cgroup2 hierarchy (unified or hybrid), or None."""
     return _find_mount(mountinfo, lambda fstype, opts: fstype == "cgroup2")
 
 
-def v1_memory_mount(mountinfo: str = "/proc/self/mountinfo") -> Optional[str]:
+def v1_memory_mount(mountinfo: str = "/proc/self/mountinfo") -> str | None:
     """Mount point of the cgroup v1 memory hierarchy, or None on a pure cgroup2 host."""
     return _find_mount(mountinfo, lambda fstype, opts: fstype == "cgroup" and "memory" in opts)
 
 
-def _find_mount(mountinfo: str, want: Callable[[str, list[str]], bool]) -> Optional[str]:
+def _find_mount(mountinfo: str, want: Callable[[str, list[str]], bool]) -> str | None:
     with open(mountinfo) as f:
         for line in f:
             left, _, right = line.partition(" - ")
@@ -97,8 +99,8 @@ def _find_mount(mountinfo: str, want: Callable[[str, list[str]], bool]) -> Optio
 @dataclass
 class _CpuPrev:
     usage_us: int
-    nr_throttled: Optional[int]
-    throttled_us: Optional[int]
+    nr_throttled: int | None
+    throttled_us: int | None
 
 
 class CgroupResolver:
@@ -107,9 +109,9 @@ class CgroupResolver:
     def __init__(
         self,
         max_cgroups: int = 4096,
-        mount: Optional[str] = None,
+        mount: str | None = None,
         min_rewalk_s: float = 1.0,
-        v1_memory: Optional[str] = None,
+        v1_memory: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         found = mount or cgroup2_mount()
@@ -193,7 +195,7 @@ class CgroupResolver:
         self._owners.pop(path, None)
         self._cpu_prev.pop(path, None)
 
-    def resolve(self, cgroup_id: int) -> Optional[str]:
+    def resolve(self, cgroup_id: int) -> str | None:
         """Path of a cgroup id; unknown ids trigger a (rate-limited) re-walk of the tree."""
         path = self._by_id.get(cgroup_id)
         if path is not None:
@@ -207,7 +209,7 @@ class CgroupResolver:
             path = self._by_id.get(cgroup_id)
         return path
 
-    def id_of(self, path: str) -> Optional[int]:
+    def id_of(self, path: str) -> int | None:
         """Id of the cgroup at `path` (stat when not known yet); None when it does not exist."""
         cid = self._by_path.get(path)
         if cid is not None:
@@ -242,8 +244,8 @@ class CgroupResolver:
         self,
         path: str,
         pressure: Mapping[str, PsiSample],
-        v1_memory_path: Optional[str] = None,
-    ) -> Optional[CgroupSample]:
+        v1_memory_path: str | None = None,
+    ) -> CgroupSample | None:
         """Memory and cpu.stat deltas of one cgroup; None when it no longer exists."""
         cid = self.id_of(path)
         if cid is None:
@@ -276,13 +278,13 @@ class CgroupResolver:
         )
 
 
-def _delta(now: Optional[int], prev: Optional[int]) -> Optional[int]:
+def _delta(now: int | None, prev: int | None) -> int | None:
     if now is None or prev is None:
         return None
     return max(0, now - prev)
 
 
-def _read_int(path: str) -> Optional[int]:
+def _read_int(path: str) -> int | None:
     try:
         with open(path, "rb") as f:
             return int(f.read())
@@ -290,7 +292,7 @@ def _read_int(path: str) -> Optional[int]:
         return None
 
 
-def _read_keyed(path: str) -> Optional[dict[str, int]]:
+def _read_keyed(path: str) -> dict[str, int] | None:
     try:
         with open(path, "rb") as f:
             data = f.read().decode()

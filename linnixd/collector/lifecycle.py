@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import ctypes as ct
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from ..model import ExecRecord, ExitRecord, LifecycleCounts, LifecycleTick
 from ..paths import bpf_dir
-from .cgroups import cgroup2_mount
 from .bpfload import KernelFeatureError, compile_program, preflight, ringbuf_supported, source_text
+from .cgroups import cgroup2_mount
 
 TRACEPOINTS = (
     "task/task_newtask",
@@ -88,7 +89,8 @@ class _KeyedCounts:
 
     def read(self) -> dict[int, LifecycleCounts]:
         now: dict[int, Counts] = {
-            int(k.value): tuple(v.v) for k, v in self.table.items()  # type: ignore[misc]
+            int(k.value): tuple(v.v)
+            for k, v in self.table.items()  # type: ignore[misc]
         }
         out: dict[int, LifecycleCounts] = {}
         for key, val in now.items():
@@ -168,9 +170,9 @@ class LifecycleCollector:
         self.cgroup_exists = cgroup_exists
         self.src = src or bpf_dir() / "lifecycle.c"
         self._bpf: Any = None
-        self._transport: Optional[str] = None
-        self._parents: Optional[_KeyedCounts] = None
-        self._cgroups: Optional[_KeyedCounts] = None
+        self._transport: str | None = None
+        self._parents: _KeyedCounts | None = None
+        self._cgroups: _KeyedCounts | None = None
         self._prev_total: Counts = ZERO
         self._execs: list[ExecRecord] = []
         self._exits: list[ExitRecord] = []
@@ -178,7 +180,7 @@ class LifecycleCollector:
         self.pruned_keys = 0  # monotonic: idle map entries removed for dead tgids/cgroups
 
     @property
-    def transport(self) -> Optional[str]:
+    def transport(self) -> str | None:
         """Record transport: "ringbuf" or "perfbuf" once started, None before."""
         return self._transport
 
@@ -261,8 +263,8 @@ class LifecycleCollector:
         if r.kind == REC_EXEC:
             self._execs.append(ExecRecord(r.pid, r.ppid, r.cgroup_id, comm, ts))
             return
-        code: Optional[int] = None
-        sig: Optional[int] = None
+        code: int | None = None
+        sig: int | None = None
         if r.flags & F_CODE:
             code = r.exit_code  # what the process asked for; a signal seen then hit a sibling
         elif r.flags & F_SIGNAL:

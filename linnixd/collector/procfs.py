@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -34,12 +34,12 @@ class ProcEntry:
     rss_pages: int
     threads: int
     uid: int = -1
-    cmdline: Optional[str] = None  # None: read it on the next scan
+    cmdline: str | None = None  # None: read it on the next scan
     cgroup: str = "/"
-    v1_memory: Optional[str] = None  # path in the v1 memory hierarchy, on hybrid hosts
+    v1_memory: str | None = None  # path in the v1 memory hierarchy, on hybrid hosts
     fd_size: int = 0
-    fd_count: Optional[int] = None
-    fd_soft_limit: Optional[int] = None  # None = unlimited or unknown
+    fd_count: int | None = None
+    fd_soft_limit: int | None = None  # None = unlimited or unknown
     slow_read_at: float = -1e18  # monotonic time of the last limits/cgroup read
     first_seen: float = 0.0
     cpu_pct: float = 0.0
@@ -93,7 +93,10 @@ class ProcScanner:
     """Reads /proc once per tick; remembers each process between ticks for CPU deltas."""
 
     def __init__(
-        self, proc: str = "/proc", clock: Callable[[], float] = time.monotonic, sample_s: float = 0.0
+        self,
+        proc: str = "/proc",
+        clock: Callable[[], float] = time.monotonic,
+        sample_s: float = 0.0,
     ) -> None:
         """`sample_s`: status, cmdline, limits and fds of a known process at most this often (0: every read)."""
         self.proc = proc
@@ -101,9 +104,9 @@ class ProcScanner:
         self._clock = clock
         self.procs: dict[int, ProcEntry] = {}
         self.counters = ScanCounters()
-        self._last_mono: Optional[float] = None
-        self._last_boot: Optional[float] = None
-        self._last_cpu: Optional[tuple[int, int]] = None  # (busy, total) jiffies of /proc/stat
+        self._last_mono: float | None = None
+        self._last_boot: float | None = None
+        self._last_cpu: tuple[int, int] | None = None  # (busy, total) jiffies of /proc/stat
         self._ncpu = os.cpu_count() or 1
         self._running: set[int] = set()  # update(): pids given CPU time in the last interval
 
@@ -177,7 +180,9 @@ class ProcScanner:
             del procs[pid]
             self.counters.stale_dropped += 1
             changed.add(pid)
-        stale = sorted((e.sampled_at, pid) for pid, e in procs.items() if now - e.sampled_at >= RESAMPLE_S)
+        stale = sorted(
+            (e.sampled_at, pid) for pid, e in procs.items() if now - e.sampled_at >= RESAMPLE_S
+        )
         todo = [pid for pid in present if pid not in procs] + [pid for _, pid in stale[:budget]]
         for pid in todo:
             old = procs.get(pid)
@@ -235,11 +240,11 @@ class ProcScanner:
         self,
         pid: int,
         base: str,
-        prev: Optional[ProcEntry],
+        prev: ProcEntry | None,
         now: float,
         interval: float,
-        prev_boot: Optional[float],
-    ) -> Optional[ProcEntry]:
+        prev_boot: float | None,
+    ) -> ProcEntry | None:
         self.counters.reads += 1
         with open(base + "/stat", "rb") as f:
             raw = f.read().decode("utf-8", "replace")
@@ -263,7 +268,9 @@ class ProcScanner:
             entry.ppid, entry.comm, entry.cpu_ticks = ppid, comm, cpu_ticks
             entry.rss_pages, entry.threads = rss_pages, threads
         else:
-            entry = ProcEntry(pid, start_ticks, ppid, comm, cpu_ticks, rss_pages, threads, first_seen=now)
+            entry = ProcEntry(
+                pid, start_ticks, ppid, comm, cpu_ticks, rss_pages, threads, first_seen=now
+            )
             # start times are truncated to clock ticks: one tick of slack, or a process started
             # just after the previous scan began would look older than it and lose its first interval
             started_inside = prev_boot is not None and (start_ticks + 1) / CLK_TCK >= prev_boot
@@ -355,7 +362,7 @@ def _read_cmdline(base: str, comm: str) -> str:
     return text or f"[{comm}]"  # kernel threads have an empty cmdline
 
 
-def _read_fd_limit(base: str) -> Optional[int]:
+def _read_fd_limit(base: str) -> int | None:
     with open(base + "/limits", "rb") as f:
         for line in f.read().decode().splitlines():
             if line.startswith("Max open files"):

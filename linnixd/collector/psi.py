@@ -8,7 +8,7 @@ import select
 import sys
 import threading
 import time
-from typing import Callable, Iterable, Optional, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from ..model import RESOURCES, PsiSample
 
@@ -108,7 +108,7 @@ class PsiTriggers:
         some_pct: float,
         window_s: float,
         root: str = "/proc/pressure",
-        log: Optional[Callable[[str], None]] = None,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         self.resources = tuple(resources)
         self.window_us = int(round(window_s * 1e6))
@@ -122,12 +122,18 @@ class PsiTriggers:
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._lock = threading.Lock()
         self._pending: list[str] = []
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         for res in self.resources:
             try:
                 fd = self._arm(f"{root}/{res}", some_pct)
             except OSError as exc:
-                if exc.errno not in (errno.EPERM, errno.EACCES, errno.EINVAL, errno.ENOENT, errno.EOPNOTSUPP):
+                if exc.errno not in (
+                    errno.EPERM,
+                    errno.EACCES,
+                    errno.EINVAL,
+                    errno.ENOENT,
+                    errno.EOPNOTSUPP,
+                ):
                     raise
                 self._fall_back(f"{root}/{res}: {os.strerror(exc.errno or 0)}", log)
                 return
@@ -165,7 +171,9 @@ class PsiTriggers:
             except OSError as exc:
                 # unprivileged (no CAP_SYS_RESOURCE on the file's opener, kernel >= 6.5) windows
                 # must be multiples of 2 s: round up once; measured here even as root
-                rounded = min(WINDOW_MAX_US, -(-self.window_us // UNPRIV_WINDOW_US) * UNPRIV_WINDOW_US)
+                rounded = min(
+                    WINDOW_MAX_US, -(-self.window_us // UNPRIV_WINDOW_US) * UNPRIV_WINDOW_US
+                )
                 if exc.errno != errno.EINVAL or rounded == self.window_us:
                     raise
                 self.window_us = rounded
@@ -180,7 +188,7 @@ class PsiTriggers:
         # psi_write() overwrites the last byte written with NUL: send the NUL ourselves
         return f"some {self.threshold_us} {self.window_us}".encode() + b"\0"
 
-    def _fall_back(self, reason: str, log: Optional[Callable[[str], None]]) -> None:
+    def _fall_back(self, reason: str, log: Callable[[str], None] | None) -> None:
         for fd in list(self._fds):
             self._epoll.unregister(fd)
             os.close(fd)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from ..model import CgroupRunqueue, StallEdge, StallSnapshot
 from ..paths import bpf_dir
-from .bpfload import KernelFeatureError, compile_program, preflight, tracefs_root, source_text
+from .bpfload import KernelFeatureError, compile_program, preflight, source_text, tracefs_root
 from .taskcpu import TaskCpuReader
 
 TRACEPOINTS = ("sched/sched_switch", "sched/sched_wakeup", "sched/sched_wakeup_new")
@@ -27,14 +28,16 @@ FORGET_AFTER_READS = 2
 _FLAG = re.compile(r"\{\s*(0x[0-9a-fA-F]+|\d+)\s*,\s*\"([A-Za-z])\"\s*\}")
 
 
-def switch_state_flags(format_path: Optional[str] = None) -> dict[str, int]:
+def switch_state_flags(format_path: str | None = None) -> dict[str, int]:
     """prev_state letters -> bits as this kernel reports them, plus "+" (preempted: one bit above)."""
     if format_path is None:
         format_path = f"{tracefs_root() or '/sys/kernel/tracing'}/events/sched/sched_switch/format"
     try:
         text = Path(format_path).read_text()
     except OSError as exc:
-        raise KernelFeatureError(f"cannot read {format_path}: {exc.strerror} (is tracefs mounted?)") from None
+        raise KernelFeatureError(
+            f"cannot read {format_path}: {exc.strerror} (is tracefs mounted?)"
+        ) from None
     flags = {letter: int(v, 0) for v, letter in _FLAG.findall(text.partition("print fmt:")[2])}
     if "prev_state" not in text or "X" not in flags or "Z" not in flags:
         raise KernelFeatureError(f"{format_path} has no prev_state flags (X, Z) to decode")
@@ -44,7 +47,7 @@ def switch_state_flags(format_path: Optional[str] = None) -> dict[str, int]:
 
 @dataclass
 class _IdState:
-    path: Optional[str]  # path at the previous read (None = unresolved then)
+    path: str | None  # path at the previous read (None = unresolved then)
     unresolved_reads: int = 0
 
 
@@ -62,19 +65,23 @@ class SchedCollector:
         task_entries: int = 65536,
         agg_entries: int = 8192,
         ran_entries: int = 65536,
-        src: Optional[Path] = None,
+        src: Path | None = None,
     ) -> None:
         if task_entries <= 0 or task_entries & (task_entries - 1):
-            raise ValueError(f"task_entries must be a power of two (the task slot is pid modulo it), not {task_entries}")
+            raise ValueError(
+                f"task_entries must be a power of two (the task slot is pid modulo it), not {task_entries}"
+            )
         self.task_entries = task_entries
         self.agg_entries = agg_entries
         self.ran_entries = ran_entries
         self.src = src or bpf_dir() / "sched.c"
         self._bpf: Any = None
-        self._cpu: Optional[TaskCpuReader] = None
+        self._cpu: TaskCpuReader | None = None
         self._prev_runq: dict[int, tuple[int, int, list[int]]] = {}
         self._prev_edges: dict[tuple[int, int], tuple[int, int]] = {}
-        self._edge_keys: set[tuple[int, int]] = set()  # keys in the kernel's edges map at the last read
+        self._edge_keys: set[tuple[int, int]] = (
+            set()
+        )  # keys in the kernel's edges map at the last read
         self._prev_unattributed_ns = 0
         self._ids: dict[int, _IdState] = {}
         self.forgotten_ids = 0  # ids dropped from the kernel maps after their cgroup vanished
@@ -100,7 +107,7 @@ class SchedCollector:
         self._bpf = compile_program(Path(self.src), self.cflags())
         self._cpu = None
 
-    def task_cpu(self) -> "TaskCpuReader":
+    def task_cpu(self) -> TaskCpuReader:
         """The reader of per-process CPU time kept by the same program (one per start())."""
         if self._bpf is None:
             raise RuntimeError("SchedCollector.task_cpu() before start()")
@@ -130,7 +137,7 @@ class SchedCollector:
             "forgotten_ids": self.forgotten_ids,
         }
 
-    def read(self, resolve: Callable[[int], Optional[str]]) -> StallSnapshot:
+    def read(self, resolve: Callable[[int], str | None]) -> StallSnapshot:
         """Deltas since the previous read, cgroup ids resolved to paths with `resolve`."""
         runq_now: dict[int, tuple[int, int, list[int]]] = {}
         self_stall: dict[int, int] = {}  # the (cg, cg) edge, kept in the kernel's runq value
@@ -155,7 +162,7 @@ class SchedCollector:
                 edges_now[(cid, cid)] = (stall + ns, pre)
         stats = self.stats()
         deltas = self._deltas(runq_now, edges_now)
-        cache: dict[int, Optional[str]] = {}
+        cache: dict[int, str | None] = {}
         snapshot = self.attribute(deltas, resolve, stats, cache)
         self._forget_vanished(deltas, resolve, cache)
         return snapshot
@@ -178,7 +185,9 @@ class SchedCollector:
         self._prev_edges = edges_now
         return out
 
-    def _path(self, cid: int, resolve: Callable[[int], Optional[str]], cache: dict[int, Optional[str]]) -> Optional[str]:
+    def _path(
+        self, cid: int, resolve: Callable[[int], str | None], cache: dict[int, str | None]
+    ) -> str | None:
         """Path for this window, or None when unresolvable or ambiguous (id reused mid-window)."""
         if cid in cache:
             return cache[cid]
@@ -197,9 +206,9 @@ class SchedCollector:
     def attribute(
         self,
         deltas: _Deltas,
-        resolve: Callable[[int], Optional[str]],
+        resolve: Callable[[int], str | None],
         stats: list[int],
-        cache: dict[int, Optional[str]],
+        cache: dict[int, str | None],
     ) -> StallSnapshot:
         """Turn id-keyed deltas into a path-keyed StallSnapshot; unresolved stall is counted."""
         unresolved_ns = 0
@@ -245,7 +254,10 @@ class SchedCollector:
         )
 
     def _forget_vanished(
-        self, deltas: _Deltas, resolve: Callable[[int], Optional[str]], cache: dict[int, Optional[str]]
+        self,
+        deltas: _Deltas,
+        resolve: Callable[[int], str | None],
+        cache: dict[int, str | None],
     ) -> None:
         """Drop map keys of cgroups gone for a while; they had no activity, so nothing is lost."""
         for cid in list(self._ids):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes as ct
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 SLOT_MULT = 2654435761  # task_slot() in bpf/sched.c: pid times this, modulo the table size
 
@@ -75,7 +75,7 @@ class TaskCpuReader:
         self._epoch = 0
         self._threads: dict[int, _Thread] = {}
         self._last_read: set[int] = set()
-        self._last_mono: Optional[float] = None
+        self._last_mono: float | None = None
         self._key = ct.c_uint32()
         self._leaf = self._tasks.Leaf()
         self._buf = _Buffers(
@@ -122,11 +122,14 @@ class TaskCpuReader:
         per_cpu = self._cpus.getvalue(self._cpus.Key(0))
         return {int(c.curr_pid): int(c.curr_start) for c in per_cpu if c.curr_pid and c.curr_start}
 
-    def _slot(self, pid: int) -> Optional[tuple[int, int]]:
+    def _slot(self, pid: int) -> tuple[int, int] | None:
         """(run_ns, tgid) of the slot when `pid` still owns it, else None."""
         self._key.value = (pid * SLOT_MULT) & self._mask
         self.counters.reads += 1
-        if self._lib.bpf_lookup_elem(self._tasks.map_fd, ct.byref(self._key), ct.byref(self._leaf)) < 0:
+        if (
+            self._lib.bpf_lookup_elem(self._tasks.map_fd, ct.byref(self._key), ct.byref(self._leaf))
+            < 0
+        ):
             return None
         leaf = self._leaf
         if leaf.pid != pid:
@@ -159,7 +162,9 @@ class TaskCpuReader:
                 exited.add(tgid)
         live = {pid for pid, _, dead, _ in notes if not dead}
         before = self._open_segments()
-        wanted = (live | self._last_read | before.keys()) - {pid for pid, _, dead, _ in notes if dead}
+        wanted = (live | self._last_read | before.keys()) - {
+            pid for pid, _, dead, _ in notes if dead
+        }
         slots: dict[int, tuple[int, int]] = {}
         for pid in wanted:
             s = self._slot(pid)

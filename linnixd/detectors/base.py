@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Iterable, Mapping, Optional, Protocol, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 from ..model import Culprit, Finding, ProcessSample, Snapshot
 
@@ -30,7 +31,7 @@ class Exclusions:
         self.comms: tuple[str, ...] = tuple(getattr(ex, "comms", None) or ())
 
     def matches(
-        self, unit: Optional[str] = None, cgroup: Optional[str] = None, comm: Optional[str] = None
+        self, unit: str | None = None, cgroup: str | None = None, comm: str | None = None
     ) -> bool:
         """True when any given name matches its exclude list."""
         return (
@@ -44,13 +45,13 @@ class Exclusions:
         return self.matches(c.unit, c.cgroup, c.comm)
 
 
-def _any_match(name: Optional[str], patterns: Iterable[str]) -> bool:
+def _any_match(name: str | None, patterns: Iterable[str]) -> bool:
     if name is None:
         return False
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def sustained_tail(window: Sequence[Snapshot], sustain_s: float) -> Optional[Sequence[Snapshot]]:
+def sustained_tail(window: Sequence[Snapshot], sustain_s: float) -> Sequence[Snapshot] | None:
     """The newest snapshots whose intervals together cover the last `sustain_s` seconds.
 
     None when the window does not reach that far back yet (a rule cannot be sustained on
@@ -89,7 +90,7 @@ def process_key(p: ProcessSample) -> str:
     return f"pid:{p.pid}:{p.start_time:g}"
 
 
-def same_process(snap: Snapshot, p: ProcessSample) -> Optional[ProcessSample]:
+def same_process(snap: Snapshot, p: ProcessSample) -> ProcessSample | None:
     """The sample of process `p` in `snap`, or None when absent or the pid now names another process."""
     q = snap.processes.get(p.pid)
     if q is None or q.start_time != p.start_time:
@@ -97,7 +98,9 @@ def same_process(snap: Snapshot, p: ProcessSample) -> Optional[ProcessSample]:
     return q
 
 
-def process_culprit(p: ProcessSample, processes: Mapping[int, ProcessSample], kind: str = "process") -> Culprit:
+def process_culprit(
+    p: ProcessSample, processes: Mapping[int, ProcessSample], kind: str = "process"
+) -> Culprit:
     """A culprit naming process `p` and, when known, its parent."""
     parent = processes.get(p.ppid)
     return Culprit(
@@ -112,7 +115,7 @@ def process_culprit(p: ProcessSample, processes: Mapping[int, ProcessSample], ki
     )
 
 
-def cgroup_unit(snap: Snapshot, path: str) -> Optional[str]:
+def cgroup_unit(snap: Snapshot, path: str) -> str | None:
     """The systemd unit that holds a cgroup, when the snapshot knows it."""
     cg = snap.cgroups.get(path)
     if cg is None:
@@ -131,4 +134,3 @@ def is_ancestor_cgroup(ancestor: str, path: str) -> bool:
     if ancestor == "/":
         return True
     return path.startswith(ancestor.rstrip("/") + "/")
-

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..model import Finding, ProcessSample, Snapshot
 from .base import Exclusions, process_culprit, process_key, same_process, severity, sustained_tail
 
-NEVER_ROOTS = frozenset({0, 1, 2})  # the idle task, init and kthreadd own everything: never a culprit
+NEVER_ROOTS = frozenset(
+    {0, 1, 2}
+)  # the idle task, init and kthreadd own everything: never a culprit
 TOP_MEMBERS = 5
 
 
@@ -81,7 +84,7 @@ class RunawayTreeDetector:
         # subtree sums from the busy processes up: O(busy x depth), not O(processes)
         now: dict[int, float] = {}
         for p in busy(newest):
-            node: Optional[ProcessSample] = p
+            node: ProcessSample | None = p
             seen: set[int] = set()
             while node is not None and node.pid not in seen:  # pid reuse can form a ppid loop
                 seen.add(node.pid)
@@ -150,7 +153,11 @@ class RunawayTreeDetector:
                         "root_pid": root,
                         "root_comm": procs[root].comm,
                         "top_members": [
-                            {"pid": pid, "comm": procs[pid].comm, "cpu_pct": round(procs[pid].cpu_pct, 1)}
+                            {
+                                "pid": pid,
+                                "comm": procs[pid].comm,
+                                "cpu_pct": round(procs[pid].cpu_pct, 1),
+                            }
                             for pid in top
                         ],
                     },

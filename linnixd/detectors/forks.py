@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import collections
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..model import Culprit, ExitRecord, Finding, ProcessSample, Snapshot
 from .base import (
@@ -19,7 +20,7 @@ from .base import (
 UNKNOWN_COMM = "unknown"  # a parent that exited before we saw it: its pid is all we know
 
 
-def _find_process(snaps: Sequence[Snapshot], pid: int) -> Optional[ProcessSample]:
+def _find_process(snaps: Sequence[Snapshot], pid: int) -> ProcessSample | None:
     """The newest sample of `pid` in `snaps` (a parent may have exited since it forked)."""
     for snap in reversed(snaps):
         p = snap.processes.get(pid)
@@ -59,7 +60,7 @@ class ForkStormDetector:
 
     def _finding(
         self, tail: Sequence[Snapshot], path: str, forks: int, cfg: Any, ex: Exclusions
-    ) -> Optional[Finding]:
+    ) -> Finding | None:
         newest = tail[-1]
         unit = cgroup_unit(newest, path)
         if ex.matches(unit=unit, cgroup=path):
@@ -69,7 +70,7 @@ class ForkStormDetector:
             for pid, c in snap.by_parent.items():
                 if c.forks:
                     per_parent[pid] += c.forks
-        candidates: list[tuple[int, int, Optional[ProcessSample]]] = []
+        candidates: list[tuple[int, int, ProcessSample | None]] = []
         excluded = 0
         for pid, n in per_parent.most_common():
             p = _find_process(tail, pid)
@@ -107,7 +108,9 @@ class ForkStormDetector:
                     parent_comm=parent.comm if parent is not None else None,
                 )
             else:
-                culprit = Culprit(kind="process", pid=pid, comm=UNKNOWN_COMM, cgroup=path, unit=unit)
+                culprit = Culprit(
+                    kind="process", pid=pid, comm=UNKNOWN_COMM, cgroup=path, unit=unit
+                )
             who = f", top parent {culprit.comm}[{pid}] ({top[0]['share']:.0%}) in {where}"
         else:
             culprit = Culprit(kind="cgroup", cgroup=path, unit=unit)
@@ -180,7 +183,7 @@ class ShortLivedJobsDetector:
             mine = [r for r in records if r.ppid == pid]
             p = _find_process(snaps, pid)
             if p is not None:
-                path: Optional[str] = p.cgroup
+                path: str | None = p.cgroup
             else:
                 seen = collections.Counter(id_to_path.get(r.cgroup_id) for r in mine)
                 path = seen.most_common(1)[0][0] if seen else None
@@ -203,7 +206,9 @@ class ShortLivedJobsDetector:
             key = process_key(p) if p is not None else f"pid:{pid}:unknown"
             where = f" in {unit or path}" if (unit or path) else ""
             findings.append(
-                self._finding(key, f"parent {comm}[{pid}]{where}", culprit, by_parent[pid], mine, cfg)
+                self._finding(
+                    key, f"parent {comm}[{pid}]{where}", culprit, by_parent[pid], mine, cfg
+                )
             )
         for path in sorted(cgroups):
             if path in explained:

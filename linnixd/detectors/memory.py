@@ -5,7 +5,8 @@ Sizes in evidence and summaries use MB = MiB = 2^20 bytes.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from ..model import Culprit, Finding, ProcessSample, Snapshot
 from .base import (
@@ -24,7 +25,7 @@ SPAN_SHARE = 0.9  # samples must span this share of window_s
 END_SAMPLES = 5  # samples whose median stands for each end of the series in the pre-filter
 PREFILTER_SHARE = 0.5  # ends must be this share of min_growth apart before a full fit is worth it
 
-Reader = Callable[[Snapshot], Optional[int]]
+Reader = Callable[[Snapshot], int | None]
 
 
 def fit(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
@@ -88,7 +89,9 @@ class MemoryLeakDetector:
         while start < len(window) and window[start].ts < newest.ts - window_s - TIME_EPS:
             start += 1
         snaps = window[start:]
-        head = 0  # snapshots early enough for a series starting there to span SPAN_SHARE of window_s
+        head = (
+            0  # snapshots early enough for a series starting there to span SPAN_SHARE of window_s
+        )
         while head < len(snaps) and snaps[head].ts <= newest.ts - SPAN_SHARE * window_s + TIME_EPS:
             head += 1
         if head == 0:
@@ -98,7 +101,7 @@ class MemoryLeakDetector:
         found: list[Finding] = []
         if "process" in scope:
             for p in _changed_in(snaps, newest):
-                read: Reader = lambda s, p=p: (q.rss_bytes if (q := same_process(s, p)) else None)  # noqa: E731
+                read: Reader = lambda s, p=p: q.rss_bytes if (q := same_process(s, p)) else None  # noqa: E731
                 result = self._series(snaps, head, read, cfg)
                 if result is None:
                     continue
@@ -109,7 +112,7 @@ class MemoryLeakDetector:
             for path, cg in newest.cgroups.items():
                 if path == "/" or cg.memory_bytes is None:
                     continue  # the root cgroup is the whole host, not a culprit
-                read = lambda s, path=path: (c.memory_bytes if (c := s.cgroups.get(path)) else None)  # noqa: E731
+                read = lambda s, path=path: c.memory_bytes if (c := s.cgroups.get(path)) else None  # noqa: E731
                 result = self._series(snaps, head, read, cfg)
                 if result is None:
                     continue
@@ -126,7 +129,7 @@ class MemoryLeakDetector:
 
     def _series(
         self, snaps: Sequence[Snapshot], head: int, read: Reader, cfg: Any
-    ) -> Optional[dict[str, Any]]:
+    ) -> dict[str, Any] | None:
         """The fit of one series when it is a leak, else None (cheap end-median pre-filter first)."""
         window_s = float(cfg.window_s)
         growth_bytes = float(cfg.min_growth_mb) * MIB

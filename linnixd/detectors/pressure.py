@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import collections
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..model import Culprit, Finding, PsiSample, Snapshot
 from .base import Exclusions, cgroup_unit, is_ancestor_cgroup, severity, sustained_tail
 
 
-def _sustained(
-    tail: Sequence[Snapshot], limit: float, sample: Any
-) -> Optional[list[PsiSample]]:
+def _sustained(tail: Sequence[Snapshot], limit: float, sample: Any) -> list[PsiSample] | None:
     """The samples of one pressure source over `tail` when every one is above `limit`, else None."""
     out = []
     for snap in tail:
@@ -124,7 +123,7 @@ def _ancestors(path: str) -> list[str]:
     return ["/" + "/".join(parts[:i]) for i in range(len(parts))]
 
 
-def _cgroup_psi(snap: Snapshot, path: str, res: str) -> Optional[PsiSample]:
+def _cgroup_psi(snap: Snapshot, path: str, res: str) -> PsiSample | None:
     cg = snap.cgroups.get(path)
     return cg.pressure.get(res) if cg is not None else None
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..model import Culprit, Finding, ProcessSample, PsiSample, Snapshot
 from .base import (
@@ -24,7 +25,7 @@ PRESSURE_FLOOR_PCT = 1.0
 THROTTLE_EXPLAINS_SHARE = 0.5
 
 
-def _who(path: str, unit: Optional[str]) -> str:
+def _who(path: str, unit: str | None) -> str:
     return unit or path
 
 
@@ -122,8 +123,15 @@ class NoisyNeighbourDetector:
                 unit = cgroup_unit(newest, path)
                 if excl.matches(unit=unit, cgroup=path):
                     continue
-                top.append({"cgroup": path, "unit": unit, "stall_ms": round(us / 1000, 1),
-                            "share": round(us / wait_us, 3), "preemptions": pre})
+                top.append(
+                    {
+                        "cgroup": path,
+                        "unit": unit,
+                        "stall_ms": round(us / 1000, 1),
+                        "share": round(us / wait_us, 3),
+                        "preemptions": pre,
+                    }
+                )
             if not top:
                 continue
             top = top[: int(getattr(cfg, "top", 3))]
@@ -172,7 +180,11 @@ class CircuitBreakerDetector:
             return []
         for s in tail:
             cpu = s.system_pressure.get("cpu")
-            if cpu is None or cpu.some_pct <= float(cfg.cpu_some_pct) or s.cpu_util_pct <= float(cfg.cpu_util_pct):
+            if (
+                cpu is None
+                or cpu.some_pct <= float(cfg.cpu_some_pct)
+                or s.cpu_util_pct <= float(cfg.cpu_util_pct)
+            ):
                 return []
         excl = Exclusions(cfg)
         newest = tail[-1]
@@ -189,8 +201,11 @@ class CircuitBreakerDetector:
         basis = "stall_matrix" if caused else "cpu"
         ranking = caused if caused else cpu_by_cgroup
         path = next(
-            (c for c, _ in sorted(ranking.items(), key=lambda kv: -kv[1])
-             if not excl.matches(unit=cgroup_unit(newest, c), cgroup=c)),
+            (
+                c
+                for c, _ in sorted(ranking.items(), key=lambda kv: -kv[1])
+                if not excl.matches(unit=cgroup_unit(newest, c), cgroup=c)
+            ),
             None,
         )
         if path is None:
@@ -237,7 +252,7 @@ class CircuitBreakerDetector:
     @staticmethod
     def _top_tree(
         tail: Sequence[Snapshot], path: str, excl: Exclusions
-    ) -> tuple[Optional[ProcessSample], float, int]:
+    ) -> tuple[ProcessSample | None, float, int]:
         """Root of the process tree in cgroup `path` using the most CPU over the tail."""
         procs = tail[-1].processes
         members = {pid: p for pid, p in procs.items() if p.cgroup == path}
@@ -253,7 +268,7 @@ class CircuitBreakerDetector:
                 seen.add(root.ppid)
                 root = members[root.ppid]
             trees[root.pid].append(pid)
-        best: Optional[ProcessSample] = None
+        best: ProcessSample | None = None
         best_cpu = 0.0
         best_n = 0
         for root_pid, pids in trees.items():

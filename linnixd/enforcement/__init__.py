@@ -13,4 +13,12 @@ from __future__ import annotations
 from .base import UINT64_MAX, Caller, EnforcementError, UnitGone, Units
 from .core import Enforcer, journal_writer
 
-__all__ = ["UINT64_MAX", "Caller", "EnforcementError", "Enforcer", "UnitGone", "Units", "journal_writer"]
+__all__ = [
+    "UINT64_MAX",
+    "Caller",
+    "EnforcementError",
+    "Enforcer",
+    "UnitGone",
+    "Units",
+    "journal_writer",
+]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 UINT64_MAX = 2**64 - 1  # systemd's "infinity" for CPUQuotaPerSecUSec and MemoryHigh
 
@@ -41,8 +41,8 @@ class Caller:
     """Who asked for a change over D-Bus (None where the bus could not say)."""
 
     bus_name: str
-    uid: Optional[int] = None
-    pid: Optional[int] = None
+    uid: int | None = None
+    pid: int | None = None
 
     def label(self) -> str:
         return f"uid {self.uid} pid {self.pid} ({self.bus_name})"

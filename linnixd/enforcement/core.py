@@ -7,9 +7,10 @@ import os
 import signal as signals
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from ..constants import ACTION_LEDGER, ENFORCEMENT_STATE, MESSAGE_IDS
 from ..model import Alert
@@ -20,7 +21,11 @@ from .ledger import ActionRecord, read_json, show, write_json_atomic
 
 USEC_PER_PCT = 10_000  # CPUQuotaPerSecUSec per percent of one CPU (100 % = 1 s per s)
 RETRY_S = 30.0  # a revert that failed is tried again this much later
-PROPERTY = {"throttle_cpu": "CPUQuotaPerSecUSec", "limit_memory": "MemoryHigh", "freeze": "FreezerState"}
+PROPERTY = {
+    "throttle_cpu": "CPUQuotaPerSecUSec",
+    "limit_memory": "MemoryHigh",
+    "freeze": "FreezerState",
+}
 # An incident whose culprit is under an action usually resolves *because* of the action: a unit
 # throttled to 20% no longer spikes. The action is therefore kept (until its duration is over)
 # while the unit still presses against it: CPU use at or above HOLD_SHARE of the quota, memory
@@ -35,7 +40,7 @@ ActionListener = Callable[[str, dict[str, str]], None]  # ("ActionTaken" | "Acti
 
 def journal_writer() -> Journal:
     """Daemon log line on stderr, plus a structured journald entry when journald runs."""
-    send: Optional[Callable[..., Any]] = None
+    send: Callable[..., Any] | None = None
     from ..sinks.journal import journald_present
 
     if journald_present():
@@ -50,7 +55,13 @@ def journal_writer() -> Journal:
         log(message)
         if send is not None:
             try:
-                send(message, MESSAGE_ID=MESSAGE_IDS[kind], PRIORITY="5", SYSLOG_IDENTIFIER="linnixd", **fields)
+                send(
+                    message,
+                    MESSAGE_ID=MESSAGE_IDS[kind],
+                    PRIORITY="5",
+                    SYSLOG_IDENTIFIER="linnixd",
+                    **fields,
+                )
             except Exception as exc:  # the log line above already carries it
                 log(f"journald refused an enforcement entry: {exc}")
 
@@ -87,8 +98,8 @@ class Enforcer:
         units: Units,
         policy: Callable[[], Any],
         *,
-        journal: Optional[Journal] = None,
-        start_time_of: Callable[[int], Optional[float]] = lambda pid: None,
+        journal: Journal | None = None,
+        start_time_of: Callable[[int], float | None] = lambda pid: None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         usage_window_s: float = USAGE_WINDOW_S,
@@ -142,9 +153,22 @@ class Enforcer:
     async def set_enabled(self, enabled: bool, dry_run: bool, caller: Caller) -> str:
         """Enable (optionally dry-run) or disable; persisted, journaled with who asked."""
         async with self._lock:
-            self.state = _State(enabled=enabled, dry_run=dry_run and enabled, changed_at=self.clock(), by=asdict(caller))
+            self.state = _State(
+                enabled=enabled,
+                dry_run=dry_run and enabled,
+                changed_at=self.clock(),
+                by=asdict(caller),
+            )
             write_json_atomic(self.dir / ENFORCEMENT_STATE, asdict(self.state))
-            mode = ("enabled (dry run: actions are only journaled)" if self.state.dry_run else "enabled") if enabled else "disabled"
+            mode = (
+                (
+                    "enabled (dry run: actions are only journaled)"
+                    if self.state.dry_run
+                    else "enabled"
+                )
+                if enabled
+                else "disabled"
+            )
             self.journal(
                 f"enforcement {mode} by {caller.label()}",
                 "enforcement_changed",
@@ -179,22 +203,28 @@ class Enforcer:
 
     def on_alert(self, alert: Alert) -> None:
         """Daemon alert listener: schedules handle() on the running loop."""
-        if alert.state == "resolved" and not any(r.incident == alert.incident for r in self.records):
+        if alert.state == "resolved" and not any(
+            r.incident == alert.incident for r in self.records
+        ):
             return
-        if alert.state == "firing" and (not self.enabled or self.policy().action_for(alert.rule) is None):
+        if alert.state == "firing" and (
+            not self.enabled or self.policy().action_for(alert.rule) is None
+        ):
             return  # monitor only: the default
         task = asyncio.ensure_future(self.handle(alert))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def handle(self, alert: Alert) -> Optional[ActionRecord]:
+    async def handle(self, alert: Alert) -> ActionRecord | None:
         """Act on a firing alert (when enabled and configured), revert on its resolution."""
         if alert.state == "resolved":
             for record in [r for r in self.records if r.incident == alert.incident]:
                 held = await self._held_by_action(record)
                 if held:
                     self.counters.kept += 1
-                    log(f"incident {alert.incident} resolved but {record.action} on {record.unit} is kept until its duration is over: {held}")
+                    log(
+                        f"incident {alert.incident} resolved but {record.action} on {record.unit} is kept until its duration is over: {held}"
+                    )
                 else:
                     await self.revert(record, "incident resolved")
             return None
@@ -215,27 +245,58 @@ class Enforcer:
         self.limiter.per_min = self.policy().enforcement.max_actions_per_min
         if not self.limiter.allow():
             self.counters.rate_limited += 1
-            log(f"not acting ({what}): rate limit of {self.limiter.per_min} actions per minute reached")
+            log(
+                f"not acting ({what}): rate limit of {self.limiter.per_min} actions per minute reached"
+            )
             return None
         if action.type == "kill":
             await self._kill(alert, action.signal)
             return None
-        after = int(action.cpu_pct * USEC_PER_PCT) if action.type == "throttle_cpu" else (int(action.memory_high_mb * 1024 * 1024) if action.type == "limit_memory" else "frozen")
-        return await self.apply(str(c.unit), action.type, after, alert.rule, alert.incident, action.duration_s, dry_run=self.dry_run)
+        after = (
+            int(action.cpu_pct * USEC_PER_PCT)
+            if action.type == "throttle_cpu"
+            else (
+                int(action.memory_high_mb * 1024 * 1024)
+                if action.type == "limit_memory"
+                else "frozen"
+            )
+        )
+        return await self.apply(
+            str(c.unit),
+            action.type,
+            after,
+            alert.rule,
+            alert.incident,
+            action.duration_s,
+            dry_run=self.dry_run,
+        )
 
     async def _kill(self, alert: Alert, sig_name: str) -> None:
         c = alert.culprit
         assert c.pid is not None
         sig = signals.SIGKILL if sig_name == "KILL" else signals.SIGTERM
         start = self.start_time_of(c.pid)
-        event = {"unit": str(c.unit), "action": "kill", "before": f"pid {c.pid}", "after": f"SIG{sig_name}", "rule": alert.rule, "incident": alert.incident}
+        event = {
+            "unit": str(c.unit),
+            "action": "kill",
+            "before": f"pid {c.pid}",
+            "after": f"SIG{sig_name}",
+            "rule": alert.rule,
+            "incident": alert.incident,
+        }
         if start is None:
             self.counters.refused += 1
-            log(f"not killing {c.label()}: its start time is unknown, so a reused pid cannot be ruled out")
+            log(
+                f"not killing {c.label()}: its start time is unknown, so a reused pid cannot be ruled out"
+            )
             return
         if self.dry_run:
             self.counters.dry_run += 1
-            self.journal(f"dry run: would send SIG{sig_name} to {c.label()} (rule {alert.rule}, incident {alert.incident})", "action_taken", _fields(event, dry_run=True))
+            self.journal(
+                f"dry run: would send SIG{sig_name} to {c.label()} (rule {alert.rule}, incident {alert.incident})",
+                "action_taken",
+                _fields(event, dry_run=True),
+            )
             return
         try:
             kill_process(c.pid, start, sig)
@@ -244,12 +305,26 @@ class Enforcer:
             log(f"not killing {c.label()}: {exc}")
             return
         self.counters.applied += 1
-        self.journal(f"action taken: SIG{sig_name} sent to {c.label()} (rule {alert.rule}, incident {alert.incident})", "action_taken", _fields(event))
+        self.journal(
+            f"action taken: SIG{sig_name} sent to {c.label()} (rule {alert.rule}, incident {alert.incident})",
+            "action_taken",
+            _fields(event),
+        )
         self._signal("ActionTaken", event)
 
     # ---- apply and revert -------------------------------------------------------------
 
-    async def apply(self, unit: str, action: str, after: Any, rule: str, incident: str, duration_s: float, *, dry_run: bool = False) -> Optional[ActionRecord]:
+    async def apply(
+        self,
+        unit: str,
+        action: str,
+        after: Any,
+        rule: str,
+        incident: str,
+        duration_s: float,
+        *,
+        dry_run: bool = False,
+    ) -> ActionRecord | None:
         """Read the unit's current value, record it, change it through systemd. None if not applied."""
         prop = PROPERTY[action]
         async with self._lock:
@@ -269,12 +344,24 @@ class Enforcer:
                 return None
             now = self.clock()
             record = ActionRecord(
-                id=uuid.uuid4().hex, unit=unit, action=action, prop=prop, before=before, after=after,
-                rule=rule, incident=incident, applied_at=now, expires_at=now + duration_s,
+                id=uuid.uuid4().hex,
+                unit=unit,
+                action=action,
+                prop=prop,
+                before=before,
+                after=after,
+                rule=rule,
+                incident=incident,
+                applied_at=now,
+                expires_at=now + duration_s,
             )
             if dry_run:
                 self.counters.dry_run += 1
-                self.journal(f"dry run: would {action} {unit}: {prop} {show(before)} -> {show(after)} for {duration_s:g} s (rule {rule}, incident {incident})", "action_taken", _fields(record.event(), dry_run=True))
+                self.journal(
+                    f"dry run: would {action} {unit}: {prop} {show(before)} -> {show(after)} for {duration_s:g} s (rule {rule}, incident {incident})",
+                    "action_taken",
+                    _fields(record.event(), dry_run=True),
+                )
                 return None
             self.records.append(record)
             self._save_ledger()  # write-ahead: a crash from here on is reverted at the next start
@@ -306,17 +393,31 @@ class Enforcer:
             return "a frozen unit cannot show whether it would misbehave again"
         try:
             if record.action == "throttle_cpu":
-                t0, used0 = self.monotonic(), await self.units.get_property(record.unit, "CPUUsageNSec")
+                t0, used0 = (
+                    self.monotonic(),
+                    await self.units.get_property(record.unit, "CPUUsageNSec"),
+                )
                 await asyncio.sleep(self.usage_window_s)
-                t1, used1 = self.monotonic(), await self.units.get_property(record.unit, "CPUUsageNSec")
+                t1, used1 = (
+                    self.monotonic(),
+                    await self.units.get_property(record.unit, "CPUUsageNSec"),
+                )
                 if UINT64_MAX in (used0, used1) or t1 <= t0:
                     return ""  # no CPU accounting for the unit: take the resolution as it is
                 pct, cap = (used1 - used0) / 1e9 / (t1 - t0) * 100, int(record.after) / USEC_PER_PCT
-                return f"it uses {pct:.0f}% of one CPU under its {cap:g}% quota" if pct >= HOLD_SHARE * cap else ""
+                return (
+                    f"it uses {pct:.0f}% of one CPU under its {cap:g}% quota"
+                    if pct >= HOLD_SHARE * cap
+                    else ""
+                )
             if record.action == "limit_memory":
                 current = await self.units.get_property(record.unit, "MemoryCurrent")
                 high = int(record.after)
-                return f"it uses {current >> 20} MB under its {high >> 20} MB MemoryHigh" if current != UINT64_MAX and current >= HOLD_SHARE * high else ""
+                return (
+                    f"it uses {current >> 20} MB under its {high >> 20} MB MemoryHigh"
+                    if current != UINT64_MAX and current >= HOLD_SHARE * high
+                    else ""
+                )
         except EnforcementError:
             return ""  # gone or unreadable: the revert says what happened
         return ""
@@ -339,7 +440,9 @@ class Enforcer:
                 record.retry_at = self.clock() + RETRY_S
                 self.counters.revert_failures += 1
                 self._save_ledger()
-                log(f"revert of {record.action} on {record.unit} failed ({reason}), retrying in {RETRY_S:g} s: {exc}")
+                log(
+                    f"revert of {record.action} on {record.unit} failed ({reason}), retrying in {RETRY_S:g} s: {exc}"
+                )
                 return False
             else:
                 self.counters.reverted += 1
@@ -388,7 +491,14 @@ class Enforcer:
         why = refusal(unit, self.policy().enforcement.protected_units)
         if why is not None:
             raise EnforcementError(why)
-        record = await self.apply(unit, "throttle_cpu", int(cpu_pct * USEC_PER_PCT), MANUAL_RULE, f"manual:{caller.label()}", duration_s)
+        record = await self.apply(
+            unit,
+            "throttle_cpu",
+            int(cpu_pct * USEC_PER_PCT),
+            MANUAL_RULE,
+            f"manual:{caller.label()}",
+            duration_s,
+        )
         if record is None:
             raise EnforcementError(f"{unit} was not throttled (see the daemon log)")
         return f"{unit} throttled to {cpu_pct:g}% of one CPU for {duration_s:g} s (was {show(record.before)} CPUQuotaPerSecUSec)"

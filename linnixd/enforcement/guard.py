@@ -6,7 +6,7 @@ import collections
 import fnmatch
 import re
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 BUILTIN_PROTECTED = (
     "init.scope",
@@ -24,7 +24,7 @@ BUILTIN_PROTECTED = (
 _UNIT_NAME = re.compile(r"[A-Za-z0-9:_.\\@-]{1,250}\.(service|scope|slice|socket|mount|swap)\Z")
 
 
-def refusal(unit: Optional[str], extra_protected: tuple[str, ...] = ()) -> Optional[str]:
+def refusal(unit: str | None, extra_protected: tuple[str, ...] = ()) -> str | None:
     """Why `unit` must never be acted on, or None when it may be."""
     if not unit:
         return "the culprit has no systemd unit"

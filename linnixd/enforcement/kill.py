@@ -35,7 +35,9 @@ def kill_process(pid: int, start_time: float, sig: int) -> None:
         except (OSError, ValueError, IndexError):
             raise UnitGone(f"process {pid} is gone") from None
         if abs(ticks - start_time * CLK_TCK) >= 1.0:
-            raise EnforcementError(f"pid {pid} now belongs to another process (start time {ticks / CLK_TCK:.2f} s, culprit's {start_time:.2f} s)")
+            raise EnforcementError(
+                f"pid {pid} now belongs to another process (start time {ticks / CLK_TCK:.2f} s, culprit's {start_time:.2f} s)"
+            )
         try:
             signals.pidfd_send_signal(fd, sig)
         except ProcessLookupError:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, Optional, Protocol
+from collections.abc import Callable
+from typing import Optional, Protocol
 
 from ..model import Alert
 
@@ -21,13 +22,15 @@ class QueuedSink:
     An alert that does not fit is dropped and counted (`drops`), never silently lost.
     """
 
-    def __init__(self, sink: Sink, maxsize: int = 1024, on_error: Optional[Callable[[str], None]] = None):
+    def __init__(
+        self, sink: Sink, maxsize: int = 1024, on_error: Callable[[str], None] | None = None
+    ):
         self.sink = sink
         self.name = sink.name
         self.drops = 0
         self.errors = 0
         self._on_error = on_error
-        self._queue: queue.Queue[Optional[Alert]] = queue.Queue(maxsize=maxsize)
+        self._queue: queue.Queue[Alert | None] = queue.Queue(maxsize=maxsize)
         self._thread = threading.Thread(target=self._run, name=f"sink-{sink.name}", daemon=True)
         self._thread.start()
 

@@ -23,7 +23,11 @@ def journal_fields(alert: Alert) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "MESSAGE": f"{alert.rule} {alert.state}: {alert.summary}",
         "MESSAGE_ID": message_id,
-        "PRIORITY": str(SEVERITY_PRIORITY["info"] if alert.state == "resolved" else SEVERITY_PRIORITY[alert.severity]),
+        "PRIORITY": str(
+            SEVERITY_PRIORITY["info"]
+            if alert.state == "resolved"
+            else SEVERITY_PRIORITY[alert.severity]
+        ),
         "SYSLOG_IDENTIFIER": "linnixd",
         "LINNIX_RULE": alert.rule,
         "LINNIX_STATE": alert.state,

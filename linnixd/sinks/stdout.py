@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any, Mapping, TextIO
+from collections.abc import Mapping
+from typing import Any, TextIO
 
 from ..model import Alert
 
@@ -14,7 +15,12 @@ def _fmt_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_fmt_value(v) for v in value[:5]) + (", ..." if len(value) > 5 else "") + "]"
+        return (
+            "["
+            + ", ".join(_fmt_value(v) for v in value[:5])
+            + (", ..." if len(value) > 5 else "")
+            + "]"
+        )
     if isinstance(value, dict):
         return "{" + " ".join(f"{k}={_fmt_value(v)}" for k, v in value.items()) + "}"
     return str(value)
