@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ def window_length(policy: Any) -> int:
         cfg = policy.rule(name)
         for attr in ("window_s", "sustain_s"):
             longest = max(longest, float(getattr(cfg, attr, 0.0) or 0.0))
-    return int(math.ceil(longest / tick)) + 3
+    return math.ceil(longest / tick) + 3
 
 
 class Daemon:
@@ -64,6 +64,7 @@ class Daemon:
         sched: Any = None,
         model: Any = None,
         history: Any = None,
+        events: Callable[[str, str, Mapping[str, str]], None] | None = None,
     ) -> None:
         from .detectors import all_detectors
         from .incidents import IncidentTracker
@@ -77,6 +78,8 @@ class Daemon:
         self.sched = sched
         self.model = model
         self.history = history
+        # daemon_started / policy_reloaded entries (journald with MESSAGE_ID, else a log line)
+        self.events = events or (lambda _kind, message, _fields: log(message))
         self.psi_mode = "polling"
         self.detectors = {d.rule: d for d in all_detectors()}
         self.tracker = IncidentTracker(resolve_after_s=max(2.0, 4 * policy.daemon.tick_s))
@@ -296,7 +299,13 @@ class Daemon:
         if self.lifecycle is not None:
             self.lifecycle.set_short_lived(new.daemon.short_lived_s)
         enabled = list(new.enabled_rules())
-        return f"policy {self.policy_path} reloaded: {len(enabled)} rules enabled ({', '.join(enabled)})"
+        message = f"policy {self.policy_path} reloaded: {len(enabled)} rules enabled ({', '.join(enabled)})"
+        self.events(
+            "policy_reloaded",
+            message,
+            {"LINNIX_POLICY": self.policy_path, "LINNIX_RULES": " ".join(enabled)},
+        )
+        return message
 
     def stats(self) -> dict[str, Any]:
         """Final figures for --stats-on-exit and SIGUSR1 (benchmarks read them)."""
@@ -372,12 +381,25 @@ class Runner:
                 log(f"cannot serve on the {self.args.bus} bus: {exc}")
                 return EXIT_UNAVAILABLE
 
+        d = self.daemon
+        rules = list(d.policy.enabled_rules())
+        transport = getattr(d.lifecycle, "transport", None) or "none"
+        table = d.model.table_counters() if d.model is not None else {}
+        self.notifier.status(
+            f"ready: {len(rules)} rules, {table.get('tracked', 0)} processes tracked, "
+            f"transport {transport}, psi {d.psi_mode}"
+        )
         self.notifier.ready()
-        log(
-            f"ready: pid {os.getpid()}, policy {self.daemon.policy_path}, "
-            f"{len(self.daemon.policy.enabled_rules())} rules, transport "
-            f"{getattr(self.daemon.lifecycle, 'transport', 'none')}, psi {self.daemon.psi_mode}, "
-            f"bus {self.args.bus}"
+        d.events(
+            "daemon_started",
+            f"ready: pid {os.getpid()}, policy {d.policy_path}, {len(rules)} rules, "
+            f"transport {transport}, psi {d.psi_mode}, bus {self.args.bus}",
+            {
+                "LINNIX_POLICY": d.policy_path,
+                "LINNIX_RULES": " ".join(rules),
+                "LINNIX_TRANSPORT": transport,
+                "LINNIX_VERSION": d.version,
+            },
         )
         watchdog = asyncio.ensure_future(self._watchdog())
         enforcing = (
@@ -447,7 +469,7 @@ class Runner:
         from .config import PolicyError
 
         try:
-            log(self.daemon.reload_policy())
+            self.daemon.reload_policy()  # says so itself (policy_reloaded)
         except PolicyError as exc:
             for problem in exc.problems:
                 log(f"reload refused, keeping the running policy: {problem}")
@@ -542,15 +564,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_policy_or_exit(path: str) -> Any:
+def _load_policy_or_exit(path: str, notifier: Any = None) -> Any:
+    """The policy, or one line saying what is wrong and exit 78 (RestartPreventExitStatus=)."""
     from .config import PolicyError, load_policy
 
     try:
         return load_policy(path)
     except PolicyError as exc:
-        for problem in exc.problems:
-            print(f"linnixd: {problem}", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG)
+        more = len(exc.problems) - 1
+        line = f"invalid policy, not starting: {exc.problems[0] if exc.problems else path}" + (
+            f" (and {more} more: linnixctl check-config {path})" if more > 0 else ""
+        )
+        log(line)
+        if notifier is not None:
+            notifier.status(line)
+        raise SystemExit(EXIT_CONFIG) from None
 
 
 def _dump_bpf(policy: Any) -> int:
@@ -567,8 +595,10 @@ def run(args: argparse.Namespace) -> int:
     from .notify import Notifier
     from .paths import default_policy
 
+    notifier = Notifier()
     policy_path = str(args.policy or default_policy())
-    policy = _load_policy_or_exit(policy_path)
+    notifier.status(f"loading policy {policy_path}")
+    policy = _load_policy_or_exit(policy_path, notifier)
     if args.dump_bpf:
         return _dump_bpf(policy)
     if args.bus is None:
@@ -578,7 +608,7 @@ def run(args: argparse.Namespace) -> int:
     from .collector.lifecycle import LifecycleCollector
     from .hostmodel import HostModel
     from .sinks import QueuedSink
-    from .sinks.journal import JournalSink, journald_present
+    from .sinks.journal import JournalSink, event_writer, journald_present
     from .sinks.stdout import StdoutSink
 
     history = None
@@ -599,6 +629,7 @@ def run(args: argparse.Namespace) -> int:
     lifecycle = LifecycleCollector(policy.daemon.short_lived_s)
     sched = None
     try:
+        notifier.status("compiling and attaching BPF: process lifecycle (bpf/lifecycle.c)")
         lifecycle.start()
         if not args.no_sched and SCHED_RULES & set(policy.enabled_rules()):
             try:
@@ -606,10 +637,12 @@ def run(args: argparse.Namespace) -> int:
             except ImportError:
                 SchedCollector = None  # type: ignore[assignment,misc]
             if SchedCollector is not None:
+                notifier.status("compiling and attaching BPF: scheduler stalls (bpf/sched.c)")
                 sched = SchedCollector()
                 sched.start()
     except KernelFeatureError as exc:
         log(str(exc))
+        notifier.status(f"missing kernel feature, not starting: {exc}")
         lifecycle.close()
         return EXIT_OSERR
     _release_compiler_memory()
@@ -620,9 +653,16 @@ def run(args: argparse.Namespace) -> int:
         max_cgroups=policy.daemon.max_cgroups,
         cpu=sched.task_cpu() if sched is not None else None,
     )
+    notifier.status("reading the process table")
     model.seed()
     daemon = Daemon(
-        policy_path, policy, lifecycle=lifecycle, sched=sched, model=model, history=history
+        policy_path,
+        policy,
+        lifecycle=lifecycle,
+        sched=sched,
+        model=model,
+        history=history,
+        events=event_writer(log, use_journal=not args.no_journal),
     )
     if args.foreground:
         daemon.sinks.append(QueuedSink(StdoutSink(args.output), on_error=log))
@@ -661,7 +701,6 @@ def run(args: argparse.Namespace) -> int:
                 f"enforcement is enabled{' (dry run)' if daemon.enforcer.dry_run else ''} (state in {state_dir})"
             )
 
-    notifier = Notifier()
     runner = Runner(daemon, args, notifier, triggers)
     try:
         code = asyncio.run(runner.run())

@@ -140,9 +140,7 @@ def history_rows() -> int:
         con.close()
 
 
-def dbus_call(
-    member: str, *args: str, user: str | None = None
-) -> subprocess.CompletedProcess[str]:
+def dbus_call(member: str, *args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
     return sh(
         "dbus-send",
         "--system",
@@ -404,6 +402,72 @@ def run(r: Report) -> None:
     )
 
     enforcement(r)
+    lifecycle_events(r)
+
+
+# ---- operator experience: journal events, no restart loop on a bad policy ------------------
+
+STARTED_ID = "415b0639fff34864813a0862512e654a"
+RELOADED_ID = "415287513b5f4d0dabd80cad617de8a7"
+
+
+def lifecycle_events(r: Report) -> None:
+    started = journal_entries(f"MESSAGE_ID={STARTED_ID}")
+    r.check(
+        "daemon_started entries in the journal (boot, restart, kill -9 restart)",
+        len(started) >= 3
+        and all(e.get("LINNIX_POLICY") == "/etc/linnixd/rules.yaml" for e in started)
+        and all(e.get("PRIORITY") == "5" for e in started),
+        f"{len(started)} entries; last {started[-1] if started else {}}",
+    )
+    reloaded = journal_entries(f"MESSAGE_ID={RELOADED_ID}")
+    r.check(
+        "policy_reloaded entries in the journal (bus and SIGHUP reloads)",
+        len(reloaded) >= 2 and "fork_storm" in reloaded[-1].get("LINNIX_RULES", "").split(),
+        f"{len(reloaded)} entries; last {reloaded[-1] if reloaded else {}}",
+    )
+    explained = sh("journalctl", "-x", "-u", UNIT, f"MESSAGE_ID={STARTED_ID}", "--no-pager")
+    r.check(
+        "journalctl -x explains daemon_started from the catalog",
+        "linnixd started monitoring" in explained.stdout,
+        explained.stdout[-300:],
+    )
+
+    policy = Path("/etc/linnixd/rules.yaml")
+    good = policy.read_text()
+    restarts = int(prop("NRestarts") or 0)
+    try:
+        policy.write_text(good + "\nnot_a_section: true\n")
+        sh("systemctl", "restart", UNIT, timeout=300)
+        failed = wait_for(lambda: prop("ActiveState") == "failed", 60)
+        time.sleep(8)  # RestartSec=2s: a loop would have restarted at least twice by now
+        r.check(
+            "a bad policy at start fails the unit once, exit 78, no restart loop",
+            failed
+            and prop("ActiveState") == "failed"
+            and prop("ExecMainStatus") == "78"
+            and int(prop("NRestarts") or 0) == restarts,
+            f"state {prop('ActiveState')}, status {prop('ExecMainStatus')}, "
+            f"NRestarts {prop('NRestarts')} (was {restarts})",
+        )
+        text = prop("StatusText")
+        tail = journal_tail()
+        r.check(
+            "the unit's status line and the journal say what is wrong in one line",
+            text.startswith("invalid policy, not starting: /etc/linnixd/rules.yaml")
+            and "not_a_section" in text
+            and "not_a_section" in tail,
+            f"StatusText {text!r}; journal {tail[-300:]!r}",
+        )
+    finally:
+        policy.write_text(good)
+        sh("systemctl", "reset-failed", UNIT)
+        sh("systemctl", "start", UNIT, timeout=300)
+    r.check(
+        "fixed policy, systemctl start: active again",
+        wait_for(is_active, READY_TIMEOUT_S),
+        f"state {prop('ActiveState')}/{prop('SubState')}",
+    )
 
 
 # ---- enforcement ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..constants import MESSAGE_IDS, SEVERITY_PRIORITY
@@ -66,3 +67,37 @@ class JournalSink:
         fields = journal_fields(alert)
         message = fields.pop("MESSAGE")
         self._send(message, **fields)
+
+
+EventWriter = Callable[[str, str, Mapping[str, str]], None]
+EVENT_PRIORITY = 5  # notice: the daemon started or changed policy, nothing to do
+
+
+def event_writer(log: Callable[[str], None], use_journal: bool) -> EventWriter:
+    """Daemon events (daemon_started, policy_reloaded): a journald entry with their MESSAGE_ID
+    when journald runs (no second copy on stderr), else one log line."""
+    send: Callable[..., Any] | None = None
+    if use_journal and journald_present():
+        try:
+            from systemd import journal  # python3-systemd
+
+            send = journal.send
+        except ImportError:
+            log("journald is running but python3-systemd is missing: events are only logged")
+
+    def write(kind: str, message: str, fields: Mapping[str, str]) -> None:
+        if send is not None:
+            try:
+                send(
+                    message,
+                    MESSAGE_ID=MESSAGE_IDS[kind],
+                    PRIORITY=str(EVENT_PRIORITY),
+                    SYSLOG_IDENTIFIER="linnixd",
+                    **fields,
+                )
+                return
+            except Exception as exc:  # fall back to the log line, saying why
+                log(f"journald refused the {kind} entry: {exc}")
+        log(message)
+
+    return write
