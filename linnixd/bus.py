@@ -30,32 +30,43 @@ import asyncio
 import contextvars
 import inspect
 import itertools
-import json
 import math
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from xml.sax.saxutils import escape
 
-from dbus_next import BusType, Message, MessageType, Variant
+from dbus_next import Message, MessageType, Variant
 from dbus_next.aio import MessageBus
 from dbus_next.constants import MessageFlag, NameFlag, RequestNameReply
 
-from .constants import (
+from . import client
+from .constants import POLKIT_ACT, POLKIT_ENFORCEMENT, POLKIT_RELOAD
+from .daemonlog import LOG_ERR, LOG_WARNING, log
+from .model import Alert
+from .wire import (
+    ACTION_SIGNALS,
+    ACTION_SIGNATURE,
+    ALERT_SIGNAL,
+    ALERT_SIGNATURE,
     BUS_NAME,
+    DBUS_INTERFACE,
+    DBUS_NAME,
+    DBUS_PATH,
     ERROR_FAILED,
     ERROR_INVALID_ARGS,
     ERROR_NOT_AUTHORIZED,
     ERROR_POLICY,
+    INTROSPECTABLE_INTERFACE,
     MANAGER_INTERFACE,
     OBJECT_PATH,
-    POLKIT_ACT,
-    POLKIT_ENFORCEMENT,
-    POLKIT_RELOAD,
+    PROPERTIES_CHANGED_SIGNATURE,
+    PROPERTIES_INTERFACE,
+    encode_action,
+    encode_alert,
+    to_json,
 )
-from .model import Alert
 
 AUTH_TIMEOUT_S = 25.0  # a polkit that has not answered by then is a denial
 PROPERTIES_INTERVAL_S = 1.0  # PropertiesChanged for the counters at most this often
@@ -65,23 +76,16 @@ _RULE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
 _CALLER: contextvars.ContextVar[str] = contextvars.ContextVar(
     "linnixd_caller", default=""
 )  # unique name of the call being run
-ACTION_SIGNALS = ("ActionTaken", "ActionReverted")
 
 POLKIT_NAME = "org.freedesktop.PolicyKit1"
 POLKIT_PATH = "/org/freedesktop/PolicyKit1/Authority"
 POLKIT_INTERFACE = "org.freedesktop.PolicyKit1.Authority"
 POLKIT_ALLOW_USER_INTERACTION = 1
-PROPERTIES_INTERFACE = "org.freedesktop.DBus.Properties"
-INTROSPECTABLE_INTERFACE = "org.freedesktop.DBus.Introspectable"
 DBUS_UNKNOWN_METHOD = "org.freedesktop.DBus.Error.UnknownMethod"
 DBUS_UNKNOWN_PROPERTY = "org.freedesktop.DBus.Error.UnknownProperty"
 DBUS_UNKNOWN_INTERFACE = "org.freedesktop.DBus.Error.UnknownInterface"
 DBUS_PROPERTY_READ_ONLY = "org.freedesktop.DBus.Error.PropertyReadOnly"
 DBUS_INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
-
-
-def log(message: str) -> None:
-    print(f"linnixd: {message}", file=sys.stderr, flush=True)
 
 
 class BusError(Exception):
@@ -162,53 +166,6 @@ def _limit(value: int, most: int) -> int:
     return value
 
 
-def _to_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
-
-
-def _variant(value: Any) -> Variant | None:
-    """A D-Bus variant for a plain value (None and containers have no flat form)."""
-    if isinstance(value, bool):
-        return Variant("b", value)
-    if isinstance(value, int):
-        return Variant("x", value) if -(2**63) <= value < 2**63 else Variant("d", float(value))
-    if isinstance(value, float):
-        return Variant("d", value)
-    if isinstance(value, str):
-        return Variant("s", value)
-    return None
-
-
-def alert_details(alert: Alert) -> dict[str, Variant]:
-    """The Alert signal's a{sv}: identity, culprit, evidence as JSON and each numeric evidence flat."""
-    c = alert.culprit
-    plain: dict[str, Any] = {
-        "state": alert.state,
-        "id": alert.id,
-        "incident": alert.incident,
-        "ts": float(alert.ts),
-        "kind": c.kind,
-        "pid": c.pid,
-        "comm": c.comm,
-        "unit": c.unit,
-        "cgroup": c.cgroup,
-        "parent_pid": c.parent_pid,
-        "parent_comm": c.parent_comm,
-        "root_pid": c.root_pid,
-        "culprit": c.label(),
-    }
-    if c.parent_pid is not None:
-        plain["parent"] = f"{c.parent_comm or '?'}[{c.parent_pid}]"
-    details = {k: v for k, v in ((k, _variant(v)) for k, v in plain.items()) if v is not None}
-    details["evidence"] = Variant("s", _to_json(dict(alert.evidence)))
-    for key, value in alert.evidence.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat = _variant(value)
-            if flat is not None:
-                details[f"evidence.{key}"] = flat
-    return details
-
-
 class BusService:
     """Adapts a Daemon core to one bus connection; create it with serve()."""
 
@@ -253,7 +210,7 @@ class BusService:
             self._closed = True
             if self._props_task is not None:
                 self._props_task.cancel()
-            log(f"lost the bus connection{reason}; alerts still go to the other sinks")
+            log(f"lost the bus connection{reason}; alerts still go to the other sinks", LOG_WARNING)
 
     def close(self) -> None:
         self._closed = True
@@ -269,7 +226,7 @@ class BusService:
     @exported("Status")
     def Status(self) -> str:
         """The daemon's state as a JSON object: version, policy, rules, counters, open incidents."""
-        return _to_json(self.daemon.status())
+        return to_json(self.daemon.status())
 
     @read_only
     @exported("RecentAlerts", (("since", "d"), ("rule", "s"), ("limit", "u")))
@@ -282,25 +239,25 @@ class BusService:
                 ERROR_INVALID_ARGS, f"rule must be a rule name like fork_storm, got {rule[:80]!r}"
             )
         alerts = self.daemon.recent_alerts(since=since, rule=rule, limit=_limit(limit, MAX_ALERTS))
-        return _to_json([a.to_dict() for a in alerts])
+        return to_json([a.to_dict() for a in alerts])
 
     @read_only
     @exported("OpenIncidents")
     def OpenIncidents(self) -> str:
         """The firing alerts of incidents not yet resolved, as a JSON array."""
-        return _to_json([a.to_dict() for a in self.daemon.open_incidents()])
+        return to_json([a.to_dict() for a in self.daemon.open_incidents()])
 
     @read_only
     @exported("TopCgroups", (("limit", "u"),))
     def TopCgroups(self, limit: int) -> str:
         """Cgroups by pressure: path, unit, cpu/io/memory some %, run-queue wait ms, memory bytes (JSON)."""
-        return _to_json(self.daemon.top_cgroups(limit=_limit(limit, MAX_ROWS)))
+        return to_json(self.daemon.top_cgroups(limit=_limit(limit, MAX_ROWS)))
 
     @read_only
     @exported("StallTable", (("limit", "u"),))
     def StallTable(self, limit: int) -> str:
         """Who made whom wait for a CPU: victim, culprit, stall_ms, share, window_s (JSON)."""
-        return _to_json(self.daemon.stall_table(limit=_limit(limit, MAX_ROWS)))
+        return to_json(self.daemon.stall_table(limit=_limit(limit, MAX_ROWS)))
 
     @exported("ReloadPolicy", action=POLKIT_RELOAD)
     def ReloadPolicy(self) -> str:
@@ -330,7 +287,7 @@ class BusService:
     @exported("ListActions")
     def ListActions(self) -> str:
         """Actions applied and not yet reverted: unit, action, before, after, rule, incident, expires_at (JSON)."""
-        return _to_json(self._require_enforcer().list_actions())
+        return to_json(self._require_enforcer().list_actions())
 
     @exported("Throttle", (("unit", "s"), ("cpu_pct", "d"), ("duration_s", "d")), action=POLKIT_ACT)
     async def Throttle(self, unit: str, cpu_pct: float, duration_s: float) -> str:
@@ -381,31 +338,23 @@ class BusService:
         sender = _CALLER.get()
         values: list[int | None] = []
         for member in ("GetConnectionUnixUser", "GetConnectionUnixProcessID"):
-            msg = Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member=member,
-                signature="s",
-                body=[sender],
-            )
+            msg = client.method_call(DBUS_NAME, DBUS_PATH, DBUS_INTERFACE, member, "s", [sender])
             try:
-                reply = await asyncio.wait_for(self.bus.call(msg), self.auth_timeout_s)
-                values.append(
-                    int(reply.body[0])
-                    if reply is not None and reply.message_type == MessageType.METHOD_RETURN
-                    else None
-                )
-            except Exception:  # recorded as unknown; the caller was authorized already
-                values.append(None)
+                reply = await client.call(self.bus, msg, self.auth_timeout_s)
+                values.append(int(reply.body[0]))
+            except (client.BusClientError, TypeError, ValueError, IndexError):
+                values.append(None)  # recorded as unknown; the caller was authorized already
         return Caller(bus_name=sender, uid=values[0], pid=values[1])
 
     def send_action(self, name: str, event: dict[str, str]) -> None:
         """Enforcer listener: ActionTaken / ActionReverted(unit, action, before, after, rule, incident)."""
         if self._closed or name not in ACTION_SIGNALS:
             return
-        body = [event[k] for k in ("unit", "action", "before", "after", "rule", "incident")]
-        self._send(Message.new_signal(OBJECT_PATH, MANAGER_INTERFACE, name, "ssssss", body))
+        self._send(
+            Message.new_signal(
+                OBJECT_PATH, MANAGER_INTERFACE, name, ACTION_SIGNATURE, encode_action(event)
+            )
+        )
 
     # ---- properties and the Alert signal ------------------------------------------------
 
@@ -448,7 +397,7 @@ class BusService:
                     OBJECT_PATH,
                     PROPERTIES_INTERFACE,
                     "PropertiesChanged",
-                    "sa{sv}as",
+                    PROPERTIES_CHANGED_SIGNATURE,
                     [MANAGER_INTERFACE, changed, []],
                 )
             )
@@ -461,9 +410,9 @@ class BusService:
             Message.new_signal(
                 OBJECT_PATH,
                 MANAGER_INTERFACE,
-                "Alert",
-                "sssa{sv}",
-                [alert.rule, alert.severity, alert.summary, alert_details(alert)],
+                ALERT_SIGNAL,
+                ALERT_SIGNATURE,
+                encode_alert(alert),
             )
         )
 
@@ -553,7 +502,7 @@ class BusService:
             return Message.new_error(msg, exc.name, exc.message)
         self.internal_errors += 1
         line = " ".join(str(exc).splitlines()) or type(exc).__name__
-        log(f"{export.name} failed: {type(exc).__name__}: {line}")
+        log(f"{export.name} failed: {type(exc).__name__}: {line}", LOG_ERR)
         return Message.new_error(msg, ERROR_FAILED, f"{export.name} failed: {line}")
 
     def _run(self, export: Export, msg: Message) -> Message:
@@ -569,13 +518,13 @@ class BusService:
         if not sender or not sender.startswith(":"):
             return False, "the caller has no unique bus name"
         cancel_id = f"linnixd-{next(self._cancel_ids)}"
-        call = Message(
-            destination=POLKIT_NAME,
-            path=POLKIT_PATH,
-            interface=POLKIT_INTERFACE,
-            member="CheckAuthorization",
-            signature="(sa{sv})sa{ss}us",
-            body=[
+        call = client.method_call(
+            POLKIT_NAME,
+            POLKIT_PATH,
+            POLKIT_INTERFACE,
+            "CheckAuthorization",
+            "(sa{sv})sa{ss}us",
+            [
                 ["system-bus-name", {"name": Variant("s", sender)}],
                 action,
                 {},
@@ -584,18 +533,14 @@ class BusService:
             ],
         )
         try:
-            reply = await asyncio.wait_for(self.bus.call(call), self.auth_timeout_s)
-        except TimeoutError:
+            reply = await client.call(self.bus, call, self.auth_timeout_s)
+        except client.CallTimeout:
             self._cancel_check(cancel_id)
             return False, f"polkit did not answer within {self.auth_timeout_s:g} s"
-        except Exception as exc:
-            return False, f"polkit check failed: {exc}"
-        if reply is None or reply.message_type != MessageType.METHOD_RETURN:
-            detail = reply.body[0] if reply is not None and reply.body else ""
-            return (
-                False,
-                f"polkit check failed: {getattr(reply, 'error_name', 'no reply')}: {detail}",
-            )
+        except client.ErrorReply as exc:
+            return False, f"polkit check failed: {exc.error_name}: {exc.detail}"
+        except client.BusClientError as exc:
+            return False, f"polkit check failed: {exc.detail}"
         try:
             is_authorized, is_challenge, _details = reply.body[0]
         except (TypeError, ValueError, IndexError):
@@ -711,20 +656,6 @@ def _ancestor_xml(path: str | None) -> str:
     return f'{_XML_HEADER}\n<node>\n <node name="{below.split("/")[0]}"/>\n</node>'
 
 
-def bus_options(bus: str) -> dict[str, Any]:
-    """MessageBus keyword arguments for "system", "session" or a D-Bus address."""
-    if bus == "system":
-        return {"bus_type": BusType.SYSTEM}
-    if bus == "session":
-        return {"bus_type": BusType.SESSION}
-    return {"bus_address": bus}
-
-
-async def connect(bus: str) -> MessageBus:
-    """A connected asyncio MessageBus for "system", "session" or an address (unix:path=...)."""
-    return await MessageBus(**bus_options(bus)).connect()
-
-
 async def serve(
     daemon: Any, bus: str = "system", *, auth_timeout_s: float = AUTH_TIMEOUT_S
 ) -> BusService:
@@ -732,7 +663,7 @@ async def serve(
 
     Raises (one-line messages) when the bus is unreachable or the name cannot be owned.
     """
-    connection = await connect(bus)
+    connection = await client.connect(bus)
     service = BusService(daemon, connection, auth_timeout_s=auth_timeout_s)
     try:
         await service.start()

@@ -1,16 +1,9 @@
-"""Every external name linnixd uses: bus names, paths, polkit action ids, MESSAGE_IDs, exit codes."""
+"""Every external name linnixd uses: polkit action ids, files, exit codes, MESSAGE_IDs.
+
+The D-Bus names (bus name, object path, interface, error names, signals) are in wire.py.
+"""
 
 from __future__ import annotations
-
-# D-Bus
-BUS_NAME = "org.linnix.linnixd1"
-OBJECT_PATH = "/org/linnix/linnixd1"
-MANAGER_INTERFACE = "org.linnix.linnixd1.Manager"
-ERROR_PREFIX = "org.linnix.linnixd1.Error"
-ERROR_NOT_AUTHORIZED = ERROR_PREFIX + ".NotAuthorized"
-ERROR_INVALID_ARGS = ERROR_PREFIX + ".InvalidArgs"
-ERROR_POLICY = ERROR_PREFIX + ".PolicyInvalid"
-ERROR_FAILED = ERROR_PREFIX + ".Failed"
 
 # polkit action ids (polkit/org.linnix.linnixd1.policy)
 POLKIT_READ = "org.linnix.linnixd1.read"

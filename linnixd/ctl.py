@@ -14,23 +14,36 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
 from dbus_next import Message, MessageType
-from dbus_next.constants import MessageFlag
 
+from . import client
+from .client import bus_label
 from .constants import (
-    BUS_NAME,
-    ERROR_INVALID_ARGS,
-    ERROR_NOT_AUTHORIZED,
-    ERROR_POLICY,
     EXIT_CONFIG,
     EXIT_FAILURE,
     EXIT_NOPERM,
     EXIT_OK,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
-    MANAGER_INTERFACE,
-    OBJECT_PATH,
 )
 from .model import Alert
+from .wire import (
+    ACTION_SIGNALS,
+    ACTION_SIGNATURE,
+    ALERT_SIGNAL,
+    ALERT_SIGNATURE,
+    BUS_NAME,
+    DBUS_INTERFACE,
+    DBUS_NAME,
+    DBUS_PATH,
+    ERROR_INVALID_ARGS,
+    ERROR_NOT_AUTHORIZED,
+    ERROR_POLICY,
+    MANAGER_INTERFACE,
+    OBJECT_PATH,
+    decode_action,
+    decode_alert,
+    signal_match,
+)
 
 CALL_TIMEOUT_S = 30.0  # longer than the daemon's 25 s polkit timeout, so its answer wins
 _UNAVAILABLE = {
@@ -54,10 +67,6 @@ class CtlError(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-def bus_label(bus: str) -> str:
-    return f"the {bus} bus" if bus in ("system", "session") else f"the bus at {bus}"
 
 
 def exit_code_for(error_name: str) -> int:
@@ -91,58 +100,60 @@ def parse_since(text: str, now: float | None = None) -> float:
 
 
 class Client:
-    """One connection to linnixd over the chosen bus."""
+    """One connection to linnixd over the chosen bus; every failure is a CtlError with its exit code."""
 
     def __init__(self, bus: str) -> None:
         self.bus_spec = bus
         self.bus: Any = None
 
     async def __aenter__(self) -> Client:
-        from .bus import connect
-
         try:
-            self.bus = await asyncio.wait_for(connect(self.bus_spec), CALL_TIMEOUT_S)
-        except TimeoutError:
-            raise CtlError(EXIT_UNAVAILABLE, f"{bus_label(self.bus_spec)} did not answer") from None
-        except Exception as exc:
-            detail = " ".join(str(exc).splitlines()) or type(exc).__name__
-            raise CtlError(
-                EXIT_UNAVAILABLE, f"cannot reach {bus_label(self.bus_spec)}: {detail}"
-            ) from None
+            self.bus = await client.connect(self.bus_spec, CALL_TIMEOUT_S)
+        except client.BusUnreachable as exc:
+            text = (
+                exc.detail
+                if exc.timed_out
+                else f"cannot reach {bus_label(self.bus_spec)}: {exc.detail}"
+            )
+            raise CtlError(EXIT_UNAVAILABLE, text) from None
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
         if self.bus is not None:
             self.bus.disconnect()
 
+    async def _call(self, msg: Message, what: str) -> Message:
+        try:
+            return await client.call(self.bus, msg, CALL_TIMEOUT_S)
+        except client.CallTimeout:
+            raise CtlError(
+                EXIT_UNAVAILABLE, f"{what} did not answer {msg.member} within {CALL_TIMEOUT_S:g} s"
+            ) from None
+        except client.ConnectionLost as exc:
+            raise CtlError(
+                EXIT_UNAVAILABLE, f"lost {bus_label(self.bus_spec)}: {exc.detail}"
+            ) from None
+        except client.ErrorReply as exc:
+            raise self.error(exc.error_name, exc.detail or exc.error_name) from None
+
     async def call(
         self, member: str, signature: str = "", body: Sequence[Any] = (), interactive: bool = False
     ) -> Any:
         """Call a Manager method; returns the first value of the reply or raises CtlError."""
-        msg = Message(
-            destination=BUS_NAME,
-            path=OBJECT_PATH,
-            interface=MANAGER_INTERFACE,
-            member=member,
-            signature=signature,
-            body=list(body),
-            flags=MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION if interactive else MessageFlag.NONE,
+        msg = client.method_call(
+            BUS_NAME,
+            OBJECT_PATH,
+            MANAGER_INTERFACE,
+            member,
+            signature,
+            body,
+            interactive=interactive,
         )
-        try:
-            reply = await asyncio.wait_for(self.bus.call(msg), CALL_TIMEOUT_S)
-        except TimeoutError:
-            raise CtlError(
-                EXIT_UNAVAILABLE, f"linnixd did not answer {member} within {CALL_TIMEOUT_S:g} s"
-            ) from None
-        except Exception as exc:
-            raise CtlError(EXIT_UNAVAILABLE, f"lost {bus_label(self.bus_spec)}: {exc}") from None
-        if reply.message_type == MessageType.ERROR:
-            raise self.error(reply)
+        reply = await self._call(msg, "linnixd")
         return reply.body[0] if reply.body else None
 
-    def error(self, reply: Message) -> CtlError:
-        text = " ".join(str(reply.body[0]).splitlines()) if reply.body else reply.error_name
-        code = exit_code_for(reply.error_name)
+    def error(self, error_name: str, text: str) -> CtlError:
+        code = exit_code_for(error_name)
         if code == EXIT_UNAVAILABLE:
             text = f"linnixd is not running (nobody owns {BUS_NAME} on {bus_label(self.bus_spec)})"
         elif code == EXIT_NOPERM:
@@ -152,30 +163,16 @@ class Client:
     async def call_json(self, member: str, signature: str = "", body: Sequence[Any] = ()) -> Any:
         return json.loads(await self.call(member, signature, body))
 
+    async def _bus_daemon(self, member: str, arg: str) -> Message:
+        msg = client.method_call(DBUS_NAME, DBUS_PATH, DBUS_INTERFACE, member, "s", [arg])
+        return await self._call(msg, "the bus daemon")
+
     async def has_owner(self) -> bool:
-        reply = await self.bus.call(
-            Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member="NameHasOwner",
-                signature="s",
-                body=[BUS_NAME],
-            )
-        )
-        return bool(reply.message_type == MessageType.METHOD_RETURN and reply.body[0])
+        reply = await self._bus_daemon("NameHasOwner", BUS_NAME)
+        return bool(reply.body[0])
 
     async def add_match(self, rule: str) -> None:
-        await self.bus.call(
-            Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member="AddMatch",
-                signature="s",
-                body=[rule],
-            )
-        )
+        await self._bus_daemon("AddMatch", rule)
 
 
 # ---- output -----------------------------------------------------------------------------
@@ -256,24 +253,7 @@ def format_stalls(stalls: list[dict[str, Any]]) -> list[str]:
 
 def alert_from_signal(body: list[Any]) -> dict[str, Any]:
     """Alert.to_dict() form of an Alert signal (rule, severity, summary, a{sv} details)."""
-    rule, severity, summary, details = body
-    plain = {k: v.value for k, v in details.items() if not k.startswith("evidence")}
-    evidence = details.get("evidence")
-    return {
-        **{
-            k: plain.get(k)
-            for k in ("pid", "comm", "cgroup", "unit", "parent_pid", "parent_comm", "root_pid")
-        },
-        "id": plain.get("id", ""),
-        "incident": plain.get("incident", ""),
-        "state": plain.get("state", ""),
-        "ts": plain.get("ts", 0.0),
-        "kind": plain.get("kind", "process"),
-        "rule": rule,
-        "severity": severity,
-        "summary": summary,
-        "evidence": json.loads(evidence.value) if evidence is not None else {},
-    }
+    return decode_alert(body).to_dict()
 
 
 # ---- commands ---------------------------------------------------------------------------
@@ -352,10 +332,8 @@ async def cmd_reload(args: argparse.Namespace) -> int:
 
 async def cmd_watch(args: argparse.Namespace) -> int:
     async with Client(args.bus) as c:
-        for member in ("Alert", *ACTION_SIGNALS):
-            await c.add_match(
-                f"type='signal',sender='{BUS_NAME}',path='{OBJECT_PATH}',interface='{MANAGER_INTERFACE}',member='{member}'"
-            )
+        for member in (ALERT_SIGNAL, *ACTION_SIGNALS):
+            await c.add_match(signal_match(member))
         await c.add_match(
             "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
             f"member='NameOwnerChanged',arg0='{BUS_NAME}'"
@@ -383,17 +361,17 @@ async def cmd_watch(args: argparse.Namespace) -> int:
                 return
             if (
                 msg.interface == MANAGER_INTERFACE
-                and msg.member == "Alert"
-                and msg.signature == "sssa{sv}"
+                and msg.member == ALERT_SIGNAL
+                and msg.signature == ALERT_SIGNATURE
             ):
                 row = alert_from_signal(msg.body)
                 emit(json.dumps(row, sort_keys=True) if args.json else format_alert(row))
             elif (
                 msg.interface == MANAGER_INTERFACE
                 and msg.member in ACTION_SIGNALS
-                and msg.signature == "ssssss"
+                and msg.signature == ACTION_SIGNATURE
             ):
-                event = {"signal": msg.member, **dict(zip(ACTION_FIELDS, msg.body))}
+                event = decode_action(msg.member, msg.body)
                 emit(json.dumps(event, sort_keys=True) if args.json else format_action_event(event))
             else:
                 return
@@ -411,10 +389,6 @@ async def cmd_watch(args: argparse.Namespace) -> int:
             raise CtlError(EXIT_UNAVAILABLE, f"lost {bus_label(args.bus)}")
         disconnect.cancel()
         return done.result()
-
-
-ACTION_SIGNALS = ("ActionTaken", "ActionReverted")
-ACTION_FIELDS = ("unit", "action", "before", "after", "rule", "incident")
 
 
 def format_action_event(e: dict[str, str]) -> str:

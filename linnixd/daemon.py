@@ -27,6 +27,7 @@ from .constants import (
     HISTORY_DB,
     STATE_DIR,
 )
+from .daemonlog import LOG_ERR, LOG_NOTICE, LOG_WARNING, log
 from .model import Alert, Counters, LifecycleCounts, LifecycleTick, Snapshot, StallSnapshot
 
 Listener = Callable[[Alert], None]
@@ -34,11 +35,6 @@ Listener = Callable[[Alert], None]
 # Rules served by bpf/sched.c: stall attribution, and per-process CPU time for the CPU rules
 # (without it every process is read from /proc every tick: the --no-sched fallback).
 SCHED_RULES = frozenset({"noisy_neighbour", "circuit_breaker", "cpu_spike", "runaway_tree"})
-
-
-def log(message: str) -> None:
-    """Daemon log line on stderr (journald captures it under systemd)."""
-    print(f"linnixd: {message}", file=sys.stderr, flush=True)
 
 
 def window_length(policy: Any) -> int:
@@ -171,7 +167,7 @@ class Daemon:
     def _report_once(self, key: str, message: str) -> None:
         if key not in self._reported_errors:
             self._reported_errors.add(key)
-            log(message)
+            log(message, LOG_ERR)
 
     # ---- the API the bus and linnixctl adapt ---------------------------------------------
 
@@ -378,7 +374,7 @@ class Runner:
             try:
                 bus = await serve(self.daemon, self.args.bus)
             except Exception as exc:
-                log(f"cannot serve on the {self.args.bus} bus: {exc}")
+                log(f"cannot serve on the {self.args.bus} bus: {exc}", LOG_ERR)
                 return EXIT_UNAVAILABLE
 
         d = self.daemon
@@ -472,7 +468,7 @@ class Runner:
             self.daemon.reload_policy()  # says so itself (policy_reloaded)
         except PolicyError as exc:
             for problem in exc.problems:
-                log(f"reload refused, keeping the running policy: {problem}")
+                log(f"reload refused, keeping the running policy: {problem}", LOG_WARNING)
 
     def dump_stats(self) -> None:
         print(json.dumps({"stats": self.daemon.stats()}), file=sys.stderr, flush=True)
@@ -575,7 +571,7 @@ def _load_policy_or_exit(path: str, notifier: Any = None) -> Any:
         line = f"invalid policy, not starting: {exc.problems[0] if exc.problems else path}" + (
             f" (and {more} more: linnixctl check-config {path})" if more > 0 else ""
         )
-        log(line)
+        log(line, LOG_ERR)
         if notifier is not None:
             notifier.status(line)
         raise SystemExit(EXIT_CONFIG) from None
@@ -623,7 +619,7 @@ def run(args: argparse.Namespace) -> int:
                 max_count=policy.daemon.history_max,
             )
         except Exception as exc:
-            log(f"cannot open alert history in {state_dir}: {exc}")
+            log(f"cannot open alert history in {state_dir}: {exc}", LOG_ERR)
             return EXIT_UNAVAILABLE
 
     lifecycle = LifecycleCollector(policy.daemon.short_lived_s)
@@ -641,7 +637,7 @@ def run(args: argparse.Namespace) -> int:
                 sched = SchedCollector()
                 sched.start()
     except KernelFeatureError as exc:
-        log(str(exc))
+        log(str(exc), LOG_ERR)
         notifier.status(f"missing kernel feature, not starting: {exc}")
         lifecycle.close()
         return EXIT_OSERR
@@ -670,7 +666,10 @@ def run(args: argparse.Namespace) -> int:
         try:
             daemon.sinks.append(QueuedSink(JournalSink(), on_error=log))
         except ImportError:
-            log("journald is running but python3-systemd is missing: alerts are not journaled")
+            log(
+                "journald is running but python3-systemd is missing: alerts are not journaled",
+                LOG_WARNING,
+            )
 
     triggers = None
     try:
@@ -681,7 +680,7 @@ def run(args: argparse.Namespace) -> int:
         triggers = PsiTriggers(list(psi_cfg.resources), psi_cfg.some_pct, 2.0)
         daemon.psi_mode = triggers.mode
     except Exception as exc:
-        log(f"PSI triggers unavailable, polling every tick: {exc}")
+        log(f"PSI triggers unavailable, polling every tick: {exc}", LOG_WARNING)
 
     if state_dir:
         from .enforcement import Enforcer, journal_writer
@@ -698,7 +697,8 @@ def run(args: argparse.Namespace) -> int:
         daemon.add_alert_listener(daemon.enforcer.on_alert)
         if daemon.enforcer.enabled:
             log(
-                f"enforcement is enabled{' (dry run)' if daemon.enforcer.dry_run else ''} (state in {state_dir})"
+                f"enforcement is enabled{' (dry run)' if daemon.enforcer.dry_run else ''} (state in {state_dir})",
+                LOG_NOTICE,
             )
 
     runner = Runner(daemon, args, notifier, triggers)
@@ -726,7 +726,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_OK
     except Exception as exc:  # the last line of defence: one line, never a traceback
-        log(f"internal error: {exc!r}")
+        log(f"internal error: {exc!r}", LOG_ERR)
         return EXIT_SOFTWARE
 
 

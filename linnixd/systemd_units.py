@@ -12,19 +12,19 @@ Every D-Bus error becomes an EnforcementError (UnitGone for an unknown unit) wit
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-from dbus_next import Message, MessageType, Variant
+from dbus_next import Message, Variant
 from dbus_next.aio import MessageBus
 
+from . import client
 from .enforcement import EnforcementError, UnitGone
+from .wire import PROPERTIES_INTERFACE
 
 SYSTEMD_NAME = "org.freedesktop.systemd1"
 SYSTEMD_PATH = "/org/freedesktop/systemd1"
 MANAGER_INTERFACE = "org.freedesktop.systemd1.Manager"
 UNIT_INTERFACE = "org.freedesktop.systemd1.Unit"
-PROPERTIES_INTERFACE = "org.freedesktop.DBus.Properties"
 CALL_TIMEOUT_S = 10.0
 _GONE = {
     "org.freedesktop.systemd1.NoSuchUnit",
@@ -62,13 +62,11 @@ class SystemdUnits:
 
     async def _connection(self) -> MessageBus:
         if self._bus is None or not self._bus.connected:
-            from .bus import connect
-
             try:
-                self._bus = await asyncio.wait_for(connect(self.bus_spec), self.timeout_s)
-            except Exception as exc:
+                self._bus = await client.connect(self.bus_spec, self.timeout_s)
+            except client.BusUnreachable as exc:
                 raise EnforcementError(
-                    f"cannot reach systemd on the {self.bus_spec} bus: {exc or type(exc).__name__}"
+                    f"cannot reach systemd on the {self.bus_spec} bus: {exc.detail}"
                 ) from None
         return self._bus
 
@@ -81,28 +79,18 @@ class SystemdUnits:
         body: list[Any] | None = None,
     ) -> Message:
         bus = await self._connection()
-        msg = Message(
-            destination=SYSTEMD_NAME,
-            path=path,
-            interface=interface,
-            member=member,
-            signature=signature,
-            body=body or [],
-        )
+        msg = client.method_call(SYSTEMD_NAME, path, interface, member, signature, body or [])
         try:
-            reply = await asyncio.wait_for(bus.call(msg), self.timeout_s)
-        except TimeoutError:
+            return await client.call(bus, msg, self.timeout_s)
+        except client.CallTimeout:
             raise EnforcementError(
                 f"systemd did not answer {member} within {self.timeout_s:g} s"
             ) from None
-        except Exception as exc:
-            raise EnforcementError(f"{member} failed: {exc or type(exc).__name__}") from None
-        if reply is None or reply.message_type == MessageType.ERROR:
-            name = getattr(reply, "error_name", None) or "no reply"
-            text = str(reply.body[0]) if reply is not None and reply.body else ""
-            error = UnitGone if name in _GONE else EnforcementError
-            raise error(f"systemd refused {member}: {name}: {text}")
-        return reply
+        except client.ConnectionLost as exc:
+            raise EnforcementError(f"{member} failed: {exc.detail}") from None
+        except client.ErrorReply as exc:
+            error = UnitGone if exc.error_name in _GONE else EnforcementError
+            raise error(f"systemd refused {member}: {exc.error_name}: {exc.detail}") from None
 
     async def unit_path(self, unit: str) -> str:
         reply = await self._call(SYSTEMD_PATH, MANAGER_INTERFACE, "GetUnit", "s", [unit])

@@ -19,18 +19,19 @@ from dbus_next import Message, MessageType, Variant
 from dbus_next.aio import MessageBus
 
 import linnixd
-from linnixd.bus import BusService, alert_details, serve
-from linnixd.constants import (
+from linnixd.bus import BusService, serve
+from linnixd.constants import POLKIT_RELOAD
+from linnixd.history import AlertHistory
+from linnixd.model import Alert, Counters, Culprit
+from linnixd.wire import (
     BUS_NAME,
     ERROR_FAILED,
     ERROR_INVALID_ARGS,
     ERROR_NOT_AUTHORIZED,
     MANAGER_INTERFACE,
     OBJECT_PATH,
-    POLKIT_RELOAD,
+    alert_details,
 )
-from linnixd.history import AlertHistory
-from linnixd.model import Alert, Counters, Culprit
 
 PYTHON = "/usr/bin/python3"
 BUS_CONFIG = Path(__file__).parent / "dbus" / "system-bus.conf"
@@ -529,7 +530,7 @@ def test_reload_allowed_by_polkit_runs_for_the_callers_name(
         ):  # a monitor's connection ends with EOF from the bus side
             await mon.wait_for_disconnect()
         assert len(seen) == 1
-        subject, action, details, flags, _cancel = seen[0].body
+        subject, action, _details, flags, _cancel = seen[0].body
         assert subject[0] == "system-bus-name" and subject[1]["name"].value == bus.unique_name
         assert (action, flags) == (POLKIT_RELOAD, 1)
 

@@ -23,19 +23,16 @@ from dbus_next.aio import MessageBus
 
 from linnixd.bus import BusService, serve
 from linnixd.config import load_policy
-from linnixd.constants import (
-    ACTION_LEDGER,
+from linnixd.constants import ACTION_LEDGER, ENFORCEMENT_STATE, POLKIT_ACT, POLKIT_ENFORCEMENT
+from linnixd.enforcement import UINT64_MAX, EnforcementError, Enforcer, UnitGone
+from linnixd.systemd_units import SystemdUnits
+from linnixd.wire import (
     BUS_NAME,
-    ENFORCEMENT_STATE,
     ERROR_INVALID_ARGS,
     ERROR_NOT_AUTHORIZED,
     MANAGER_INTERFACE,
     OBJECT_PATH,
-    POLKIT_ACT,
-    POLKIT_ENFORCEMENT,
 )
-from linnixd.enforcement import UINT64_MAX, EnforcementError, Enforcer, UnitGone
-from linnixd.systemd_units import SystemdUnits
 
 PYTHON = "/usr/bin/python3"
 HERE = Path(__file__).parent
@@ -230,7 +227,7 @@ def test_client_errors_are_one_line_and_typed(bus: Bus) -> None:
         try:
             with pytest.raises(
                 UnitGone,
-                match="org.freedesktop.systemd1.NoSuchUnit: Unit nothere.service not loaded.",
+                match=r"org\.freedesktop\.systemd1\.NoSuchUnit: Unit nothere\.service not loaded\.",
             ):
                 await units.get_property("nothere.service", "CPUQuotaPerSecUSec")
             with pytest.raises(

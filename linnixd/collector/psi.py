@@ -5,11 +5,12 @@ from __future__ import annotations
 import errno
 import os
 import select
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 
+from ..daemonlog import LOG_WARNING
+from ..daemonlog import log as daemon_log
 from ..model import RESOURCES, PsiSample
 
 SYSTEM = "<system>"
@@ -199,7 +200,7 @@ class PsiTriggers:
         if log is not None:
             log(line)
         else:
-            print(f"linnixd: {line}", file=sys.stderr, flush=True)
+            daemon_log(line, LOG_WARNING)
 
     def fileno(self) -> int:
         """Readable when a trigger fired (for loop.add_reader); never readable when polling."""

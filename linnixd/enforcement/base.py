@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 UINT64_MAX = 2**64 - 1  # systemd's "infinity" for CPUQuotaPerSecUSec and MemoryHigh
-
-
-def log(message: str) -> None:
-    print(f"linnixd: {message}", file=sys.stderr, flush=True)
 
 
 class EnforcementError(Exception):

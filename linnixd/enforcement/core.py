@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from ..constants import ACTION_LEDGER, ENFORCEMENT_STATE, MESSAGE_IDS
+from ..daemonlog import LOG_ERR, LOG_NOTICE, LOG_WARNING, log
 from ..model import Alert
-from .base import UINT64_MAX, Caller, EnforcementError, UnitGone, Units, log
+from .base import UINT64_MAX, Caller, EnforcementError, UnitGone, Units
 from .guard import RateLimiter, refusal
 from .kill import kill_process
 from .ledger import ActionRecord, read_json, show, write_json_atomic
@@ -49,10 +50,13 @@ def journal_writer() -> Journal:
 
             send = journal.send
         except ImportError:
-            log("journald is running but python3-systemd is missing: enforcement is only logged")
+            log(
+                "journald is running but python3-systemd is missing: enforcement is only logged",
+                LOG_WARNING,
+            )
 
     def write(message: str, kind: str, fields: dict[str, str]) -> None:
-        log(message)
+        log(message, LOG_NOTICE)
         if send is not None:
             try:
                 send(
@@ -63,7 +67,7 @@ def journal_writer() -> Journal:
                     **fields,
                 )
             except Exception as exc:  # the log line above already carries it
-                log(f"journald refused an enforcement entry: {exc}")
+                log(f"journald refused an enforcement entry: {exc}", LOG_ERR)
 
     return write
 
@@ -107,7 +111,9 @@ class Enforcer:
         self.dir = Path(state_dir)
         self.units = units
         self.policy = policy
-        self.journal: Journal = journal or (lambda message, kind, fields: log(message))
+        self.journal: Journal = journal or (
+            lambda message, kind, fields: log(message, LOG_NOTICE)
+        )
         self.start_time_of = start_time_of
         self.clock = clock
         self.monotonic = monotonic
@@ -144,7 +150,7 @@ class Enforcer:
                 records.append(ActionRecord(**entry))
             except TypeError as exc:
                 self.counters.dropped_records += 1
-                log(f"ledger entry dropped, not an action record: {exc}")
+                log(f"ledger entry dropped, not an action record: {exc}", LOG_WARNING)
         return records
 
     def _save_ledger(self) -> None:
@@ -240,13 +246,14 @@ class Enforcer:
             why = "the culprit is not one process"
         if why is not None:
             self.counters.refused += 1
-            log(f"not acting ({what}): {why}")
+            log(f"not acting ({what}): {why}", LOG_NOTICE)
             return None
         self.limiter.per_min = self.policy().enforcement.max_actions_per_min
         if not self.limiter.allow():
             self.counters.rate_limited += 1
             log(
-                f"not acting ({what}): rate limit of {self.limiter.per_min} actions per minute reached"
+                f"not acting ({what}): rate limit of {self.limiter.per_min} actions per minute reached",
+                LOG_WARNING,
             )
             return None
         if action.type == "kill":
@@ -287,7 +294,8 @@ class Enforcer:
         if start is None:
             self.counters.refused += 1
             log(
-                f"not killing {c.label()}: its start time is unknown, so a reused pid cannot be ruled out"
+                f"not killing {c.label()}: its start time is unknown, so a reused pid cannot be ruled out",
+                LOG_NOTICE,
             )
             return
         if self.dry_run:
@@ -302,7 +310,7 @@ class Enforcer:
             kill_process(c.pid, start, sig)
         except EnforcementError as exc:
             self.counters.failed += 1
-            log(f"not killing {c.label()}: {exc}")
+            log(f"not killing {c.label()}: {exc}", LOG_WARNING)
             return
         self.counters.applied += 1
         self.journal(
@@ -330,17 +338,23 @@ class Enforcer:
         async with self._lock:
             if any(r.unit == unit and r.prop == prop for r in self.records):
                 self.counters.refused += 1
-                log(f"not acting ({action} on {unit}): an earlier {action} on it is still active")
+                log(
+                    f"not acting ({action} on {unit}): an earlier {action} on it is still active",
+                    LOG_NOTICE,
+                )
                 return None
             try:
                 before = await self.units.get_property(unit, prop)
             except EnforcementError as exc:
                 self.counters.failed += 1
-                log(f"not acting ({action} on {unit}): {exc}")
+                log(f"not acting ({action} on {unit}): {exc}", LOG_WARNING)
                 return None
             if action == "freeze" and before != "running":
                 self.counters.refused += 1
-                log(f"not freezing {unit}: its freezer state is {before!r}, not 'running'")
+                log(
+                    f"not freezing {unit}: its freezer state is {before!r}, not 'running'",
+                    LOG_NOTICE,
+                )
                 return None
             now = self.clock()
             record = ActionRecord(
@@ -374,7 +388,7 @@ class Enforcer:
                 self.records.remove(record)
                 self._save_ledger()
                 self.counters.failed += 1
-                log(f"not acting ({action} on {unit}): {exc}")
+                log(f"not acting ({action} on {unit}): {exc}", LOG_WARNING)
                 return None
             record.state = "applied"
             self._save_ledger()
@@ -441,7 +455,8 @@ class Enforcer:
                 self.counters.revert_failures += 1
                 self._save_ledger()
                 log(
-                    f"revert of {record.action} on {record.unit} failed ({reason}), retrying in {RETRY_S:g} s: {exc}"
+                    f"revert of {record.action} on {record.unit} failed ({reason}), retrying in {RETRY_S:g} s: {exc}",
+                    LOG_WARNING,
                 )
                 return False
             else:
@@ -468,7 +483,7 @@ class Enforcer:
         """At start: revert what a previous run left applied (or half-applied) in the ledger."""
         left = list(self.records)
         if left:
-            log(f"{len(left)} action(s) left behind by a previous run: reverting them")
+            log(f"{len(left)} action(s) left behind by a previous run: reverting them", LOG_NOTICE)
         done = 0
         for record in left:
             done += await self.revert(record, "left behind by a previous run")
@@ -482,7 +497,7 @@ class Enforcer:
             try:
                 await self.revert_due()
             except Exception as exc:  # a broken pass must not end the reverts
-                log(f"enforcement revert pass failed: {exc!r}")
+                log(f"enforcement revert pass failed: {exc!r}", LOG_ERR)
 
     # ---- manual -------------------------------------------------------------------------
 
@@ -517,7 +532,7 @@ class Enforcer:
             try:
                 listener(name, event)
             except Exception as exc:
-                log(f"action listener failed: {exc!r}")
+                log(f"action listener failed: {exc!r}", LOG_ERR)
 
 
 def _fields(event: dict[str, str], *, dry_run: bool = False, reason: str = "") -> dict[str, str]:

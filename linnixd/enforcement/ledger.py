@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .base import UINT64_MAX, log
+from ..daemonlog import LOG_WARNING, log
+from .base import UINT64_MAX
 
 
 @dataclass
@@ -70,7 +71,7 @@ def read_json(path: Path) -> Any:
         return None
     except (OSError, ValueError) as exc:
         aside = path.with_name(f"{path.name}.corrupt")
-        log(f"{path} is unreadable ({exc}); moved to {aside}")
+        log(f"{path} is unreadable ({exc}); moved to {aside}", LOG_WARNING)
         try:
             os.replace(path, aside)
         except OSError:
