@@ -25,6 +25,7 @@ from .constants import (
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
 )
+from . import __version__, polkitagent
 from .model import Alert
 from .wire import (
     ACTION_SIGNALS,
@@ -326,7 +327,7 @@ async def cmd_stalls(args: argparse.Namespace) -> int:
 
 async def cmd_reload(args: argparse.Namespace) -> int:
     async with Client(args.bus) as c:
-        emit(await c.call("ReloadPolicy", interactive=True))
+        emit(await c.call("ReloadPolicy", interactive=args.ask_password))
     return EXIT_OK
 
 
@@ -405,9 +406,13 @@ def format_action_event(e: dict[str, str]) -> str:
 async def cmd_enforcement(args: argparse.Namespace) -> int:
     async with Client(args.bus) as c:
         if args.command == "enable-enforcement":
-            emit(await c.call("EnableEnforcement", "b", [bool(args.dry_run)], interactive=True))
+            emit(
+                await c.call(
+                    "EnableEnforcement", "b", [bool(args.dry_run)], interactive=args.ask_password
+                )
+            )
         else:
-            emit(await c.call("DisableEnforcement", interactive=True))
+            emit(await c.call("DisableEnforcement", interactive=args.ask_password))
     return EXIT_OK
 
 
@@ -442,11 +447,11 @@ async def cmd_throttle(args: argparse.Namespace) -> int:
                     "Throttle",
                     "sdd",
                     [args.unit, float(args.cpu), float(args.duration)],
-                    interactive=True,
+                    interactive=args.ask_password,
                 )
             )
         else:
-            emit(await c.call("Unthrottle", "s", [args.unit], interactive=True))
+            emit(await c.call("Unthrottle", "s", [args.unit], interactive=args.ask_password))
     return EXIT_OK
 
 
@@ -534,6 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BUS",
         help="where linnixd is: system (default), session, or a D-Bus address such as unix:path=/run/x",
     )
+    p.add_argument(
+        "--no-ask-password",
+        dest="ask_password",
+        action="store_false",
+        help="do not start a polkit agent (pkttyagent) or let polkit ask for a password: a command that needs authentication fails instead",
+    )
+    p.add_argument("--version", action="version", version=f"linnixctl {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     s = sub.add_parser("status", help="the daemon's state: policy, rules, counters, open incidents")
@@ -603,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "reload", help="make linnixd re-read its policy (polkit: org.linnix.linnixd1.reload-policy)"
     )
-    s.set_defaults(run=cmd_reload)
+    s.set_defaults(run=cmd_reload, privileged=True)
 
     s = sub.add_parser(
         "enable-enforcement",
@@ -612,12 +624,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--dry-run", action="store_true", help="only journal what would be done; change nothing"
     )
-    s.set_defaults(run=cmd_enforcement)
+    s.set_defaults(run=cmd_enforcement, privileged=True)
 
     s = sub.add_parser(
         "disable-enforcement", help="back to monitor-only; actions taken by rules are reverted"
     )
-    s.set_defaults(run=cmd_enforcement)
+    s.set_defaults(run=cmd_enforcement, privileged=True)
 
     s = sub.add_parser(
         "actions", help="actions in force: unit, action, value before and after, time left"
@@ -644,13 +656,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds until it is reverted (default 300, at most 86400)",
     )
-    s.set_defaults(run=cmd_throttle)
+    s.set_defaults(run=cmd_throttle, privileged=True)
 
     s = sub.add_parser(
         "unthrottle", help="restore a unit's CPUQuota= from before linnixctl throttle"
     )
     s.add_argument("unit", metavar="UNIT", help="the systemd unit")
-    s.set_defaults(run=cmd_throttle)
+    s.set_defaults(run=cmd_throttle, privileged=True)
 
     s = sub.add_parser(
         "check-config", help="validate a policy file without a daemon (0 valid, 78 invalid)"
@@ -686,6 +698,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(own)
     if demo_args is not None:
         args.demo_args = demo_args
+    # like systemctl: a polkit text agent for privileged commands typed on a terminal by a non-root user
+    agent = (
+        polkitagent.start() if getattr(args, "privileged", False) and args.ask_password else None
+    )
     try:
         result = args.run(args)
         return int(asyncio.run(result) if asyncio.iscoroutine(result) else result)
@@ -696,6 +712,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK  # the reader went away (linnixctl watch | head)
     except KeyboardInterrupt:
         return EXIT_OK
+    finally:
+        if agent is not None:
+            agent.close()
 
 
 if __name__ == "__main__":
