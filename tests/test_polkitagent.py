@@ -26,7 +26,7 @@ from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
 from dbus_next.constants import MessageFlag
 
-from linnixd.constants import BUS_NAME
+from linnixd.wire import BUS_NAME
 from test_bus import PrivateBus
 
 ROOT = Path(__file__).resolve().parent.parent
