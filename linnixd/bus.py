@@ -5,6 +5,10 @@ Interface org.linnix.linnixd1.Manager on /org/linnix/linnixd1 (stable signatures
     Status() -> s                                  JSON object (Daemon.status())
     RecentAlerts(d since, s rule, u limit) -> s    JSON array of Alert.to_dict(), newest first
     OpenIncidents() -> s                           JSON array of Alert.to_dict()
+    Explain(s incident) -> s                       JSON {headline, facts, suffered, uncertain, actions,
+                                                   snapshot, resolution}; "latest" = the newest incident;
+                                                   Error.NoSuchIncident when unknown or without snapshot
+    IncidentHistory(d since, u limit) -> s         JSON array of incidents from the history, newest first
     TopCgroups(u limit) -> s                       JSON array of cgroup rows
     StallTable(u limit) -> s                       JSON array of {victim, culprit, stall_ms, share, window_s}
     ReloadPolicy() -> s                            one-line result; polkit org.linnix.linnixd1.reload-policy
@@ -56,6 +60,7 @@ from .wire import (
     DBUS_PATH,
     ERROR_FAILED,
     ERROR_INVALID_ARGS,
+    ERROR_NO_SUCH_INCIDENT,
     ERROR_NOT_AUTHORIZED,
     ERROR_POLICY,
     INTROSPECTABLE_INTERFACE,
@@ -73,6 +78,7 @@ PROPERTIES_INTERVAL_S = 1.0  # PropertiesChanged for the counters at most this o
 MAX_ALERTS = 10_000
 MAX_ROWS = 1_000
 _RULE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
+_INCIDENT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 _CALLER: contextvars.ContextVar[str] = contextvars.ContextVar(
     "linnixd_caller", default=""
 )  # unique name of the call being run
@@ -246,6 +252,28 @@ class BusService:
     def OpenIncidents(self) -> str:
         """The firing alerts of incidents not yet resolved, as a JSON array."""
         return to_json([a.to_dict() for a in self.daemon.open_incidents()])
+
+    @read_only
+    @exported("Explain", (("incident", "s"),))
+    def Explain(self, incident: str) -> str:
+        """What happened in an incident ("latest": the newest): headline, numbered facts, snapshot (JSON)."""
+        if incident != "latest" and not _INCIDENT_ID.match(incident):
+            raise BusError(
+                ERROR_INVALID_ARGS,
+                f"incident must be an incident id (letters, digits, - or _) or latest, got {incident[:80]!r}",
+            )
+        try:
+            return to_json(self.daemon.explain(incident))
+        except LookupError as exc:
+            raise BusError(ERROR_NO_SUCH_INCIDENT, str(exc.args[0] if exc.args else exc)) from None
+
+    @read_only
+    @exported("IncidentHistory", (("since", "d"), ("limit", "u")))
+    def IncidentHistory(self, since: float, limit: int) -> str:
+        """Incidents opened at or after since (epoch s), open and resolved, newest first (JSON)."""
+        if not math.isfinite(since) or since < 0:
+            raise BusError(ERROR_INVALID_ARGS, f"since must be an epoch time >= 0, got {since}")
+        return to_json(self.daemon.incident_history(since=since, limit=_limit(limit, MAX_ALERTS)))
 
     @read_only
     @exported("TopCgroups", (("limit", "u"),))

@@ -22,6 +22,7 @@ ACTION_LEDGER = "actions.json"  # actions applied and not yet reverted
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 64  # EX_USAGE: bad command line
+EXIT_NOINPUT = 66  # EX_NOINPUT: no such incident (linnixctl explain)
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: daemon not running / bus not reachable
 EXIT_SOFTWARE = 70  # EX_SOFTWARE: internal error
 EXIT_OSERR = 71  # EX_OSERR: kernel feature missing (BTF, tracefs, headers, capability)

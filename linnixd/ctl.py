@@ -20,6 +20,7 @@ from .client import bus_label
 from .constants import (
     EXIT_CONFIG,
     EXIT_FAILURE,
+    EXIT_NOINPUT,
     EXIT_NOPERM,
     EXIT_OK,
     EXIT_UNAVAILABLE,
@@ -37,6 +38,7 @@ from .wire import (
     DBUS_NAME,
     DBUS_PATH,
     ERROR_INVALID_ARGS,
+    ERROR_NO_SUCH_INCIDENT,
     ERROR_NOT_AUTHORIZED,
     ERROR_POLICY,
     MANAGER_INTERFACE,
@@ -78,6 +80,8 @@ def exit_code_for(error_name: str) -> int:
         return EXIT_NOPERM
     if error_name == ERROR_POLICY:
         return EXIT_CONFIG
+    if error_name == ERROR_NO_SUCH_INCIDENT:
+        return EXIT_NOINPUT
     if error_name in (ERROR_INVALID_ARGS, "org.freedesktop.DBus.Error.InvalidArgs"):
         return EXIT_USAGE
     return EXIT_FAILURE
@@ -288,9 +292,44 @@ async def cmd_alerts(args: argparse.Namespace) -> int:
 
 
 async def cmd_incidents(args: argparse.Namespace) -> int:
+    if args.all:
+        async with Client(args.bus) as c:
+            rows = await c.call_json("IncidentHistory", "du", [float(args.since), args.limit])
+        rows.reverse()  # oldest first, like `alerts`
+        return show_rows(args, rows, format_incident_rows, "no incidents in the history")
     async with Client(args.bus) as c:
         rows = await c.call_json("OpenIncidents")
     return print_alerts(args, rows, "no open incidents")
+
+
+def format_incident_rows(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [f"{'OPENED':<19} {'STATE':<8} {'DURATION':>8}  {'INCIDENT':<32} {'RULE':<17} CULPRIT"]
+    for r in rows:
+        opened = float(r.get("opened_ts") or 0.0)
+        resolved = r.get("resolved_ts")
+        took = f"{float(resolved) - opened:.0f}s" if resolved is not None else "-"
+        lines.append(
+            f"{_stamp(opened):<19} {r.get('state', '?'):<8} {took:>8}  {r.get('incident', '?'):<32} "
+            f"{r.get('rule', '?'):<17} {r.get('culprit', '?')}"
+        )
+    return lines
+
+
+async def cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import render
+
+    async with Client(args.bus) as c:
+        result = await c.call_json("Explain", "s", [args.incident])
+    if args.json:
+        emit(json.dumps(result, sort_keys=True))
+    else:
+        for line in render(result):
+            emit(line)
+        emit("")
+        emit(
+            f"incident {result.get('incident')}; the snapshot: linnixctl explain {result.get('incident')} --json"
+        )
+    return EXIT_OK
 
 
 async def cmd_top(args: argparse.Namespace) -> int:
@@ -493,6 +532,7 @@ exit status:
   0   success
   1   other failure
   64  bad command line, or arguments the daemon refused
+  66  no such incident, or it has no snapshot (explain)
   69  linnixd is not running, or the bus is unreachable
   77  permission denied (bus policy or polkit)
   78  invalid policy (check-config, reload)
@@ -501,6 +541,8 @@ examples:
   linnixctl status
   linnixctl alerts --since 2h --rule fork_storm
   linnixctl watch --json | jq .
+  linnixctl explain latest
+  linnixctl incidents --all --since 1d
   linnixctl demo fork-storm
 
 see also: linnixd(8), linnixd-policy(5), busctl(1), journalctl(1)
@@ -575,9 +617,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(run=cmd_alerts)
 
-    s = sub.add_parser("incidents", help="incidents still firing")
-    s.add_argument("--json", action="store_true", help="one JSON object per line")
+    s = sub.add_parser(
+        "incidents", help="incidents still firing (--all: every incident in the history)"
+    )
+    s.add_argument(
+        "--all",
+        action="store_true",
+        help="past incidents too, from the history: opened, state, duration, id, rule, culprit",
+    )
+    s.add_argument(
+        "--since",
+        type=parse_since,
+        default=0.0,
+        metavar="WHEN",
+        help="with --all: only incidents opened from WHEN on (10m, 2h, 3d, or an ISO time)",
+    )
+    s.add_argument(
+        "--limit",
+        type=_positive,
+        default=50,
+        metavar="N",
+        help="with --all: at most the N newest incidents (default 50, at most 10000)",
+    )
+    s.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per line (with --all: one JSON array)",
+    )
     s.set_defaults(run=cmd_incidents)
+
+    s = sub.add_parser(
+        "explain",
+        help="what happened in an incident: headline, numbered facts with figures and sources, who suffered, what to do",
+    )
+    s.add_argument(
+        "incident",
+        nargs="?",
+        default="latest",
+        metavar="INCIDENT",
+        help="an incident id (linnixctl incidents --all) or latest (default)",
+    )
+    s.add_argument(
+        "--json",
+        action="store_true",
+        help='one JSON object: {"headline", "facts", "suffered", "uncertain", "actions", "snapshot", "resolution"}',
+    )
+    s.set_defaults(run=cmd_explain)
 
     s = sub.add_parser(
         "watch",

@@ -70,6 +70,7 @@ class Daemon:
         self.policy = policy
         self.started_at = time.time()
         self.enforcer: Any = None  # enforcement.Enforcer, when there is a state directory
+        self.triage: Any = None  # triage.Triage: a snapshot per incident, for explain()
         self.lifecycle = lifecycle
         self.sched = sched
         self.model = model
@@ -115,6 +116,8 @@ class Daemon:
             if self.window:  # only the newest snapshot keeps every process (Snapshot.slim)
                 self.window[-1] = self.window[-1].slim()
             self.window.append(snap)
+            if self.triage is not None:
+                self.triage.observe(snap)  # before evaluate: a new incident's capture adds its own
             self.evaluate()
         # else: the first read covers everything since attach (compile time included), not one
         # tick: it sets the baselines and its counts go into the totals, but rates would be wrong.
@@ -156,6 +159,8 @@ class Daemon:
                 self.history.store(alert)
             except Exception as exc:
                 self._report_once("history", f"alert history write failed: {exc}")
+        if self.triage is not None:  # after the history has the incident, before anyone asks
+            self.triage.on_alert(alert, self.window)
         for sink in self.sinks:
             sink.put(alert)
         for listener in self._listeners:
@@ -226,6 +231,7 @@ class Daemon:
             "tick_cost_ms": round(self.last_tick_cost_s * 1000, 2),
             "detector_errors": self.detector_errors,
             "tick_errors": self.tick_errors,
+            **({"triage": self.triage.health()} if self.triage is not None else {}),
         }
 
     def recent_alerts(self, since: float = 0.0, rule: str = "", limit: int = 100) -> list[Alert]:
@@ -235,6 +241,31 @@ class Daemon:
 
     def open_incidents(self) -> list[Alert]:
         return list(self.tracker.open_incidents())
+
+    def explain(self, incident: str) -> dict[str, Any]:
+        """The explanation of an incident ("latest": the newest); LookupError names what is missing."""
+        from .explain import explain
+
+        if self.triage is None:
+            raise LookupError("triage is not running in this daemon")
+        ident = self.triage.latest() if incident == "latest" else incident
+        if ident is None:
+            raise LookupError("no incident has been recorded yet")
+        found = self.triage.lookup(ident)
+        if found is None:
+            raise LookupError(f"no incident {ident} in the history")
+        snapshot, resolution = found
+        if snapshot is None:
+            raise LookupError(
+                f"incident {ident} has no snapshot (recorded before triage existed, or pruned by retention)"
+            )
+        return explain(snapshot, resolution)
+
+    def incident_history(self, since: float = 0.0, limit: int = 100) -> list[dict[str, Any]]:
+        """Past and open incidents from the history, newest first (empty without a history)."""
+        if self.history is None:
+            return []
+        return list(self.history.incidents(since=since, limit=limit))
 
     def top_cgroups(self, limit: int = 10) -> list[dict[str, Any]]:
         if self.model is None:
@@ -315,6 +346,8 @@ class Daemon:
         return out
 
     def close(self) -> None:
+        if self.triage is not None:
+            self.triage.close()
         for sink in self.sinks:
             sink.close()
         for part in (self.sched, self.lifecycle):
@@ -660,6 +693,15 @@ def run(args: argparse.Namespace) -> int:
         history=history,
         events=event_writer(log, use_journal=not args.no_journal),
     )
+    from .systemd_units import SystemdUnits
+    from .triage import UNIT_TIMEOUT_S, Triage
+
+    # a snapshot per incident; the culprit unit's state comes from systemd with a short timeout
+    daemon.triage = Triage(
+        history,
+        SystemdUnits("system", timeout_s=UNIT_TIMEOUT_S),
+        log=lambda message: log(message, LOG_WARNING),
+    )
     if args.foreground:
         daemon.sinks.append(QueuedSink(StdoutSink(args.output), on_error=log))
     if not args.no_journal and journald_present():
@@ -684,7 +726,6 @@ def run(args: argparse.Namespace) -> int:
 
     if state_dir:
         from .enforcement import Enforcer, journal_writer
-        from .systemd_units import SystemdUnits
 
         # systemd is on the system bus whatever bus linnixd serves on
         daemon.enforcer = Enforcer(
@@ -695,6 +736,7 @@ def run(args: argparse.Namespace) -> int:
             start_time_of=daemon.start_time_of,
         )
         daemon.add_alert_listener(daemon.enforcer.on_alert)
+        daemon.enforcer.listeners.append(daemon.triage.on_action)
         if daemon.enforcer.enabled:
             log(
                 f"enforcement is enabled{' (dry run)' if daemon.enforcer.dry_run else ''} (state in {state_dir})",

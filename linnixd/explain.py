@@ -69,7 +69,7 @@ def _mib(n: Any) -> str:
 def _when(ts: float | None) -> str:
     if ts is None:
         return "?"
-    return dt.datetime.fromtimestamp(float(ts), dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return dt.datetime.fromtimestamp(float(ts), dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 class _Facts:
@@ -89,14 +89,17 @@ class _Facts:
         )
 
 
-def explain(snapshot: Mapping[str, Any], resolution: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def explain(
+    snapshot: Mapping[str, Any], resolution: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """{headline, facts, suffered, uncertain, actions, snapshot, resolution} from one snapshot."""
     s = snapshot
     alert = s.get("alert") or {}
     rule = str(s.get("rule") or alert.get("rule") or "?")
     culprit = s.get("culprit") or {}
     label = culprit.get("label") or "?"
-    evidence = alert.get("evidence") if isinstance(alert.get("evidence"), dict) else {}
+    raw = alert.get("evidence")
+    evidence: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
     state = "resolved" if resolution else "open"
     since = _when(alert.get("ts") or s.get("captured_at"))
     headline = f"{RULE_TITLES.get(rule, rule)}: {label}, since {since}"
@@ -106,7 +109,9 @@ def explain(snapshot: Mapping[str, Any], resolution: Mapping[str, Any] | None = 
         headline += ", still open when the snapshot was taken"
 
     facts = _Facts()
-    facts.add("alert.summary", str(alert.get("summary", "")), None, "", f"rule {rule} (linnixd-policy(5))")
+    facts.add(
+        "alert.summary", str(alert.get("summary", "")), None, "", f"rule {rule} (linnixd-policy(5))"
+    )
     for key, (what, unit, source) in EVIDENCE.items():
         value = evidence.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -179,7 +184,13 @@ def _culprit_facts(facts: _Facts, s: Mapping[str, Any]) -> None:
         )
         if busiest is not None:
             text += f"; busiest {busiest.get('comm')}[{busiest['pid']}] {_num(busiest.get('cpu_pct') or 0.0)}%"
-        facts.add("culprit.tree", text, tree.get("total"), "processes", "host model PPid links, /proc/PID/stat")
+        facts.add(
+            "culprit.tree",
+            text,
+            tree.get("total"),
+            "processes",
+            "host model PPid links, /proc/PID/stat",
+        )
     cg = c.get("cgroup")
     row = (s.get("cgroups") or {}).get(cg) if cg else None
     if row is not None:
@@ -276,7 +287,9 @@ def _suffered(facts: _Facts, s: Mapping[str, Any]) -> list[dict[str, Any]]:
     by_victim: dict[str, float] = {}
     for e in stall.get("edges") or []:
         if cg and e.get("culprit") == cg and e.get("victim") != cg:
-            by_victim[e["victim"]] = by_victim.get(e["victim"], 0.0) + float(e.get("stall_ms") or 0.0)
+            by_victim[e["victim"]] = by_victim.get(e["victim"], 0.0) + float(
+                e.get("stall_ms") or 0.0
+            )
     out = []
     for v in s.get("victims") or []:
         row = rows.get(v) or {}
@@ -291,7 +304,10 @@ def _suffered(facts: _Facts, s: Mapping[str, Any]) -> list[dict[str, Any]]:
         )
     if cg and by_victim:
         total = round(sum(by_victim.values()), 1)
-        named = ", ".join(f"{v} {by_victim[v]:.1f} ms" for v in sorted(by_victim, key=lambda k: (-by_victim[k], k))[:3])
+        named = ", ".join(
+            f"{v} {by_victim[v]:.1f} ms"
+            for v in sorted(by_victim, key=lambda k: (-by_victim[k], k))[:3]
+        )
         facts.add(
             "stall.caused",
             f"{cg} made other cgroups wait {total} ms for a CPU in the last {_num(stall.get('window_s', 0.0))} s: {named}",
@@ -359,13 +375,21 @@ def _uncertain(s: Mapping[str, Any]) -> list[str]:
         out.append("no scheduler evidence (bpf/sched.c not loaded): nobody is named for CPU waits")
     else:
         if stall.get("unattributed_ms"):
-            out.append(f"{stall['unattributed_ms']} ms of run-queue wait could not be attributed to a culprit")
+            out.append(
+                f"{stall['unattributed_ms']} ms of run-queue wait could not be attributed to a culprit"
+            )
         if stall.get("unresolved_ms"):
-            out.append(f"{stall['unresolved_ms']} ms of stall is in cgroups whose path could not be resolved")
+            out.append(
+                f"{stall['unresolved_ms']} ms of stall is in cgroups whose path could not be resolved"
+            )
         if stall.get("migrated_waits"):
-            out.append(f"{stall['migrated_waits']} waits ended on another CPU than they were queued on (since attach)")
+            out.append(
+                f"{stall['migrated_waits']} waits ended on another CPU than they were queued on (since attach)"
+            )
         if stall.get("lost_waits"):
-            out.append(f"{stall['lost_waits']} waits were lost: the task's cgroup was never seen (since attach)")
+            out.append(
+                f"{stall['lost_waits']} waits were lost: the task's cgroup was never seen (since attach)"
+            )
     if c.get("cgroup") and not c.get("cgroup_resolved"):
         out.append(f"the culprit's cgroup {c['cgroup']} was not among the sampled cgroups")
     if c.get("pid") is not None and not c.get("in_model"):
@@ -376,7 +400,9 @@ def _uncertain(s: Mapping[str, Any]) -> list[str]:
         out.append(f"{tree['truncated']} processes of its tree are not in the snapshot (bounded)")
     u = s.get("unit") or {}
     if u.get("name") and u.get("state") != "known":
-        out.append(f"the state of {u['name']} is {u.get('state')}: {u.get('error', 'no answer yet')}")
+        out.append(
+            f"the state of {u['name']} is {u.get('state')}: {u.get('error', 'no answer yet')}"
+        )
     if s.get("omitted"):
         out.append("cut to fit 64 KiB: " + "; ".join(s["omitted"]))
     return out
@@ -395,7 +421,13 @@ def _actions(rule: str, s: Mapping[str, Any], evidence: Mapping[str, Any]) -> li
     pid = c.get("pid")
     root = _root(s) or {}
     out: list[dict[str, str]] = []
-    cpu_rules = {"cpu_spike", "runaway_tree", "noisy_neighbour", "circuit_breaker", "psi_saturation"}
+    cpu_rules = {
+        "cpu_spike",
+        "runaway_tree",
+        "noisy_neighbour",
+        "circuit_breaker",
+        "psi_saturation",
+    }
     cpu = None
     for key in ("subtree_cpu_pct", "tree_cpu_pct", "cpu_pct"):
         if isinstance(evidence.get(key), (int, float)):
@@ -435,7 +467,9 @@ def _actions(rule: str, s: Mapping[str, Any], evidence: Mapping[str, Any]) -> li
             }
         )
     if q:
-        out.append({"command": f"systemctl status {q}", "why": "its state, main pid and last log lines"})
+        out.append(
+            {"command": f"systemctl status {q}", "why": "its state, main pid and last log lines"}
+        )
         since = _when((s.get("alert") or {}).get("ts")).replace(" UTC", "")
         out.append(
             {
@@ -458,7 +492,12 @@ def _actions(rule: str, s: Mapping[str, Any], evidence: Mapping[str, Any]) -> li
                 }
             )
     if rule == "fd_exhaustion" and pid is not None:
-        out.append({"command": f"ls -l /proc/{int(pid)}/fd | head -50", "why": "what the open fds point at"})
+        out.append(
+            {
+                "command": f"ls -l /proc/{int(pid)}/fd | head -50",
+                "why": "what the open fds point at",
+            }
+        )
     return out
 
 

@@ -179,7 +179,9 @@ class AlertHistory:
         )
         return cur.rowcount > 0
 
-    def triage(self, incident_id: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None] | None:
+    def triage(
+        self, incident_id: str
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None] | None:
         """(snapshot, resolution) of an incident, either None when not kept; None: no such incident."""
         row = self._db.execute(
             "SELECT snapshot, resolution FROM incidents WHERE incident = ?", (incident_id,)

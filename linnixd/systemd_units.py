@@ -40,11 +40,12 @@ _TYPE_INTERFACE = {
     "mount": "org.freedesktop.systemd1.Mount",
     "swap": "org.freedesktop.systemd1.Swap",
 }
+_UNIT_PROPERTIES = frozenset({"FreezerState", "ActiveState", "SubState"})  # on every unit type
 _SIGNATURE = {"CPUQuotaPerSecUSec": "t", "MemoryHigh": "t"}
 
 
 def property_interface(unit: str, prop: str) -> str:
-    if prop == "FreezerState":
+    if prop in _UNIT_PROPERTIES:
         return UNIT_INTERFACE
     suffix = unit.rsplit(".", 1)[-1]
     if suffix not in _TYPE_INTERFACE:

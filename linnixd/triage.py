@@ -214,7 +214,9 @@ def culprit_cgroup(alert: Alert, newest: Snapshot) -> str | None:
     return p.cgroup if p is not None else None
 
 
-def victims_of(alert: Alert, caused: Mapping[tuple[str, str], int], cgroup: str | None) -> list[str]:
+def victims_of(
+    alert: Alert, caused: Mapping[tuple[str, str], int], cgroup: str | None
+) -> list[str]:
     """Who suffered: the alert's own victims first, then whom the culprit's cgroup stalled most."""
     ev = alert.evidence
     out: list[str] = []
@@ -294,7 +296,7 @@ def build_snapshot(
     cgroups: dict[str, Any] = {}
     for path in named:
         cg = newest.cgroups.get(path)
-        rq = newest.stall.runqueue.get(path) if newest.stall is not None else None
+        queued = newest.stall.runqueue.get(path) if newest.stall is not None else None
         extra: dict[str, Any] = {}
         for fn in cgroup_fields:
             try:
@@ -313,15 +315,14 @@ def build_snapshot(
             "stall_caused_ms": _r(caused[path] / 1000),
             "stall_suffered_ms": _r(suffered[path] / 1000),
             "runq_wait_ms": _r(waits[path] / 1000),
-            "runq_wait_last_tick_ms": _r(rq.wait_us / 1000) if rq is not None else 0.0,
+            "runq_wait_last_tick_ms": _r(queued.wait_us / 1000) if queued is not None else 0.0,
             "extra": extra,
         }
 
     procs = newest.processes.values()
     top_processes = {
         "cpu": [
-            _process_row(p)
-            for p in heapq.nlargest(TOP_N, procs, key=lambda p: (p.cpu_pct, -p.pid))
+            _process_row(p) for p in heapq.nlargest(TOP_N, procs, key=lambda p: (p.cpu_pct, -p.pid))
         ],
         "memory": [
             _process_row(p)
@@ -451,8 +452,11 @@ def lifecycle(
 
     def rates(counts: list[int]) -> dict[str, Any]:
         return {
-            **{n: c for n, c in zip(names, counts)},
-            **{f"{n}_per_s": _r(c / span, 2) if span > 0 else 0.0 for n, c in zip(names, counts)},
+            **{n: c for n, c in zip(names, counts, strict=True)},
+            **{
+                f"{n}_per_s": _r(c / span, 2) if span > 0 else 0.0
+                for n, c in zip(names, counts, strict=True)
+            },
         }
 
     return {
@@ -490,7 +494,9 @@ def series(snaps: Sequence[Snapshot], root: int | None, cgroup: str | None) -> d
         elif cgroup is not None:
             cg = s.cgroups.get(cgroup)
             usage = cg.cpu_usage_us if cg is not None else None
-            cpu.append(_r(usage / s.interval_s / 1e4) if usage is not None and s.interval_s else None)
+            cpu.append(
+                _r(usage / s.interval_s / 1e4) if usage is not None and s.interval_s else None
+            )
             rss.append(cg.memory_bytes if cg is not None else None)
         rq = s.stall.runqueue.get(cgroup) if s.stall is not None and cgroup else None
         wait.append(_r(rq.wait_us / 1000, 2) if rq is not None else (0.0 if s.stall else None))
@@ -545,7 +551,9 @@ def bound(snapshot: dict[str, Any], limit: int = MAX_SNAPSHOT_BYTES) -> tuple[di
 
 def _thin_series(s: dict[str, Any]) -> None:
     if s.get("series"):
-        s["series"] = {k: (v[::-4][::-1] if isinstance(v, list) else v) for k, v in s["series"].items()}
+        s["series"] = {
+            k: (v[::-4][::-1] if isinstance(v, list) else v) for k, v in s["series"].items()
+        }
 
 
 def _cut_cmdlines(s: dict[str, Any], n: int) -> None:
@@ -626,9 +634,9 @@ class Triage:
         self.capture_ms: collections.deque[float] = collections.deque(maxlen=100)
         self._cgroup_fields: list[CgroupFields] = []
         self._open: dict[str, _Open] = {}
-        self._recent: collections.OrderedDict[
-            str, tuple[dict[str, Any], dict[str, Any] | None]
-        ] = collections.OrderedDict()
+        self._recent: collections.OrderedDict[str, tuple[dict[str, Any], dict[str, Any] | None]] = (
+            collections.OrderedDict()
+        )
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def add_cgroup_fields(self, fn: CgroupFields) -> None:
@@ -820,13 +828,15 @@ class Triage:
         return {
             **asdict(self.counters),
             "open_tracked": len(self._open),
-            "capture_ms_last": costs and self.capture_ms[-1] or 0.0,
+            "capture_ms_last": self.capture_ms[-1] if costs else 0.0,
             "capture_ms_max": costs[-1] if costs else 0.0,
         }
 
     def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        if self.units is not None and hasattr(self.units, "close"):
+            self.units.close()
 
 
 async def unit_state(units: Any, unit: str) -> dict[str, Any]:

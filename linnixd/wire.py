@@ -23,6 +23,7 @@ ERROR_NOT_AUTHORIZED = ERROR_PREFIX + ".NotAuthorized"
 ERROR_INVALID_ARGS = ERROR_PREFIX + ".InvalidArgs"
 ERROR_POLICY = ERROR_PREFIX + ".PolicyInvalid"
 ERROR_FAILED = ERROR_PREFIX + ".Failed"
+ERROR_NO_SUCH_INCIDENT = ERROR_PREFIX + ".NoSuchIncident"
 
 # The freedesktop names both sides use.
 DBUS_NAME = "org.freedesktop.DBus"

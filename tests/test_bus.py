@@ -627,6 +627,8 @@ def test_an_unmarked_export_needs_authorization() -> None:
         "Status",
         "RecentAlerts",
         "OpenIncidents",
+        "Explain",
+        "IncidentHistory",
         "TopCgroups",
         "StallTable",
         "ListActions",
