@@ -160,6 +160,7 @@ class NoisyNeighbour(RuleSettings):
     min_wait_ms: float = Field(100.0, gt=0, le=3_600_000)
     window_s: float = _window(10.0)
     min_culprit_share: float = Field(0.5, gt=0, le=1)
+    min_wait_share: float = Field(0.1, gt=0, le=1)
     top: int = _top(3)
 
 
@@ -169,6 +170,7 @@ class CircuitBreaker(RuleSettings):
     cpu_some_pct: float = _pct(40.0)
     cpu_util_pct: float = _pct(90.0)
     sustain_s: float = Field(15.0, gt=0, le=3600)
+    min_cpu_share: float = Field(0.3, gt=0, le=1)
 
 
 class Rules(_Frozen):

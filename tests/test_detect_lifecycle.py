@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from snapshots import cgroup, exit_record, proc, rule_cfg, series, snap
 
 from linnixd.detectors.forks import ForkStormDetector, ShortLivedJobsDetector
+from linnixd.incidents import IncidentTracker
 from linnixd.model import LifecycleCounts as LC
 
 FOO = "/system.slice/foo.service"
@@ -171,7 +174,7 @@ def test_short_lived_jobs_prefers_the_parent() -> None:
     # window_s 10 = 20 ticks of 0.5 s; 1 short exit per tick = 20 exits
     window = jobs_window(1, ticks=24)
     [f] = JOBS.evaluate(window, rule_cfg("short_lived_jobs", min_count=20))
-    assert f.key == "pid:700:7" and f.culprit.kind == "process"
+    assert f.key == "parent:700" and f.culprit.kind == "process"
     assert (f.culprit.pid, f.culprit.comm, f.culprit.cgroup, f.culprit.unit) == (
         700,
         "crond",
@@ -218,3 +221,24 @@ def test_short_lived_jobs_window_and_exclusions() -> None:
         )
         == []
     )
+
+
+def test_short_lived_jobs_one_incident_when_the_parent_exits() -> None:
+    window = jobs_window(1, ticks=24)
+    [alive] = JOBS.evaluate(window, rule_cfg("short_lived_jobs", min_count=20))
+    # the parent exits: it leaves the process table, its own exit record carries its name
+    gone = [
+        dataclasses.replace(s, processes={k: v for k, v in s.processes.items() if k != 700})
+        for s in window
+    ]
+    last = gone[-1]
+    gone[-1] = dataclasses.replace(
+        last, exits=(*last.exits, exit_record(700, 1, "crond", 0, lifetime=None, ts=last.ts))
+    )
+    [dead] = JOBS.evaluate(gone, rule_cfg("short_lived_jobs", min_count=20))
+    assert dead.key == alive.key == "parent:700"
+    assert (dead.culprit.pid, dead.culprit.comm, dead.culprit.cgroup) == (700, "crond", FOO)
+    tracker = IncidentTracker(resolve_after_s=2.0)
+    fired = tracker.update([alive], window[-1].ts, window[-1].wall, {"short_lived_jobs": 300.0})
+    again = tracker.update([dead], window[-1].ts + 0.5, window[-1].wall + 0.5, {})
+    assert [a.state for a in fired] == ["firing"] and again == []

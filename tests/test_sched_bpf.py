@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 import types
@@ -17,10 +18,8 @@ from linnixd.collector.cgroups import cgroup2_mount
 from linnixd.collector.psi import parse_pressure
 from linnixd.collector.sched import NSLOTS, NSTATS, SchedCollector, _Deltas, switch_state_flags
 from linnixd.detectors.stall import NoisyNeighbourDetector
+from linnixd.hostmodel import HostModel
 from linnixd.model import (
-    CgroupSample,
-    LifecycleCounts,
-    Owner,
     PsiSample,
     Snapshot,
     StallEdge,
@@ -134,61 +133,48 @@ def pressure(
 
 
 def run_experiment(
-    collector: SchedCollector, groups: dict[str, str], culprit_code: str
+    collector: SchedCollector,
+    groups: dict[str, str],
+    culprit_code: str,
+    victim_code: str = VICTIM,
 ) -> tuple[list[Snapshot], list[StallSnapshot]]:
-    """victim + culprit + bystander pinned to one CPU for RUN_S; one snapshot per tick."""
+    """victim + culprit + bystander pinned to one CPU for RUN_S, through the daemon's own host
+    model (cpu.stat, PSI, process table): one snapshot per tick, the older ones slimmed."""
     cpu = max(os.sched_getaffinity(0))
-    resolve = InodeResolver(groups["mount"])
-    victim_path = rel(groups, "victim")
-    victim_id = os.stat(groups["victim"]).st_ino
+    model = HostModel(max_processes=16384, max_cgroups=4096, cpu=collector.task_cpu())
+    resolve = model.resolve_cgroup
     others = [
         spawn(groups["bystander"], cpu, SLEEP.format(d=RUN_S + 1)),
         spawn(groups["culprit"], cpu, culprit_code.format(d=RUN_S + 1)),
     ]
     time.sleep(0.5)  # let their interpreters start: from here on one spins (or sleeps), one sleeps
+    model.seed()
     collector.read(resolve)  # start the window here
-    procs = [spawn(groups["victim"], cpu, VICTIM.format(d=RUN_S))]
+    procs = [spawn(groups["victim"], cpu, victim_code.format(d=RUN_S))]
     snaps: list[Snapshot] = []
     stalls: list[StallSnapshot] = []
-    prev_psi = None
-    last = time.monotonic()
-    _, prev_psi = pressure(groups["victim"], None, 0)
     try:
         while any(p.poll() is None for p in procs):
             time.sleep(TICK_S)
-            now = time.monotonic()
             stall = collector.read(resolve)
-            psi, prev_psi = pressure(groups["victim"], prev_psi, now - last)
             stalls.append(stall)
-            sample = CgroupSample(
-                id=victim_id,
-                path=victim_path,
-                owner=Owner("unknown", victim_path),
-                pressure={"cpu": psi},
-            )
-            snaps.append(
-                Snapshot(
-                    ts=now,
-                    wall=time.time(),
-                    interval_s=now - last,
-                    ncpu=os.cpu_count() or 1,
-                    processes={},
-                    total=LifecycleCounts(),
-                    by_parent={},
-                    by_cgroup={},
-                    cgroups={victim_path: sample},
-                    system_pressure={},
-                    cpu_util_pct=0.0,
-                    stall=stall,
-                )
-            )
-            last = now
+            if snaps:
+                snaps[-1] = snaps[-1].slim()
+            snaps.append(model.snapshot(None, time.monotonic(), time.time(), stall))
     finally:
         for p in procs + others:
             p.kill()
             p.wait()
     stalls.append(collector.read(resolve))
     return snaps, stalls
+
+
+def every_tick(snaps: Sequence[Snapshot], cfg: Any) -> list[Any]:
+    """noisy_neighbour findings at every tick, as the daemon evaluates its growing window."""
+    out = []
+    for i in range(1, len(snaps) + 1):
+        out += NoisyNeighbourDetector().evaluate(snaps[:i], cfg)
+    return out
 
 
 def edge_sum(stalls: list[StallSnapshot], victim: str, culprit: str) -> int:
@@ -239,16 +225,44 @@ def test_culprit_gets_the_victims_stall(collector: SchedCollector, groups: dict[
     assert (
         sum(e.preemptions for s in stalls for e in s.edges if {e.victim, e.culprit} == {v, c}) > 0
     )
-    findings = NoisyNeighbourDetector().evaluate(snaps, foreign_excluded(groups, snaps))
-    mine = [f for f in findings if f.evidence["victim"] == v]
-    assert len(mine) == 1
-    f = mine[0]
-    assert f.culprit.kind == "cgroup" and f.culprit.cgroup == c
-    assert f.key == f"cgroup:{c}->cgroup:{v}"
-    assert f.evidence["top_culprits"][0]["cgroup"] == c
-    assert f.summary.startswith(f"{c} caused ") and f.summary.endswith(
-        f"of stall to {v} in the last 10 s"
-    )
+    cfg = foreign_excluded(groups, snaps)
+    findings = [f for f in every_tick(snaps, cfg) if f.evidence["victim"] in (v, c)]
+    for f in findings:
+        print(f.summary)
+    assert findings, "the victim was kept from its share: the spinner must be named"
+    # only the hog is ever a culprit, never the light periodic worker, in every alert
+    assert {(f.culprit.cgroup, f.evidence["victim"]) for f in findings} == {(c, v)}
+    for f in findings:
+        ev = f.evidence
+        assert f.key == f"cgroup:{c}->cgroup:{v}"
+        assert ev["top_culprits"][0]["cgroup"] == c
+        top = ev["top_culprits"][0]
+        # measured: the spinner ran far more than the 1 ms-per-11 ms worker, which waited
+        assert top["run_ms"] > 2 * ev["victim_run_ms"] > 0
+        assert ev["wait_share"] >= 0.1 and top["victim_shortfall_ms"] > 0
+        assert ev["runq_p50_us"] is not None and ev["runq_p99_us"] >= ev["runq_p50_us"]
+        covered = snaps[-1].ts - snaps[0].ts + snaps[0].interval_s
+        assert 0 < ev["window_s"] <= covered + 0.01  # the real span, never the policy's 10 s
+        said = re.search(r"in the last (\d+\.\d) s$", f.summary)
+        assert f.summary.startswith(f"{c} took ") and said is not None
+        assert abs(float(said[1]) - ev["window_s"]) <= 0.051
+
+
+@needs_root
+def test_two_equal_hogs_blame_neither(collector: SchedCollector, groups: dict[str, str]) -> None:
+    snaps, stalls = run_experiment(collector, groups, SPIN, victim_code=SPIN)
+    v, c = rel(groups, "victim"), rel(groups, "culprit")
+    wait_us, _ = wait_sum(stalls, v)
+    print(f"victim wait {wait_us} us, behind the other hog {edge_sum(stalls, v, c)} us")
+    assert edge_sum(stalls, v, c) >= 100_000  # they really contended on the CPU
+    findings = every_tick(snaps, foreign_excluded(groups, snaps))
+    ours = [f for f in findings if f.evidence["victim"] in (v, c)]
+    for f in ours:
+        print(f.summary)
+    assert [f for f in ours if f.culprit.cgroup in (v, c)] == []  # neither is blamed
+    for f in ours:  # if anything, contention between both, blaming no cgroup
+        assert f.culprit.kind == "system" and f.evidence["explained_by"] == "contention"
+        assert f.key == f"contention:cgroup:{min(v, c)}+cgroup:{max(v, c)}"
 
 
 @needs_root

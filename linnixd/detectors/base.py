@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -134,3 +135,54 @@ def is_ancestor_cgroup(ancestor: str, path: str) -> bool:
     if ancestor == "/":
         return True
     return path.startswith(ancestor.rstrip("/") + "/")
+
+
+def _nearest_sampled_ancestor(path: str, sampled: Mapping[str, Any]) -> str | None:
+    """The closest strict ancestor of `path` present in `sampled`, or None."""
+    while path != "/":
+        path = path.rsplit("/", 1)[0] or "/"
+        if path in sampled:
+            return path
+    return None
+
+
+def own_cpu_us(snaps: Sequence[Snapshot], paths: Iterable[str] | None = None) -> dict[str, float]:
+    """CPU microseconds each cgroup's own tasks used over `snaps` (children's time taken out).
+
+    cpu.stat's usage is hierarchical (the root's is the whole host), so a cgroup's own time is
+    its usage less that of the sampled cgroups nearest below it. A snapshot without cpu.stat
+    figures (synthetic, or a host that lacks them) falls back to the cgroup's processes' CPU.
+    `paths` limits the result (None: every cgroup seen).
+    """
+    wanted = set(paths) if paths is not None else None
+    out: dict[str, float] = defaultdict(float)
+    for s in snaps:
+        usage = {p: cg.cpu_usage_us for p, cg in s.cgroups.items() if cg.cpu_usage_us is not None}
+        own: dict[str, float] = {
+            p: float(u) for p, u in usage.items() if wanted is None or p in wanted
+        }
+        for p, used in usage.items():
+            parent = _nearest_sampled_ancestor(p, usage)
+            if parent is not None and parent in own:
+                own[parent] -= used
+        for p, mine in own.items():
+            out[p] += max(0.0, mine)
+        # cgroups without a cpu.stat delta here (first sample, synthetic): their processes' CPU
+        for proc in s.processes.values():
+            if proc.cgroup not in usage and (wanted is None or proc.cgroup in wanted):
+                out[proc.cgroup] += proc.cpu_pct * s.interval_s * 1e4
+    return dict(out)
+
+
+def log2_percentile_us(hist: Sequence[int], q: float) -> int | None:
+    """Upper bound (us) of the log2 bucket holding quantile `q` of a wait histogram; None if empty."""
+    total = sum(hist)
+    if total <= 0:
+        return None
+    need = q * total
+    seen = 0
+    for i, n in enumerate(hist):
+        seen += n
+        if seen >= need:
+            return 1 << (i + 1)
+    return 1 << len(hist)

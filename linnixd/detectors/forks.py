@@ -11,7 +11,6 @@ from .base import (
     Exclusions,
     cgroup_unit,
     covered_s,
-    process_key,
     recent,
     severity,
     sustained_tail,
@@ -27,6 +26,15 @@ def _find_process(snaps: Sequence[Snapshot], pid: int) -> ProcessSample | None:
         if p is not None:
             return p
     return None
+
+
+def _exited_comm(snaps: Sequence[Snapshot], pid: int) -> str:
+    """The comm of an exited process from its own exit record, else UNKNOWN_COMM."""
+    for snap in snaps:
+        for r in snap.exits:
+            if r.pid == pid:
+                return r.comm
+    return UNKNOWN_COMM
 
 
 class ForkStormDetector:
@@ -190,7 +198,8 @@ class ShortLivedJobsDetector:
             if path is not None:
                 explained.add(path)  # the parent finding names this cgroup's jobs, even if excluded
             unit = p.unit if p is not None else (cgroup_unit(newest, path) if path else None)
-            comm = p.comm if p is not None else UNKNOWN_COMM
+            # gone: its own exit record, when it was streamed, still has its name
+            comm = p.comm if p is not None else _exited_comm(snaps, pid)
             parent = newest.processes.get(p.ppid) if p is not None else None
             culprit = Culprit(
                 kind="process",
@@ -203,7 +212,9 @@ class ShortLivedJobsDetector:
             )
             if ex.culprit(culprit):
                 continue
-            key = process_key(p) if p is not None else f"pid:{pid}:unknown"
+            # by pid alone: the same incident whether the parent is still alive or has exited
+            # (its start time is gone with it); a reused pid within the cooldown shares it
+            key = f"parent:{pid}"
             where = f" in {unit or path}" if (unit or path) else ""
             findings.append(
                 self._finding(
