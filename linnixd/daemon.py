@@ -14,7 +14,6 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -95,6 +94,11 @@ class Daemon:
             maxlen=1200
         )  # seconds, newest last
         self._last_health: LifecycleTick | None = None
+        self.state: Any = None  # statedir.StateDir, when a state directory is in use
+        self.state_problem = ""  # why the state directory was refused
+        self.history_problem = ""  # why the alert history is unavailable
+        self.history_write_failures = 0
+        self._history_failing = False
         self._reported_errors: set[str] = set()
 
     # ---- the pipeline -------------------------------------------------------------------
@@ -157,8 +161,21 @@ class Daemon:
         if self.history is not None:
             try:
                 self.history.store(alert)
-            except Exception as exc:
-                self._report_once("history", f"alert history write failed: {exc}")
+            except Exception as exc:  # full disk, I/O error: counted, the alert still goes out
+                self.history_write_failures += 1
+                if not self._history_failing:
+                    self._history_failing = True
+                    log(
+                        f"alert history write failed, alerts are not stored until it recovers: {exc}",
+                        LOG_ERR,
+                    )
+            else:
+                if self._history_failing:
+                    self._history_failing = False
+                    log(
+                        f"alert history writes recovered ({self.history_write_failures} alerts not stored so far)",
+                        LOG_NOTICE,
+                    )
         if self.triage is not None:  # after the history has the incident, before anyone asks
             self.triage.on_alert(alert, self.window)
         for sink in self.sinks:
@@ -232,7 +249,21 @@ class Daemon:
             "detector_errors": self.detector_errors,
             "tick_errors": self.tick_errors,
             **({"triage": self.triage.health()} if self.triage is not None else {}),
+            "state": self.state_status(),
         }
+
+    def state_status(self) -> dict[str, Any]:
+        """The state directory and the alert history: refusals, failures and why."""
+        out: dict[str, Any] = self.state.status() if self.state is not None else {}
+        if self.state_problem:
+            out["refused_dir"] = self.state_problem
+        out["history"] = (
+            "ok"
+            if self.history is not None
+            else ("unavailable: " + self.history_problem if self.history_problem else "off")
+        )
+        out["history_write_failures"] = self.history_write_failures
+        return out
 
     def recent_alerts(self, since: float = 0.0, rule: str = "", limit: int = 100) -> list[Alert]:
         if self.history is None:
@@ -353,6 +384,41 @@ class Daemon:
         for part in (self.sched, self.lifecycle):
             if part is not None:
                 part.close()
+
+
+def open_state_dir(state_dir: str | None) -> tuple[Any, str]:
+    """The checked state directory, or (None, why): the daemon then runs without history or enforcement."""
+    if not state_dir:
+        return None, ""
+    from .statedir import StateDir, StateError
+
+    try:
+        return StateDir(state_dir), ""
+    except StateError as exc:
+        log(f"{exc}: running without alert history and enforcement", LOG_ERR)
+        return None, str(exc)
+
+
+def open_history(state: Any, policy: Any) -> tuple[Any, str]:
+    """The alert history in the state directory, or (None, why): monitoring goes on without it."""
+    from .history import AlertHistory
+    from .statedir import StateError
+
+    try:
+        return (
+            AlertHistory(
+                state.sqlite_path(HISTORY_DB),
+                max_age_days=policy.daemon.history_days,
+                max_count=policy.daemon.history_max,
+            ),
+            "",
+        )
+    except StateError as exc:  # already logged by the state directory
+        why = str(exc)
+    except Exception as exc:  # full disk, corrupt file, newer schema: degraded, said so
+        why = f"{state.where(HISTORY_DB)}: {exc}"
+        log(f"alert history unavailable, running without it: {why}", LOG_ERR)
+    return None, why
 
 
 def _release_compiler_memory() -> None:
@@ -640,20 +706,8 @@ def run(args: argparse.Namespace) -> int:
     from .sinks.journal import JournalSink, event_writer, journald_present
     from .sinks.stdout import StdoutSink
 
-    history = None
-    if state_dir:
-        from .history import AlertHistory
-
-        try:
-            Path(state_dir).mkdir(parents=True, exist_ok=True)
-            history = AlertHistory(
-                str(Path(state_dir) / HISTORY_DB),
-                max_age_days=policy.daemon.history_days,
-                max_count=policy.daemon.history_max,
-            )
-        except Exception as exc:
-            log(f"cannot open alert history in {state_dir}: {exc}", LOG_ERR)
-            return EXIT_UNAVAILABLE
+    state, state_problem = open_state_dir(state_dir)
+    history, history_problem = open_history(state, policy) if state is not None else (None, "")
 
     lifecycle = LifecycleCollector(policy.daemon.short_lived_s)
     sched = None
@@ -693,6 +747,9 @@ def run(args: argparse.Namespace) -> int:
         history=history,
         events=event_writer(log, use_journal=not args.no_journal),
     )
+    daemon.state = state
+    daemon.state_problem = state_problem
+    daemon.history_problem = history_problem
     from .systemd_units import SystemdUnits
     from .triage import UNIT_TIMEOUT_S, Triage
 
@@ -724,12 +781,12 @@ def run(args: argparse.Namespace) -> int:
     except Exception as exc:
         log(f"PSI triggers unavailable, polling every tick: {exc}", LOG_WARNING)
 
-    if state_dir:
+    if state is not None:
         from .enforcement import Enforcer, journal_writer
 
         # systemd is on the system bus whatever bus linnixd serves on
         daemon.enforcer = Enforcer(
-            state_dir,
+            state,
             SystemdUnits("system"),
             lambda: daemon.policy,
             journal=journal_writer(),

@@ -122,9 +122,7 @@ class HostModel:
         self.pressure_gate_pct = pressure_gate_pct
         self.last: Snapshot | None = None
         self._samples: dict[int, ProcessSample] = {}  # every tracked process, as last built
-        self._cgroup_of: dict[
-            int, tuple[str, str | None]
-        ] = {}  # pid -> (cgroup, v1 memory path)
+        self._cgroup_of: dict[int, tuple[str, str | None]] = {}  # pid -> (cgroup, v1 memory path)
         self._members: Counter[str] = Counter()  # cgroup -> tracked processes in it
         self._v1_members: dict[str, Counter[str | None]] = defaultdict(Counter)
         self._cg_samples: dict[str, CgroupSample] = {}

@@ -9,24 +9,19 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..constants import ACTION_LEDGER, ENFORCEMENT_STATE, MESSAGE_IDS
 from ..daemonlog import LOG_ERR, LOG_NOTICE, LOG_WARNING, log
 from ..model import Alert
+from ..statedir import StateDir, StateError
 from .base import UINT64_MAX, Caller, EnforcementError, UnitGone, Units
 from .guard import RateLimiter, refusal
 from .kill import kill_process
-from .ledger import ActionRecord, read_json, show, write_json_atomic
+from .ledger import PROPERTY, ActionRecord, record_problem, show
 
 USEC_PER_PCT = 10_000  # CPUQuotaPerSecUSec per percent of one CPU (100 % = 1 s per s)
 RETRY_S = 30.0  # a revert that failed is tried again this much later
-PROPERTY = {
-    "throttle_cpu": "CPUQuotaPerSecUSec",
-    "limit_memory": "MemoryHigh",
-    "freeze": "FreezerState",
-}
 # An incident whose culprit is under an action usually resolves *because* of the action: a unit
 # throttled to 20% no longer spikes. The action is therefore kept (until its duration is over)
 # while the unit still presses against it: CPU use at or above HOLD_SHARE of the quota, memory
@@ -83,6 +78,9 @@ class EnforcementCounters:
     dry_run: int = 0  # actions only journaled
     dropped_records: int = 0  # ledger entries dropped because the unit was gone at revert
     kept: int = 0  # incident resolutions that did not revert because the unit still presses against the action
+    revert_refused: int = 0  # reverts the guard refused (protected unit): the record is dropped
+    ledger_rejected: int = 0  # ledger entries read back that no action of ours could have written
+    state_rejected: int = 0  # enforcement.json refused: enforcement starts disabled
 
 
 @dataclass
@@ -98,7 +96,7 @@ class Enforcer:
 
     def __init__(
         self,
-        state_dir: str | os.PathLike[str],
+        state_dir: str | os.PathLike[str] | StateDir,
         units: Units,
         policy: Callable[[], Any],
         *,
@@ -108,12 +106,10 @@ class Enforcer:
         monotonic: Callable[[], float] = time.monotonic,
         usage_window_s: float = USAGE_WINDOW_S,
     ) -> None:
-        self.dir = Path(state_dir)
+        self.state_dir = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
         self.units = units
         self.policy = policy
-        self.journal: Journal = journal or (
-            lambda message, kind, fields: log(message, LOG_NOTICE)
-        )
+        self.journal: Journal = journal or (lambda message, kind, fields: log(message, LOG_NOTICE))
         self.start_time_of = start_time_of
         self.clock = clock
         self.monotonic = monotonic
@@ -123,13 +119,7 @@ class Enforcer:
         self.limiter = RateLimiter(policy().enforcement.max_actions_per_min, monotonic)
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
-        raw = read_json(self.dir / ENFORCEMENT_STATE) or {}
-        self.state = _State(
-            enabled=bool(raw.get("enabled", False)),
-            dry_run=bool(raw.get("dry_run", False)),
-            changed_at=float(raw.get("changed_at", 0.0)),
-            by=dict(raw.get("by") or {}),
-        )
+        self.state = self._load_state()
         self.records: list[ActionRecord] = self._load_ledger()
 
     # ---- state ------------------------------------------------------------------------
@@ -142,19 +132,55 @@ class Enforcer:
     def dry_run(self) -> bool:
         return self.state.dry_run
 
+    def _load_state(self) -> _State:
+        """enforcement.json as this daemon wrote it (0600, ours, a caller on record), else disabled."""
+        try:
+            raw = self.state_dir.read_json(ENFORCEMENT_STATE, private=True)
+        except StateError:  # a link, not ours, not 0600, ...: logged by the state directory
+            self.counters.state_rejected += 1
+            return _State()
+        if raw is None:
+            return _State()
+        why = _state_problem(raw)
+        if why is not None:
+            self.counters.state_rejected += 1
+            self.state_dir.refuse(ENFORCEMENT_STATE, f"{why}; enforcement starts disabled")
+            return _State()
+        return _State(
+            enabled=raw["enabled"],
+            dry_run=raw["dry_run"] and raw["enabled"],
+            changed_at=float(raw["changed_at"]),
+            by=dict(raw["by"]),
+        )
+
     def _load_ledger(self) -> list[ActionRecord]:
-        raw = read_json(self.dir / ACTION_LEDGER) or []
+        """actions.json: only entries an action of ours could have written, on units we may touch."""
+        try:
+            raw = self.state_dir.read_json(ACTION_LEDGER)
+        except StateError:
+            self.counters.ledger_rejected += 1
+            return []
+        if raw is None:
+            return []
+        if not isinstance(raw, list):
+            self.counters.ledger_rejected += 1
+            self.state_dir.refuse(ACTION_LEDGER, "not a list of action records; nothing reverted")
+            return []
         records = []
-        for entry in raw if isinstance(raw, list) else []:
-            try:
-                records.append(ActionRecord(**entry))
-            except TypeError as exc:
-                self.counters.dropped_records += 1
-                log(f"ledger entry dropped, not an action record: {exc}", LOG_WARNING)
+        protected = self.policy().enforcement.protected_units
+        for n, entry in enumerate(raw):
+            why = record_problem(entry)
+            if why is None:
+                why = refusal(entry["unit"], protected)
+            if why is not None:
+                self.counters.ledger_rejected += 1
+                self.state_dir.refuse(ACTION_LEDGER, f"entry {n} dropped, never reverted: {why}")
+                continue
+            records.append(ActionRecord(**entry))
         return records
 
     def _save_ledger(self) -> None:
-        write_json_atomic(self.dir / ACTION_LEDGER, [asdict(r) for r in self.records])
+        self.state_dir.write_json(ACTION_LEDGER, [asdict(r) for r in self.records])
 
     async def set_enabled(self, enabled: bool, dry_run: bool, caller: Caller) -> str:
         """Enable (optionally dry-run) or disable; persisted, journaled with who asked."""
@@ -165,7 +191,7 @@ class Enforcer:
                 changed_at=self.clock(),
                 by=asdict(caller),
             )
-            write_json_atomic(self.dir / ENFORCEMENT_STATE, asdict(self.state))
+            self.state_dir.write_json(ENFORCEMENT_STATE, asdict(self.state))
             mode = (
                 (
                     "enabled (dry run: actions are only journaled)"
@@ -441,6 +467,16 @@ class Enforcer:
         async with self._lock:
             if record not in self.records:
                 return True
+            why = refusal(record.unit, self.policy().enforcement.protected_units)
+            if why is not None:  # the same guard as an action: a protected unit is never touched
+                self.counters.revert_refused += 1
+                self.records.remove(record)
+                self._save_ledger()
+                log(
+                    f"not reverting {record.action} on {record.unit[:80]} ({reason}): {why}",
+                    LOG_WARNING,
+                )
+                return True
             try:
                 if record.action == "freeze":
                     await self.units.thaw(record.unit)
@@ -541,3 +577,22 @@ def _fields(event: dict[str, str], *, dry_run: bool = False, reason: str = "") -
     if reason:
         fields["LINNIX_REVERT_REASON"] = reason
     return fields
+
+
+def _state_problem(raw: Any) -> str | None:
+    """Why enforcement.json is not a state this daemon wrote after a polkit-authorised call."""
+    if not isinstance(raw, dict) or set(raw) != {"enabled", "dry_run", "changed_at", "by"}:
+        return "not an enforcement state record"
+    if type(raw["enabled"]) is not bool or type(raw["dry_run"]) is not bool:
+        return "enabled and dry_run must be true or false"
+    if type(raw["changed_at"]) not in (int, float) or not raw["changed_at"] > 0:
+        return "changed_at is not a time"
+    by = raw["by"]
+    if not isinstance(by, dict) or not (
+        set(by) == {"uid", "pid", "bus_name"}
+        and all(by[k] is None or (type(by[k]) is int and by[k] >= 0) for k in ("uid", "pid"))
+        and isinstance(by["bus_name"], str)
+        and by["bus_name"].startswith(":")
+    ):
+        return "no authorised caller on record (by: uid, pid, bus_name)"
+    return None

@@ -1,14 +1,10 @@
-"""The action ledger's record and the atomic JSON files under the state directory."""
+"""The action ledger's record: what was changed on which unit, and its validation when read back."""
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from ..daemonlog import LOG_WARNING, log
 from .base import UINT64_MAX
 
 
@@ -46,34 +42,50 @@ def show(value: Any) -> str:
     return "infinity" if value == UINT64_MAX else str(value)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """tmp + fsync + rename + fsync(dir): a reader (or a crash) sees the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, json.dumps(data, sort_keys=True, indent=1).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+# the property each action changes; a ledger entry must pair them the same way
+PROPERTY = {
+    "throttle_cpu": "CPUQuotaPerSecUSec",
+    "limit_memory": "MemoryHigh",
+    "freeze": "FreezerState",
+}
+_FIELDS = frozenset(ActionRecord.__dataclass_fields__)
 
 
-def read_json(path: Path) -> Any:
-    """The file's JSON, None when absent; a corrupt file is set aside (.corrupt) and None."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        aside = path.with_name(f"{path.name}.corrupt")
-        log(f"{path} is unreadable ({exc}); moved to {aside}", LOG_WARNING)
-        try:
-            os.replace(path, aside)
-        except OSError:
-            pass
-        return None
+def _uint64(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= UINT64_MAX
+
+
+def _number(value: Any) -> bool:
+    return type(value) in (int, float) and value == value  # not NaN
+
+
+def record_problem(entry: Any) -> str | None:
+    """Why a ledger entry read back from disk is not an action this daemon could have recorded."""
+    if not isinstance(entry, dict):
+        return "not an object"
+    if set(entry) - _FIELDS or set(entry) < {
+        f for f in _FIELDS if f not in {"state", "revert_failures", "retry_at"}
+    }:
+        return f"fields {sorted(entry)[:12]} are not an action record's"
+    for key in ("id", "unit", "action", "prop", "rule", "incident", "state"):
+        if key in entry and not isinstance(entry[key], str):
+            return f"{key} is not a string"
+    if len(entry["id"]) > 64 or len(entry["rule"]) > 200 or len(entry["incident"]) > 300:
+        return "id, rule or incident too long"
+    if PROPERTY.get(entry["action"]) != entry["prop"]:
+        return f"action {entry['action'][:40]!r} does not change {entry['prop'][:40]!r}"
+    if entry.get("state", "pending") not in ("pending", "applied"):
+        return f"state {entry['state'][:40]!r} is not pending or applied"
+    if entry["action"] == "freeze":
+        if entry["before"] != "running" or entry["after"] != "frozen":
+            return "a freeze must go from running to frozen"
+    elif not (_uint64(entry["before"]) and _uint64(entry["after"])):
+        return f"{entry['prop']} values must be integers in 0..{UINT64_MAX}"
+    for key in ("applied_at", "expires_at", "retry_at"):
+        if key in entry and not _number(entry[key]):
+            return f"{key} is not a number"
+    if "revert_failures" in entry and not (
+        type(entry["revert_failures"]) is int and entry["revert_failures"] >= 0
+    ):
+        return "revert_failures is not a count"
+    return None
