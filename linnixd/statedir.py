@@ -46,12 +46,12 @@ class StateDir:
                 self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
             )
         except OSError as exc:
-            why = (
+            reason = (
                 "it is a symlink or not a directory"
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR)
                 else exc.strerror
             )
-            raise StateError(f"state directory {self.path} refused: {why}") from None
+            raise StateError(f"state directory {self.path} refused: {reason}") from None
         st = os.fstat(self.fd)
         why: str | None = None
         if st.st_uid != self.uid:
