@@ -1,6 +1,7 @@
-"""The policy file: its pydantic models, loading with FILE:LINE problems, and check-config.
+"""The policy file: its schema, loading with FILE:LINE problems, and check-config.
 
-The only module that imports pydantic; it works with pydantic 1.10 and 2.x. The model
+The rule sections come from the rule registry (linnixd/registry.py: each rule's settings
+model); pydantic itself is behind linnixd/settings.py (pydantic 1.10 and 2.x). The model
 field defaults are the shipped policy/rules.yaml (a test keeps the two equal).
 
 Loading is two passes over the YAML node tree (never a constructed Python tree, so alias
@@ -19,36 +20,32 @@ import os
 import re
 import sys
 import typing
-from typing import Any, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO, TypeVar
 
-import pydantic
 import yaml
-from pydantic import BaseModel, Field
 
 from .constants import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, EXIT_USAGE
-
-PYDANTIC_V2 = int(pydantic.VERSION.split(".")[0]) >= 2
-
-RULE_NAMES = (
-    "fork_storm",
-    "short_lived_jobs",
-    "cpu_spike",
-    "runaway_tree",
-    "memory_leak",
-    "fd_exhaustion",
-    "psi_saturation",
-    "noisy_neighbour",
-    "circuit_breaker",
+from .registry import RULE_NAMES, RULES, rule_of
+from .settings import (
+    MAX_CPU_PCT,
+    Field,
+    RuleSettings,
+    Settings,
+    ValidationError,
+    compose,
+    dump,
+    field_types,
+    seconds,
+    validate_field,
 )
+
+__all__ = ["RULE_NAMES", "Policy", "PolicyError", "RuleSettings", "check_config", "load_policy"]
+
+S = TypeVar("S", bound=RuleSettings)
 
 MAX_FILE_BYTES = 256 << 10  # a policy is a few KiB; this bounds parse time (~1 s) and memory
 MAX_PROBLEMS = 50  # lines printed for one file; the rest are counted in a last line
 MAX_SHOWN_CHARS = 40  # a bad value is quoted up to this length in a problem line
-MAX_CPU_PCT = 100.0 * 8192  # percent of one CPU, so up to Debian's NR_CPUS cores
-
-Severity = Literal["info", "notice", "warning", "critical"]
-Resource = Literal["cpu", "io", "memory"]
-Scope = Literal["process", "cgroup"]
 
 
 class PolicyError(Exception):
@@ -59,132 +56,25 @@ class PolicyError(Exception):
         self.problems = problems
 
 
-if PYDANTIC_V2:
-
-    class _Frozen(BaseModel):
-        model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
-
-else:
-
-    class _Frozen(BaseModel):  # type: ignore[no-redef]
-        class Config:
-            extra = "forbid"
-            frozen = True
-
-
-def _window(default: float) -> Any:
-    """A duration in seconds within (0, 3600]."""
-    return Field(default, gt=0, le=3600)
-
-
-def _pct(default: float) -> Any:
-    return Field(default, gt=0, le=100)
-
-
-def _top(default: int) -> Any:
-    return Field(default, ge=1, le=50)
-
-
-class DaemonSettings(_Frozen):
+class DaemonSettings(Settings):
     """The `daemon` section: tick, model caps, short-lived limit and history retention."""
 
     tick_s: float = Field(0.5, ge=0.1, le=60)
     max_processes: int = Field(32768, ge=16, le=4194304)  # 4194304 = the kernel's PID_MAX_LIMIT
     max_cgroups: int = Field(4096, ge=16, le=1048576)
-    short_lived_s: float = _window(1.0)
+    short_lived_s: float = seconds(1.0)
     history_days: int = Field(30, ge=1, le=3650)
     history_max: int = Field(100000, ge=1, le=100_000_000)
 
 
-class Exclude(_Frozen):
-    """Who a rule never blames: systemd units, cgroup paths and comms (fnmatch globs)."""
-
-    units: tuple[str, ...] = ()
-    cgroups: tuple[str, ...] = ()
-    comms: tuple[str, ...] = ()
-
-
-class RuleSettings(_Frozen):
-    """What every rule has: on/off, severity, cooldown and exclusions."""
-
-    enabled: bool = True
-    severity: Severity = "warning"
-    cooldown_s: float = Field(300.0, ge=0, le=86400)
-    exclude: Exclude = Field(default_factory=Exclude)
-
-
-class ForkStorm(RuleSettings):
-    rate_per_s: float = Field(10.0, gt=0, le=1_000_000)
-    sustain_s: float = _window(2.0)
-    top: int = _top(3)
-
-
-class ShortLivedJobs(RuleSettings):
-    max_lifetime_s: float = _window(1.0)
-    min_count: int = Field(20, ge=1, le=1_000_000)
-    window_s: float = _window(10.0)
-
-
-class CpuSpike(RuleSettings):
-    cpu_pct: float = Field(50.0, gt=0, le=MAX_CPU_PCT)
-    sustain_s: float = _window(5.0)
-
-
-class RunawayTree(RuleSettings):
-    cpu_pct: float = Field(90.0, gt=0, le=MAX_CPU_PCT)
-    sustain_s: float = _window(5.0)
-
-
-class MemoryLeak(RuleSettings):
-    cooldown_s: float = Field(600.0, ge=0, le=86400)
-    min_growth_mb: float = Field(50.0, gt=0, le=1 << 30)
-    window_s: float = _window(60.0)
-    min_r2: float = Field(0.8, gt=0, le=1)
-    scope: tuple[Scope, ...] = ("process", "cgroup")
-
-
-class FdExhaustion(RuleSettings):
-    process_pct: float = _pct(80.0)
-    system_pct: float = _pct(90.0)
-
-
-class PsiSaturation(RuleSettings):
-    severity: Severity = "critical"
-    resources: tuple[Resource, ...] = ("cpu", "io", "memory")
-    some_pct: float = _pct(40.0)
-    sustain_s: float = _window(5.0)
-    top: int = _top(3)
-
-
-class NoisyNeighbour(RuleSettings):
-    min_wait_ms: float = Field(100.0, gt=0, le=3_600_000)
-    window_s: float = _window(10.0)
-    min_culprit_share: float = Field(0.5, gt=0, le=1)
-    min_wait_share: float = Field(0.1, gt=0, le=1)
-    top: int = _top(3)
-
-
-class CircuitBreaker(RuleSettings):
-    severity: Severity = "critical"
-    cooldown_s: float = Field(600.0, ge=0, le=86400)
-    cpu_some_pct: float = _pct(40.0)
-    cpu_util_pct: float = _pct(90.0)
-    sustain_s: float = Field(15.0, gt=0, le=3600)
-    min_cpu_share: float = Field(0.3, gt=0, le=1)
-
-
-class Rules(_Frozen):
-    """One section per rule; a missing section is that rule with its defaults."""
-
-    fork_storm: ForkStorm = Field(default_factory=ForkStorm)
-    short_lived_jobs: ShortLivedJobs = Field(default_factory=ShortLivedJobs)
-    cpu_spike: CpuSpike = Field(default_factory=CpuSpike)
-    runaway_tree: RunawayTree = Field(default_factory=RunawayTree)
-    memory_leak: MemoryLeak = Field(default_factory=MemoryLeak)
-    fd_exhaustion: FdExhaustion = Field(default_factory=FdExhaustion)
-    psi_saturation: PsiSaturation = Field(default_factory=PsiSaturation)
-    noisy_neighbour: NoisyNeighbour = Field(default_factory=NoisyNeighbour)
-    circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)
+if TYPE_CHECKING:
+    Rules = Settings
+else:
+    Rules = compose(
+        "Rules",
+        "One section per rule (linnixd/registry.py); a missing section is that rule with its defaults.",
+        {rule.name: rule.settings for rule in RULES},
+    )
 
 
 ActionType = Literal["none", "throttle_cpu", "limit_memory", "freeze", "kill"]
@@ -199,7 +89,7 @@ def _one_action_per_rule(cls: Any, actions: tuple[Any, ...]) -> tuple[Any, ...]:
     return actions
 
 
-class RuleAction(_Frozen):
+class RuleAction(Settings):
     """What enforcement does to the unit (or process) a rule blames, and for how long."""
 
     rule: Literal[RULE_NAMES]  # type: ignore[valid-type]
@@ -212,22 +102,17 @@ class RuleAction(_Frozen):
     signal: Literal["TERM", "KILL"] = "TERM"  # kill: the signal sent to the culprit process
 
 
-class Enforcement(_Frozen):
+class Enforcement(Settings):
     """The `enforcement` section: per-rule actions, the rate limit and extra protected units."""
 
     max_actions_per_min: int = Field(6, ge=1, le=600)
     protected_units: tuple[str, ...] = ()  # fnmatch globs never acted on, besides the built-in list
     actions: tuple[RuleAction, ...] = ()
 
-    if PYDANTIC_V2:
-        check_one_action_per_rule = pydantic.field_validator("actions")(_one_action_per_rule)
-    else:
-        check_one_action_per_rule = pydantic.validator("actions", allow_reuse=True)(
-            _one_action_per_rule
-        )
+    check_one_action_per_rule = validate_field("actions")(_one_action_per_rule)
 
 
-class Policy(_Frozen):
+class Policy(Settings):
     """The whole policy file."""
 
     version: Literal[1] = 1
@@ -249,13 +134,19 @@ class Policy(_Frozen):
         section: RuleSettings = getattr(self.rules, name)
         return section
 
+    def settings(self, model: type[S]) -> S:
+        """The section whose settings model is `model` (typed: policy.settings(PsiSaturation))."""
+        section = self.rule(rule_of(model).name)
+        assert isinstance(section, model)
+        return section
+
     def enabled_rules(self) -> list[str]:
         """Names of the enabled rules, in the policy's canonical order."""
         return [name for name in RULE_NAMES if self.rule(name).enabled]
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data (tuples become lists), the shape of the YAML file."""
-        return _plain(self.model_dump() if PYDANTIC_V2 else self.dict())
+        return _plain(dump(self))
 
 
 def _plain(value: Any) -> Any:
@@ -264,13 +155,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-def _field_types(model: type[BaseModel]) -> dict[str, Any]:
-    """Field name -> resolved annotation, the same way on pydantic 1 and 2."""
-    names = model.model_fields if PYDANTIC_V2 else model.__fields__  # type: ignore[attr-defined]
-    hints = typing.get_type_hints(model)
-    return {name: hints[name] for name in names}
 
 
 # ---- loading ------------------------------------------------------------------------------
@@ -390,7 +274,7 @@ class _Reader:
     def value(self, annotation: Any, node: yaml.Node, field: str) -> Any:
         """The plain value of `node` for a field typed `annotation`, or _SKIP after a problem."""
         try:
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if isinstance(annotation, type) and issubclass(annotation, Settings):
                 return self.mapping(annotation, node, field)
             if typing.get_origin(annotation) is tuple:
                 return self.sequence(typing.get_args(annotation)[0], node, field)
@@ -427,12 +311,12 @@ class _Reader:
             items.append(got)
         return tuple(items)
 
-    def mapping(self, model: type[BaseModel], node: yaml.Node, field: str) -> Any:
+    def mapping(self, model: type[Settings], node: yaml.Node, field: str) -> Any:
         if not isinstance(node, yaml.MappingNode):
             raise _Invalid(f"expected a mapping, got {self.describe(node)}")
         if node.tag != _MAP_TAG:
             raise _Invalid(f"unsupported YAML tag {_short_tag(node.tag)}")
-        types = _field_types(model)
+        types = field_types(model)
         out: dict[str, Any] = {}
         first_line: dict[str, int] = {}
         for key_node, value_node in node.value:
@@ -461,7 +345,7 @@ def _clip(text: str) -> str:
     return text if len(text) <= MAX_SHOWN_CHARS else text[: MAX_SHOWN_CHARS - 3] + "..."
 
 
-def _unknown(model: type[BaseModel], key: str, known: list[str]) -> str:
+def _unknown(model: type[Settings], key: str, known: list[str]) -> str:
     what = "unknown rule" if model is Rules else "unknown field"
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     if close:
@@ -584,14 +468,14 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     policy: Policy | None = None
     try:
         policy = Policy(**data)
-    except pydantic.ValidationError as exc:
+    except ValidationError as exc:
         for error in exc.errors():
             _pydantic_problem(reader, root, dict(error))
     if reader.problems or policy is None:
         lines = [text for _, text in sorted(reader.problems, key=lambda p: p[0])]
         if len(lines) > MAX_PROBLEMS:
             more = len(lines) - MAX_PROBLEMS
-            lines = lines[:MAX_PROBLEMS] + [f"{name}: ... and {more} more problems"]
+            lines = [*lines[:MAX_PROBLEMS], f"{name}: ... and {more} more problems"]
         raise PolicyError(lines)
     return policy
 

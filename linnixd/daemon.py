@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .constants import (
@@ -27,23 +27,20 @@ from .constants import (
     STATE_DIR,
 )
 from .daemonlog import LOG_ERR, LOG_NOTICE, LOG_WARNING, log
+from .detectors.pressure import PsiSaturation
 from .model import Alert, Counters, LifecycleCounts, LifecycleTick, Snapshot, StallSnapshot
+from .registry import RULES, collectors_for
+
+if TYPE_CHECKING:
+    from .config import Policy
 
 Listener = Callable[[Alert], None]
 
-# Rules served by bpf/sched.c: stall attribution, and per-process CPU time for the CPU rules
-# (without it every process is read from /proc every tick: the --no-sched fallback).
-SCHED_RULES = frozenset({"noisy_neighbour", "circuit_breaker", "cpu_spike", "runaway_tree"})
 
-
-def window_length(policy: Any) -> int:
+def window_length(policy: Policy) -> int:
     """Snapshots the detectors need: the longest enabled window or sustain, in ticks, plus slack."""
     tick = policy.daemon.tick_s
-    longest = 2.0
-    for name in policy.enabled_rules():
-        cfg = policy.rule(name)
-        for attr in ("window_s", "sustain_s"):
-            longest = max(longest, float(getattr(cfg, attr, 0.0) or 0.0))
+    longest = max([2.0, *(policy.rule(name).lookback_s() for name in policy.enabled_rules())])
     return math.ceil(longest / tick) + 3
 
 
@@ -61,7 +58,6 @@ class Daemon:
         history: Any = None,
         events: Callable[[str, str, Mapping[str, str]], None] | None = None,
     ) -> None:
-        from .detectors import all_detectors
         from .incidents import IncidentTracker
 
         self.version = __version__
@@ -77,7 +73,7 @@ class Daemon:
         # daemon_started / policy_reloaded entries (journald with MESSAGE_ID, else a log line)
         self.events = events or (lambda _kind, message, _fields: log(message))
         self.psi_mode = "polling"
-        self.detectors = {d.rule: d for d in all_detectors()}
+        self.detectors = {rule.name: rule.detector for rule in RULES}
         self.tracker = IncidentTracker(resolve_after_s=max(2.0, 4 * policy.daemon.tick_s))
         self.window: collections.deque[Snapshot] = collections.deque(maxlen=window_length(policy))
         self.sinks: list[Any] = []
@@ -714,7 +710,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         notifier.status("compiling and attaching BPF: process lifecycle (bpf/lifecycle.c)")
         lifecycle.start()
-        if not args.no_sched and SCHED_RULES & set(policy.enabled_rules()):
+        if not args.no_sched and "sched" in collectors_for(policy.enabled_rules()):
             try:
                 from .collector.sched import SchedCollector
             except ImportError:
@@ -774,7 +770,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         from .collector.psi import PsiTriggers
 
-        psi_cfg = policy.rules.psi_saturation
+        psi_cfg = policy.settings(PsiSaturation)
         # a 2 s window is the shortest unprivileged triggers accept (kernel >= 6.5)
         triggers = PsiTriggers(list(psi_cfg.resources), psi_cfg.some_pct, 2.0)
         daemon.psi_mode = triggers.mode

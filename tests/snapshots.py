@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import types
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from linnixd.model import (
     PsiSample,
     Snapshot,
 )
+from linnixd.registry import BY_NAME
 
 POLICY = Path(__file__).resolve().parent.parent / "policy" / "rules.yaml"
 TICK = 0.5
@@ -26,20 +26,15 @@ T0 = 1000.0  # monotonic time of the first snapshot
 WALL0 = 1_700_000_000.0
 
 
-def _namespace(value: Any) -> Any:
-    if isinstance(value, dict):
-        return types.SimpleNamespace(**{k: _namespace(v) for k, v in value.items()})
-    if isinstance(value, list):
-        return [_namespace(v) for v in value]
-    return value
-
-
 def rule_cfg(rule: str, **overrides: Any) -> Any:
-    """The shipped policy's section for `rule` with attribute access; `exclude=` takes a dict."""
+    """The shipped policy's section for `rule` as the rule's settings model, with overrides.
+
+    Built by the registry's model, so an override the rule does not have (or out of its
+    bounds) fails here as it would in a policy file.
+    """
     section = dict(yaml.safe_load(POLICY.read_text())["rules"][rule])
     section.update(overrides)
-    section["exclude"] = {"units": [], "cgroups": [], "comms": [], **section.get("exclude", {})}
-    return _namespace(section)
+    return BY_NAME[rule].settings(**section)
 
 
 def proc(

@@ -1,4 +1,7 @@
-"""The detector registry: every rule's detector class, instantiated by `all_detectors()`."""
+"""The detectors: pure rules over windows of snapshots (one module per family of rules).
+
+Which detectors exist, and in what order, is linnixd/registry.py's RULES.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +9,7 @@ from .base import Detector
 
 
 def all_detectors() -> list[Detector]:
-    """One instance of every detector; each module adds its classes here (rule names are unique)."""
-    from .cpu import CpuSpikeDetector, RunawayTreeDetector
-    from .fds import FdExhaustionDetector
-    from .forks import ForkStormDetector, ShortLivedJobsDetector
-    from .memory import MemoryLeakDetector
-    from .pressure import PsiSaturationDetector
-    from .stall import CircuitBreakerDetector, NoisyNeighbourDetector
+    """One instance of every registered detector, in the policy's order."""
+    from ..registry import RULES
 
-    detectors: list[Detector] = [
-        ForkStormDetector(),
-        ShortLivedJobsDetector(),
-        CpuSpikeDetector(),
-        RunawayTreeDetector(),
-        MemoryLeakDetector(),
-        FdExhaustionDetector(),
-        PsiSaturationDetector(),
-        NoisyNeighbourDetector(),
-        CircuitBreakerDetector(),
-    ]
-    return detectors
+    return [rule.detector for rule in RULES]

@@ -5,31 +5,51 @@ from __future__ import annotations
 import fnmatch
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from ..model import Culprit, Finding, ProcessSample, Snapshot
+from ..settings import RuleSettings
 
 # Float slack when comparing covered time against a sustain/window length (ticks jitter by ns).
 TIME_EPS = 1e-6
 MIB = float(1 << 20)  # "MB" in linnixd evidence is a mebibyte: 2^20 bytes
 
 
-class Detector(Protocol):
-    """A pure rule: a window of snapshots (oldest first) and the rule's policy section in, findings out."""
+S = TypeVar("S", bound=RuleSettings, contravariant=True)
 
-    rule: str
+# What a rule can ask the daemon to attach (linnixd/registry.py derives the set from the rules):
+# "lifecycle" bpf/lifecycle.c (forks, execs, exits), "sched" bpf/sched.c (who ran, who waited
+# behind whom), "psi_triggers" kernel PSI triggers that wake the tick. /proc and cgroup files
+# are always read.
+COLLECTORS = ("lifecycle", "sched", "psi_triggers")
 
-    def evaluate(self, window: Sequence[Snapshot], cfg: Any) -> list[Finding]: ...
+
+class Detector(Protocol[S]):
+    """A pure rule: a window of snapshots (oldest first) and the rule's settings in, findings out.
+
+    `rule` is its policy key, `settings` its section's model (a RuleSettings subclass) and
+    `needs` the COLLECTORS it is served by.
+    """
+
+    @property
+    def rule(self) -> str: ...
+
+    @property
+    def settings(self) -> type[RuleSettings]: ...
+
+    @property
+    def needs(self) -> frozenset[str]: ...
+
+    def evaluate(self, window: Sequence[Snapshot], cfg: S) -> list[Finding]: ...
 
 
 class Exclusions:
     """The rule's `exclude` section (fnmatch globs on unit, cgroup path and comm)."""
 
-    def __init__(self, cfg: Any) -> None:
-        ex = getattr(cfg, "exclude", None)
-        self.units: tuple[str, ...] = tuple(getattr(ex, "units", None) or ())
-        self.cgroups: tuple[str, ...] = tuple(getattr(ex, "cgroups", None) or ())
-        self.comms: tuple[str, ...] = tuple(getattr(ex, "comms", None) or ())
+    def __init__(self, cfg: RuleSettings) -> None:
+        self.units: tuple[str, ...] = tuple(cfg.exclude.units)
+        self.cgroups: tuple[str, ...] = tuple(cfg.exclude.cgroups)
+        self.comms: tuple[str, ...] = tuple(cfg.exclude.comms)
 
     def matches(
         self, unit: str | None = None, cgroup: str | None = None, comm: str | None = None
@@ -124,8 +144,8 @@ def cgroup_unit(snap: Snapshot, path: str) -> str | None:
     return cg.owner.unit or (cg.owner.name if cg.owner.kind == "unit" else None)
 
 
-def severity(cfg: Any) -> str:
-    return str(getattr(cfg, "severity", "warning"))
+def severity(cfg: RuleSettings) -> str:
+    return str(cfg.severity)
 
 
 def is_ancestor_cgroup(ancestor: str, path: str) -> bool:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..model import Finding, ProcessSample, Snapshot
+from ..settings import MAX_CPU_PCT, Field, RuleSettings, seconds
 from .base import Exclusions, process_culprit, process_key, same_process, severity, sustained_tail
 
 NEVER_ROOTS = frozenset(
@@ -18,12 +19,21 @@ TOP_MEMBERS = 5
 DOMINANT_SHARE = 0.9
 
 
+class CpuSpike(RuleSettings):
+    """cpu_spike: one process above `cpu_pct` of a CPU for `sustain_s`."""
+
+    cpu_pct: float = Field(50.0, gt=0, le=MAX_CPU_PCT)
+    sustain_s: float = seconds(5.0)
+
+
 class CpuSpikeDetector:
     """One process above cpu_pct in every snapshot of the last sustain_s."""
 
     rule = "cpu_spike"
+    settings = CpuSpike
+    needs = frozenset({"sched"})
 
-    def evaluate(self, window: Sequence[Snapshot], cfg: Any) -> list[Finding]:
+    def evaluate(self, window: Sequence[Snapshot], cfg: CpuSpike) -> list[Finding]:
         tail = sustained_tail(window, float(cfg.sustain_s))
         if tail is None:
             return []
@@ -69,12 +79,21 @@ class CpuSpikeDetector:
         return findings
 
 
+class RunawayTree(RuleSettings):
+    """runaway_tree: a process and its descendants above `cpu_pct` together for `sustain_s`."""
+
+    cpu_pct: float = Field(90.0, gt=0, le=MAX_CPU_PCT)
+    sustain_s: float = seconds(5.0)
+
+
 class RunawayTreeDetector:
     """A process and all its descendants above cpu_pct together, blamed on the smallest such subtree."""
 
     rule = "runaway_tree"
+    settings = RunawayTree
+    needs = frozenset({"sched"})
 
-    def evaluate(self, window: Sequence[Snapshot], cfg: Any) -> list[Finding]:
+    def evaluate(self, window: Sequence[Snapshot], cfg: RunawayTree) -> list[Finding]:
         tail = sustained_tail(window, float(cfg.sustain_s))
         if tail is None:
             return []

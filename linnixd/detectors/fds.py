@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from ..model import Culprit, Finding, Snapshot
+from ..settings import RuleSettings, percent
 from .base import Exclusions, process_culprit, process_key, severity
 
 TOP_HOLDERS = 3  # fd holders named in a system-wide finding
+
+
+class FdExhaustion(RuleSettings):
+    """fd_exhaustion: a process near its fd limit, or the host near fs.file-max."""
+
+    process_pct: float = percent(80.0)
+    system_pct: float = percent(90.0)
 
 
 class FdExhaustionDetector:
     """Newest snapshot only: fd use is a level, and the collector counts fds only near the limit."""
 
     rule = "fd_exhaustion"
+    settings = FdExhaustion
+    needs: frozenset[str] = frozenset()
 
-    def evaluate(self, window: Sequence[Snapshot], cfg: Any) -> list[Finding]:
+    def evaluate(self, window: Sequence[Snapshot], cfg: FdExhaustion) -> list[Finding]:
         if not window:
             return []
         newest = window[-1]
@@ -56,7 +65,7 @@ class FdExhaustionDetector:
                 findings.append(self._system(newest, pct, cfg, ex))
         return findings
 
-    def _system(self, newest: Snapshot, pct: float, cfg: Any, ex: Exclusions) -> Finding:
+    def _system(self, newest: Snapshot, pct: float, cfg: FdExhaustion, ex: Exclusions) -> Finding:
         holders = sorted(
             (
                 p

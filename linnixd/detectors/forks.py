@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
-from typing import Any
 
 from ..model import Culprit, ExitRecord, Finding, ProcessSample, Snapshot
+from ..settings import Field, RuleSettings, seconds, top_n
 from .base import (
     Exclusions,
     cgroup_unit,
@@ -37,12 +37,22 @@ def _exited_comm(snaps: Sequence[Snapshot], pid: int) -> str:
     return UNKNOWN_COMM
 
 
+class ForkStorm(RuleSettings):
+    """fork_storm: a process creating processes faster than `rate_per_s` for `sustain_s`."""
+
+    rate_per_s: float = Field(10.0, gt=0, le=1_000_000)
+    sustain_s: float = seconds(2.0)
+    top: int = top_n(3)
+
+
 class ForkStormDetector:
     """A cgroup creating processes faster than rate_per_s in every interval of the last sustain_s."""
 
     rule = "fork_storm"
+    settings = ForkStorm
+    needs = frozenset({"lifecycle"})
 
-    def evaluate(self, window: Sequence[Snapshot], cfg: Any) -> list[Finding]:
+    def evaluate(self, window: Sequence[Snapshot], cfg: ForkStorm) -> list[Finding]:
         tail = sustained_tail(window, float(cfg.sustain_s))
         if tail is None:
             return []
@@ -67,7 +77,7 @@ class ForkStormDetector:
         return findings
 
     def _finding(
-        self, tail: Sequence[Snapshot], path: str, forks: int, cfg: Any, ex: Exclusions
+        self, tail: Sequence[Snapshot], path: str, forks: int, cfg: ForkStorm, ex: Exclusions
     ) -> Finding | None:
         newest = tail[-1]
         unit = cgroup_unit(newest, path)
@@ -99,7 +109,7 @@ class ForkStormDetector:
                 "forks": n,
                 "share": round(min(1.0, n / forks), 3) if forks else 0.0,
             }
-            for pid, n, p in candidates[: max(1, int(getattr(cfg, "top", 3)))]
+            for pid, n, p in candidates[: max(1, cfg.top)]
         ]
         where = unit or path
         if candidates:
@@ -150,12 +160,22 @@ def _status(r: ExitRecord) -> str:
     return "unknown"
 
 
+class ShortLivedJobs(RuleSettings):
+    """short_lived_jobs: at least `min_count` processes living under `max_lifetime_s` in `window_s`."""
+
+    max_lifetime_s: float = seconds(1.0)
+    min_count: int = Field(20, ge=1, le=1_000_000)
+    window_s: float = seconds(10.0)
+
+
 class ShortLivedJobsDetector:
     """Many short-lived exits within window_s from one parent (preferred) or one cgroup."""
 
     rule = "short_lived_jobs"
+    settings = ShortLivedJobs
+    needs = frozenset({"lifecycle"})
 
-    def evaluate(self, window: Sequence[Snapshot], cfg: Any) -> list[Finding]:
+    def evaluate(self, window: Sequence[Snapshot], cfg: ShortLivedJobs) -> list[Finding]:
         if not window:
             return []
         window_s = float(cfg.window_s)
@@ -242,7 +262,7 @@ class ShortLivedJobsDetector:
         culprit: Culprit,
         count: int,
         mine: Sequence[ExitRecord],
-        cfg: Any,
+        cfg: ShortLivedJobs,
     ) -> Finding:
         statuses = collections.Counter(_status(r) for r in mine).most_common()
         comms = collections.Counter(r.comm for r in mine).most_common()

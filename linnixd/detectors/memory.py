@@ -6,9 +6,10 @@ Sizes in evidence and summaries use MB = MiB = 2^20 bytes.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from ..model import Culprit, Finding, ProcessSample, Snapshot
+from ..settings import Field, RuleSettings, cooldown, seconds
 from .base import (
     MIB,
     TIME_EPS,
@@ -75,12 +76,24 @@ def _changed_in(snaps: Sequence[Snapshot], newest: Snapshot) -> list[ProcessSamp
     return [p for pid in pids if (p := procs.get(pid)) is not None]
 
 
+class MemoryLeak(RuleSettings):
+    """memory_leak: steady growth of at least `min_growth_mb` over `window_s` (fit R^2 >= `min_r2`)."""
+
+    cooldown_s: float = cooldown(600.0)
+    min_growth_mb: float = Field(50.0, gt=0, le=1 << 30)
+    window_s: float = seconds(60.0)
+    min_r2: float = Field(0.8, gt=0, le=1)
+    scope: tuple[Literal["process", "cgroup"], ...] = ("process", "cgroup")
+
+
 class MemoryLeakDetector:
     """RSS (or cgroup memory) growing by >= min_growth_mb per window_s along a good straight line."""
 
     rule = "memory_leak"
+    settings = MemoryLeak
+    needs: frozenset[str] = frozenset()
 
-    def evaluate(self, window: Sequence[Snapshot], cfg: Any) -> list[Finding]:
+    def evaluate(self, window: Sequence[Snapshot], cfg: MemoryLeak) -> list[Finding]:
         if not window:
             return []
         newest = window[-1]
@@ -97,7 +110,7 @@ class MemoryLeakDetector:
         if head == 0:
             return []
         ex = Exclusions(cfg)
-        scope = set(getattr(cfg, "scope", ("process", "cgroup")))
+        scope = set(cfg.scope)
         found: list[Finding] = []
         if "process" in scope:
             for p in _changed_in(snaps, newest):
@@ -128,7 +141,7 @@ class MemoryLeakDetector:
         return [f for f in found if not ex.culprit(f.culprit)]
 
     def _series(
-        self, snaps: Sequence[Snapshot], head: int, read: Reader, cfg: Any
+        self, snaps: Sequence[Snapshot], head: int, read: Reader, cfg: MemoryLeak
     ) -> dict[str, Any] | None:
         """The fit of one series when it is a leak, else None (cheap end-median pre-filter first)."""
         window_s = float(cfg.window_s)
@@ -160,7 +173,7 @@ class MemoryLeakDetector:
         }
 
     def _finding(
-        self, key: str, culprit: Culprit, what: str, r: dict[str, Any], cfg: Any
+        self, key: str, culprit: Culprit, what: str, r: dict[str, Any], cfg: MemoryLeak
     ) -> Finding:
         evidence = {
             "slope_mb_per_min": r["slope_mb_per_min"],

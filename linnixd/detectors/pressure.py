@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from ..model import Culprit, Finding, PsiSample, Snapshot
+from ..settings import RuleSettings, Severity, percent, seconds, top_n
 from .base import Exclusions, cgroup_unit, is_ancestor_cgroup, severity, sustained_tail
 
 
@@ -21,12 +22,24 @@ def _sustained(tail: Sequence[Snapshot], limit: float, sample: Any) -> list[PsiS
     return out
 
 
+class PsiSaturation(RuleSettings):
+    """psi_saturation: system "some" pressure above `some_pct` for `sustain_s`, per resource."""
+
+    severity: Severity = "critical"
+    resources: tuple[Literal["cpu", "io", "memory"], ...] = ("cpu", "io", "memory")
+    some_pct: float = percent(40.0)
+    sustain_s: float = seconds(5.0)
+    top: int = top_n(3)
+
+
 class PsiSaturationDetector:
     """Some-pressure above some_pct in every interval of the last sustain_s."""
 
     rule = "psi_saturation"
+    settings = PsiSaturation
+    needs = frozenset({"psi_triggers"})
 
-    def evaluate(self, window: Sequence[Snapshot], cfg: Any) -> list[Finding]:
+    def evaluate(self, window: Sequence[Snapshot], cfg: PsiSaturation) -> list[Finding]:
         tail = sustained_tail(window, float(cfg.sustain_s))
         if tail is None:
             return []
@@ -73,7 +86,12 @@ class PsiSaturationDetector:
         return findings
 
     def _system(
-        self, tail: Sequence[Snapshot], res: str, samples: list[PsiSample], cfg: Any, ex: Exclusions
+        self,
+        tail: Sequence[Snapshot],
+        res: str,
+        samples: list[PsiSample],
+        cfg: PsiSaturation,
+        ex: Exclusions,
     ) -> Finding:
         newest = tail[-1]
         paths = [p for p in newest.cgroups if p != "/"]
@@ -100,7 +118,7 @@ class PsiSaturationDetector:
                     "share": round(min(1.0, us / system_us), 3) if system_us else 0.0,
                 }
             )
-            if len(top) >= int(getattr(cfg, "top", 3)):
+            if len(top) >= cfg.top:
                 break
         mean = sum(s.some_pct for s in samples) / len(samples)
         named = ", ".join(f"{t['unit'] or t['cgroup']} ({t['share']:.0%})" for t in top)
@@ -128,7 +146,7 @@ def _cgroup_psi(snap: Snapshot, path: str, res: str) -> PsiSample | None:
     return cg.pressure.get(res) if cg is not None else None
 
 
-def _evidence(res: str, samples: list[PsiSample], cfg: Any) -> dict[str, Any]:
+def _evidence(res: str, samples: list[PsiSample], cfg: PsiSaturation) -> dict[str, Any]:
     return {
         "resource": res,
         "some_pct": round(sum(s.some_pct for s in samples) / len(samples), 1),

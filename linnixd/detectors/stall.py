@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..model import Culprit, Finding, ProcessSample, PsiSample, Snapshot
+from ..settings import Field, RuleSettings, Severity, cooldown, percent, seconds, top_n
 from .base import (
     Exclusions,
     cgroup_unit,
@@ -74,12 +75,24 @@ def fair_shortfall_us(run_v: float, wait_v: float, run_c: float) -> float:
     return max(0.0, fair_v - run_v)
 
 
+class NoisyNeighbour(RuleSettings):
+    """noisy_neighbour: a cgroup waiting `min_wait_ms` for CPU over `window_s`, mostly behind one other."""
+
+    min_wait_ms: float = Field(100.0, gt=0, le=3_600_000)
+    window_s: float = seconds(10.0)
+    min_culprit_share: float = Field(0.5, gt=0, le=1)
+    min_wait_share: float = Field(0.1, gt=0, le=1)
+    top: int = top_n(3)
+
+
 class NoisyNeighbourDetector:
     """A cgroup kept from its fair share of CPU by a neighbour that took more than its own."""
 
     rule = "noisy_neighbour"
+    settings = NoisyNeighbour
+    needs = frozenset({"sched"})
 
-    def evaluate(self, window: Sequence[Snapshot], cfg: Any) -> list[Finding]:
+    def evaluate(self, window: Sequence[Snapshot], cfg: NoisyNeighbour) -> list[Finding]:
         snaps = [s for s in recent(window, float(cfg.window_s)) if s.stall is not None]
         if not snaps:
             return []
@@ -203,7 +216,7 @@ class NoisyNeighbourDetector:
                             victim, victim_unit, contender, evidence, cfg
                         )
                 continue
-            top = top[: int(getattr(cfg, "top", 3))]
+            top = top[: cfg.top]
             first = top[0]
             evidence.update(
                 explained_by="neighbours",
@@ -244,7 +257,7 @@ class NoisyNeighbourDetector:
         victim_unit: str | None,
         contender: tuple[str, str | None, int, float],
         evidence: dict[str, Any],
-        cfg: Any,
+        cfg: NoisyNeighbour,
     ) -> Finding:
         """Two cgroups that each got about their share while waiting on each other: no blame."""
         path, unit, us, run_c = contender
@@ -282,12 +295,25 @@ class NoisyNeighbourDetector:
         return us, n
 
 
+class CircuitBreaker(RuleSettings):
+    """circuit_breaker: host CPU above `cpu_util_pct` with pressure above `cpu_some_pct` for `sustain_s`."""
+
+    severity: Severity = "critical"
+    cooldown_s: float = cooldown(600.0)
+    cpu_some_pct: float = percent(40.0)
+    cpu_util_pct: float = percent(90.0)
+    sustain_s: float = Field(15.0, gt=0, le=3600)
+    min_cpu_share: float = Field(0.3, gt=0, le=1)
+
+
 class CircuitBreakerDetector:
     """Sustained host CPU saturation with pressure: names the cgroup and tree that held the CPU."""
 
     rule = "circuit_breaker"
+    settings = CircuitBreaker
+    needs = frozenset({"sched"})
 
-    def evaluate(self, window: Sequence[Snapshot], cfg: Any) -> list[Finding]:
+    def evaluate(self, window: Sequence[Snapshot], cfg: CircuitBreaker) -> list[Finding]:
         tail = sustained_tail(window, float(cfg.sustain_s))
         if tail is None:
             return []
