@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 from dbus_next import Message, MessageType
 
-from . import client
+from . import __version__, client, polkitagent
 from .client import bus_label
 from .constants import (
     EXIT_CONFIG,
@@ -26,7 +26,6 @@ from .constants import (
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
 )
-from . import __version__, polkitagent
 from .model import Alert
 from .wire import (
     ACTION_SIGNALS,
@@ -230,22 +229,6 @@ def _cell(row: dict[str, Any], key: str, fmt: str = "{}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def format_top(cgroups: list[dict[str, Any]], stalls: list[dict[str, Any]]) -> list[str]:
-    lines = [f"{'CPU%':>6} {'IO%':>6} {'MEM%':>6} {'RUNQ_MS':>8} {'MEMORY_MB':>10}  CGROUP (UNIT)"]
-    for row in cgroups:
-        mem = row.get("memory_bytes")
-        lines.append(
-            f"{_cell(row, 'cpu_some_pct', '{:.1f}'):>6} {_cell(row, 'io_some_pct', '{:.1f}'):>6} "
-            f"{_cell(row, 'memory_some_pct', '{:.1f}'):>6} {_cell(row, 'runq_wait_ms', '{:.1f}'):>8} "
-            f"{'-' if mem is None else f'{mem / 1048576:.1f}':>10}  {row.get('path', '?')}"
-            + (f" ({row['unit']})" if row.get("unit") else "")
-        )
-    if stalls:
-        lines.append("")
-        lines.extend(format_stalls(stalls))
-    return lines
-
-
 def format_stalls(stalls: list[dict[str, Any]]) -> list[str]:
     lines = [f"{'STALL_MS':>9} {'SHARE':>6}  VICTIM <- CULPRIT"]
     for row in stalls:
@@ -333,13 +316,26 @@ async def cmd_explain(args: argparse.Namespace) -> int:
 
 
 async def cmd_top(args: argparse.Namespace) -> int:
+    from . import top
+
     async with Client(args.bus) as c:
-        cgroups = await c.call_json("TopCgroups", "u", [args.limit])
+
+        async def fetch() -> list[dict[str, Any]]:
+            return list(await c.call_json("TopCgroups", "u", [top.FETCH_ROWS]))
+
+        if not (args.once or args.json) and sys.stdin.isatty() and sys.stdout.isatty():
+            return await top.live(fetch, top.View(sort=args.sort, unit_filter=args.unit))
+        cgroups = await fetch()
         stalls = await c.call_json("StallTable", "u", [args.limit])
+    rows = top.select_rows(cgroups, args.sort, args.unit)[: args.limit]
     if args.json:
-        emit(json.dumps({"cgroups": cgroups, "stalls": stalls}, sort_keys=True))
-    else:
-        for line in format_top(cgroups, stalls):
+        emit(json.dumps({"cgroups": rows, "stalls": stalls}, sort_keys=True))
+        return EXIT_OK
+    for line in top.table(rows, top.COLUMNS, None):
+        emit(line)
+    if stalls:
+        emit("")
+        for line in format_stalls(stalls):
             emit(line)
     return EXIT_OK
 
@@ -568,6 +564,9 @@ def _positive(text: str) -> int:
     return value
 
 
+TOP_SORTS = ("pressure", "caused", "suffered", "cpu", "memory")  # linnixd.top.SORTS, without curses
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="linnixctl",
@@ -676,14 +675,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "top",
-        help="cgroups by pressure (cpu/io/memory some %%), run-queue wait, and the stall table",
+        help="cgroups by pressure, CPU, memory and the stall they cause and suffer; live on a terminal (q quits)",
+    )
+    s.add_argument(
+        "--sort",
+        choices=tuple(TOP_SORTS),
+        default="pressure",
+        help="order: pressure (highest PSI some %%), caused (stall caused to others), suffered, cpu or memory (default pressure; keys p c s u m on the live view)",
+    )
+    s.add_argument(
+        "--unit",
+        default="",
+        metavar="TEXT",
+        help="only cgroups whose unit contains TEXT (the / key on the live view)",
+    )
+    s.add_argument(
+        "--once",
+        action="store_true",
+        help="print the tables once and exit (also what happens when output is not a terminal)",
     )
     s.add_argument(
         "--limit",
         type=_positive,
         default=10,
         metavar="N",
-        help="rows per table (default 10, at most 1000)",
+        help="rows per table when printed once (default 10, at most 1000)",
     )
     s.add_argument(
         "--json", action="store_true", help='one JSON object: {"cgroups": [...], "stalls": [...]}'

@@ -295,24 +295,43 @@ class Daemon:
         return list(self.history.incidents(since=since, limit=limit))
 
     def top_cgroups(self, limit: int = 10) -> list[dict[str, Any]]:
+        """Cgroups by pressure, each with its CPU use (its own processes, last tick), its run-queue
+        wait (last tick) and the stall it caused to others and suffered from them (stall window)."""
         if self.model is None:
             return []
+        from .detectors.cpu import busy
+
         rows = list(self.model.top_cgroups(limit))
-        stall = self.window[-1].stall if self.window else None
-        if stall is not None:
-            for row in rows:
-                rq = stall.runqueue.get(row.get("path", ""))
+        newest = self.window[-1] if self.window else None
+        cpu: dict[str, float] = collections.defaultdict(float)
+        if newest is not None:
+            for proc in busy(newest):
+                cpu[proc.cgroup] += proc.cpu_pct
+        pairs, _waits, _window_s = self._stall_pairs()
+        caused: collections.Counter[str] = collections.Counter()
+        suffered: collections.Counter[str] = collections.Counter()
+        for (victim, culprit), us in pairs.items():
+            caused[culprit] += us
+            suffered[victim] += us
+        stall = newest.stall if newest is not None else None
+        for row in rows:
+            path = row.get("path", "")
+            row["cpu_pct"] = round(cpu.get(path, 0.0), 1)
+            if stall is not None:
+                rq = stall.runqueue.get(path)
                 row["runq_wait_ms"] = round(rq.wait_us / 1000, 1) if rq else 0.0
+                row["stall_caused_ms"] = round(caused.get(path, 0) / 1000, 1)
+                row["stall_suffered_ms"] = round(suffered.get(path, 0) / 1000, 1)
         return rows
 
-    def stall_table(self, limit: int = 20) -> list[dict[str, Any]]:
-        """Who stalls whom over the stall window: victim, culprit, stall_ms, share of victim's wait."""
+    def _stall_pairs(self) -> tuple[dict[tuple[str, str], int], dict[str, int], float]:
+        """Stall us by (victim, culprit) and run-queue wait us by cgroup over the stall window."""
         window_s = float(getattr(self.policy.rule("noisy_neighbour"), "window_s", 10.0))
-        if not self.window:
-            return []
-        newest = self.window[-1]
         pairs: dict[tuple[str, str], int] = collections.Counter()
         waits: dict[str, int] = collections.Counter()
+        if not self.window:
+            return pairs, waits, window_s
+        newest = self.window[-1]
         for snap in self.window:
             if snap.stall is None or newest.ts - snap.ts >= window_s:
                 continue
@@ -320,7 +339,13 @@ class Daemon:
                 pairs[(edge.victim, edge.culprit)] += edge.stall_us
             for path, rq in snap.stall.runqueue.items():
                 waits[path] += rq.wait_us
-        rows = [
+        return pairs, waits, window_s
+
+    def stall_table(self, limit: int = 20) -> list[dict[str, Any]]:
+        """Who stalls whom over the stall window: victim, culprit, stall_ms, share of victim's wait."""
+        pairs, waits, window_s = self._stall_pairs()
+        ranked = sorted(pairs.items(), key=lambda item: item[1], reverse=True)[:limit]
+        return [
             {
                 "victim": victim,
                 "culprit": culprit,
@@ -328,10 +353,8 @@ class Daemon:
                 "share": round(us / waits[victim], 3) if waits.get(victim) else 0.0,
                 "window_s": window_s,
             }
-            for (victim, culprit), us in pairs.items()
+            for (victim, culprit), us in ranked
         ]
-        rows.sort(key=lambda r: r["stall_ms"], reverse=True)
-        return rows[:limit]
 
     def reload_policy(self) -> str:
         """Load the policy file again; a bad file raises PolicyError and the old policy stays."""
