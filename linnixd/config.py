@@ -18,6 +18,7 @@ import difflib
 import math
 import os
 import re
+import stat
 import sys
 import typing
 from typing import TYPE_CHECKING, Any, Literal, TextIO, TypeVar
@@ -420,10 +421,20 @@ _TOP_LEVEL = "a mapping with version, daemon and rules"
 def _compose(path: str) -> yaml.Node:
     """The file's YAML node tree; PolicyError for anything that is not one YAML mapping."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_FILE_BYTES + 1)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it would stall the daemon's loop)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
         raise PolicyError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = "cannot read: Is a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise PolicyError([f"{path}: {what}"])
+    with os.fdopen(fd, "rb") as f:
+        try:
+            raw = f.read(MAX_FILE_BYTES + 1)
+        except OSError as exc:
+            raise PolicyError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
     if len(raw) > MAX_FILE_BYTES:
         raise PolicyError([f"{path}: too large for a policy file (over {MAX_FILE_BYTES} bytes)"])
     try:

@@ -94,6 +94,7 @@ class Daemon:
         self.state_problem = ""  # why the state directory was refused
         self.history_problem = ""  # why the alert history is unavailable
         self.history_write_failures = 0
+        self.sched_allowed = True  # False with --no-sched: no restart would load bpf/sched.c
         self._history_failing = False
         self._reported_errors: set[str] = set()
 
@@ -367,21 +368,58 @@ class Daemon:
         finally:
             if self.notifier is not None:
                 self.notifier.ready()
-        old_enabled = set(self.policy.enabled_rules())
+        from .reload import changed_keys, plan
+
+        old, old_enabled = self.policy, set(self.policy.enabled_rules())
+        changes = plan(
+            changed_keys(old.as_dict(), new.as_dict()),
+            psi_triggers=self.psi_mode == "triggers",
+            sched_needed_missing=self.sched is None
+            and self.sched_allowed
+            and bool(SCHED_RULES & (set(new.enabled_rules()) - old_enabled)),
+        )
         self.policy = new
         for rule in old_enabled - set(new.enabled_rules()):
             for alert in self.tracker.forget(rule):
                 self.emit(alert)
         self.window = collections.deque(self.window, maxlen=window_length(new))
+        self.tracker.resolve_after_s = max(2.0, 4 * new.daemon.tick_s)
         if self.lifecycle is not None:
             self.lifecycle.set_short_lived(new.daemon.short_lived_s)
+        if self.model is not None:  # caps: a lower one evicts (counted) at the next tick
+            self.model.max_processes = new.daemon.max_processes
+            self.model.max_cgroups = new.daemon.max_cgroups
+            if getattr(self.model, "resolver", None) is not None:
+                self.model.resolver.max_cgroups = new.daemon.max_cgroups
+        if self.history is not None and (
+            (old.daemon.history_days, old.daemon.history_max)
+            != (new.daemon.history_days, new.daemon.history_max)
+        ):
+            self.history.max_age_days = new.daemon.history_days
+            self.history.max_count = new.daemon.history_max
+            try:
+                self.history.prune()
+            except Exception as exc:  # the new limits apply at the next prune anyway
+                log(f"alert history prune after reload failed: {exc}", LOG_WARNING)
         enabled = list(new.enabled_rules())
-        message = f"policy {self.policy_path} reloaded: {len(enabled)} rules enabled ({', '.join(enabled)})"
+        message = (
+            f"policy {self.policy_path} reloaded: {len(enabled)} rules enabled "
+            f"({', '.join(enabled)}); {changes.describe()}"
+        )
         self.events(
             "policy_reloaded",
             message,
-            {"LINNIX_POLICY": self.policy_path, "LINNIX_RULES": " ".join(enabled)},
+            {
+                "LINNIX_POLICY": self.policy_path,
+                "LINNIX_RULES": " ".join(enabled),
+                "LINNIX_RESTART_NEEDED": " ".join(k.split(" ")[0] for k in changes.restart),
+            },
         )
+        if changes.restart:
+            log(
+                f"reload: {len(changes.restart)} setting(s) take effect only after a restart",
+                LOG_WARNING,
+            )
         return message
 
     def stats(self) -> dict[str, Any]:
@@ -767,6 +805,7 @@ def run(args: argparse.Namespace) -> int:
         events=event_writer(log, use_journal=not args.no_journal),
     )
     daemon.state = state
+    daemon.sched_allowed = not args.no_sched
     daemon.state_problem = state_problem
     daemon.history_problem = history_problem
     from .systemd_units import SystemdUnits

@@ -313,7 +313,10 @@ def test_unreadable_files(tmp_path: Path) -> None:
     garbage.write_bytes(b"version: 1\n\xff\xfe\x00binary\n")
     big = tmp_path / "big.yaml"
     big.write_text("# padding\n" * (MAX_FILE_BYTES // 10 + 1))
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
     expected = [
+        (str(fifo), f"{fifo}: not a regular file"),
         (str(tmp_path), f"{tmp_path}: cannot read: Is a directory"),
         (missing, f"{missing}: cannot read: No such file or directory"),
         (str(garbage), f"{garbage}:2: not UTF-8 text (byte 0xff)"),
@@ -337,7 +340,7 @@ def test_random_bytes_never_trace(tmp_path: Path) -> None:
 
 def test_alias_bomb_is_cheap_and_reported(tmp_path: Path) -> None:
     lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
-    for prev, name in zip("abcdefgh", "bcdefghi"):
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
         lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
     lines.append("rules:\n  fork_storm:\n    exclude: {comms: *i}")
     path = write(tmp_path, "\n".join(lines) + "\n")
