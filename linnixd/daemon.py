@@ -368,6 +368,7 @@ class Daemon:
         finally:
             if self.notifier is not None:
                 self.notifier.ready()
+        from .registry import collectors_for
         from .reload import changed_keys, plan
 
         old, old_enabled = self.policy, set(self.policy.enabled_rules())
@@ -376,7 +377,8 @@ class Daemon:
             psi_triggers=self.psi_mode == "triggers",
             sched_needed_missing=self.sched is None
             and self.sched_allowed
-            and bool(SCHED_RULES & (set(new.enabled_rules()) - old_enabled)),
+            and "sched" in collectors_for(new.enabled_rules())
+            and "sched" not in collectors_for(old_enabled),
         )
         self.policy = new
         for rule in old_enabled - set(new.enabled_rules()):
