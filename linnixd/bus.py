@@ -48,6 +48,7 @@ from dbus_next.constants import MessageFlag, NameFlag, RequestNameReply
 from . import client
 from .constants import POLKIT_ACT, POLKIT_ENFORCEMENT, POLKIT_RELOAD
 from .daemonlog import LOG_ERR, LOG_WARNING, log
+from .health import Health
 from .model import Alert
 from .wire import (
     ACTION_SIGNALS,
@@ -373,6 +374,11 @@ class BusService:
             except (client.BusClientError, TypeError, ValueError, IndexError):
                 values.append(None)  # recorded as unknown; the caller was authorized already
         return Caller(bus_name=sender, uid=values[0], pid=values[1])
+
+    def health(self) -> Health:
+        return Health(
+            counters={"internal_errors": self.internal_errors, "send_failures": self.send_failures}
+        )
 
     def send_action(self, name: str, event: dict[str, str]) -> None:
         """Enforcer listener: ActionTaken / ActionReverted(unit, action, before, after, rule, incident)."""

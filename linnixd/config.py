@@ -66,6 +66,10 @@ class DaemonSettings(Settings):
     short_lived_s: float = seconds(1.0)
     history_days: int = Field(30, ge=1, le=3650)
     history_max: int = Field(100000, ge=1, le=100_000_000)
+    # node_exporter's textfile directory; used when it exists, "" turns the metrics file off
+    metrics_dir: str = "/var/lib/prometheus/node-exporter"
+    metrics_interval_s: float = Field(15.0, ge=1, le=3600)
+    metrics_top_k: int = Field(20, ge=1, le=500)  # units/pods with a series of their own
 
 
 if TYPE_CHECKING:

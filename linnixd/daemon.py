@@ -9,6 +9,7 @@ import ctypes
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -28,6 +29,8 @@ from .constants import (
 )
 from .daemonlog import LOG_ERR, LOG_NOTICE, LOG_WARNING, log
 from .detectors.pressure import PsiSaturation
+from .health import Health, Reporter, collect, to_status
+from .metrics import StallTotals, TextfileWriter, TickHistogram
 from .model import Alert, Counters, LifecycleCounts, LifecycleTick, Snapshot, StallSnapshot
 from .registry import RULES, collectors_for
 
@@ -89,13 +92,17 @@ class Daemon:
         self.tick_costs: collections.deque[float] = collections.deque(
             maxlen=1200
         )  # seconds, newest last
-        self._last_health: LifecycleTick | None = None
         self.state: Any = None  # statedir.StateDir, when a state directory is in use
         self.state_problem = ""  # why the state directory was refused
         self.history_problem = ""  # why the alert history is unavailable
         self.history_write_failures = 0
         self.sched_allowed = True  # False with --no-sched: no restart would load bpf/sched.c
         self._history_failing = False
+        self.listener_errors = 0
+        self.alerts_fired: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.tick_histogram = TickHistogram()
+        self.stall_totals = StallTotals(policy.daemon.metrics_top_k)
+        self.health_sources: dict[str, Reporter | None] = {}  # parts wired in from outside
         self._reported_errors: set[str] = set()
 
     # ---- the pipeline -------------------------------------------------------------------
@@ -106,12 +113,12 @@ class Daemon:
         lt: LifecycleTick | None = None
         if self.lifecycle is not None:
             lt = self.lifecycle.read()
-            self._last_health = lt
             self.totals = self.totals + lt.total
             self.model.apply(lt)
         stall: StallSnapshot | None = None
         if self.sched is not None:
-            stall = self.sched.read(self.model.resolve_cgroup)
+            stall = fresh = self.sched.read(self.model.resolve_cgroup)
+            self.stall_totals.add(fresh)
         snap: Snapshot = self.model.snapshot(lt, time.monotonic(), time.time(), stall)
         if self.ticks > 0:
             if self.window:  # only the newest snapshot keeps every process (Snapshot.slim)
@@ -126,6 +133,7 @@ class Daemon:
         self.last_tick_mono = time.monotonic()
         self.last_tick_cost_s = self.last_tick_mono - started
         self.tick_costs.append(self.last_tick_cost_s)
+        self.tick_histogram.observe(self.last_tick_cost_s)
         return snap
 
     def evaluate(self) -> list[Alert]:
@@ -155,6 +163,8 @@ class Daemon:
     def emit(self, alert: Alert) -> None:
         """Store first (so nothing signalled is ever missing from history), then fan out."""
         self.alert_count += 1
+        if alert.state == "firing":
+            self.alerts_fired[(alert.rule, alert.severity)] += 1
         if self.history is not None:
             try:
                 self.history.store(alert)
@@ -181,6 +191,7 @@ class Daemon:
             try:
                 listener(alert)
             except Exception as exc:
+                self.listener_errors += 1
                 self._report_once(f"listener {listener!r}", f"alert listener failed: {exc!r}")
 
     def _report_once(self, key: str, message: str) -> None:
@@ -205,24 +216,78 @@ class Daemon:
     def add_history(self, history: Any) -> None:
         self.history = history
 
-    def counters(self) -> Counters:
-        health = self._last_health
-        model_counters = self.model.counters() if self.model is not None else {}
+    def register_health(self, name: str, part: Reporter) -> None:
+        """A part built outside the daemon (the bus, the metrics writer) reports with the rest."""
+        self.health_sources[name] = part
+
+    def own_health(self) -> Health:
+        return Health(
+            counters={
+                "ticks": self.ticks,
+                "alerts": self.alert_count,
+                "detector_errors": self.detector_errors,
+                "tick_errors": self.tick_errors,
+                "listener_errors": self.listener_errors,
+                "history_write_failures": self.history_write_failures,
+            },
+            gauges={"started_at_seconds": self.started_at},
+        )
+
+    def health(self) -> dict[str, Health]:
+        """Every component's counters by component name: what Status, the bus and the metrics show."""
+        parts: dict[str, Reporter | None] = {
+            "daemon": _Own(self),
+            "lifecycle": self.lifecycle,
+            "sched": self.sched,
+            "model": self.model,
+            **(self.model.parts() if self.model is not None else {}),
+            "history": self.history,
+            "incidents": self.tracker,
+            "enforcer": self.enforcer,
+            "triage": self.triage,
+            "notify": self.notifier,
+            **{"sink_" + re.sub(r"[^a-z0-9]+", "_", s.name.lower()): s for s in self.sinks},
+            **self.health_sources,
+        }
+        return collect(parts)
+
+    def alerts_by_rule(self) -> dict[tuple[str, str], int]:
+        return dict(self.alerts_fired)
+
+    def open_by_rule(self) -> dict[str, int]:
+        out = {name: 0 for name in self.policy.enabled_rules()}
+        for alert in self.tracker.open_incidents():
+            out[alert.rule] = out.get(alert.rule, 0) + 1
+        return out
+
+    def counters(self, report: dict[str, Health] | None = None) -> Counters:
+        """The headline counters, taken from the merged health report."""
+        h = report if report is not None else self.health()
+
+        def get(component: str, name: str) -> int:
+            part = h.get(component)
+            return int(part.counters.get(name, 0)) if part is not None else 0
+
         return Counters(
-            events=health.events if health else 0,
-            dropped_events=health.dropped_events if health else 0,
-            aggregation_overflows=health.aggregation_overflows if health else 0,
-            untracked_exits=health.untracked_exits if health else 0,
-            evicted_processes=int(model_counters.get("evicted_processes", 0)),
-            evicted_cgroups=int(model_counters.get("evicted_cgroups", 0)),
-            unresolved_cgroups=int(model_counters.get("unresolved_cgroups", 0)),
-            alerts=self.alert_count,
-            suppressed_alerts=int(getattr(self.tracker, "suppressed", 0)),
-            sink_drops=sum(s.drops for s in self.sinks),
+            events=get("lifecycle", "events"),
+            dropped_events=get("lifecycle", "dropped_events"),
+            aggregation_overflows=get("lifecycle", "aggregation_overflows"),
+            untracked_exits=get("lifecycle", "untracked_exits"),
+            evicted_processes=get("model", "evicted_processes"),
+            evicted_cgroups=get("model", "evicted_cgroups") + get("cgroups", "evicted"),
+            unresolved_cgroups=get("cgroups", "unresolved"),
+            alerts=get("daemon", "alerts"),
+            suppressed_alerts=get("incidents", "suppressed"),
+            sink_drops=sum(
+                int(part.counters.get("drops", 0))
+                for name, part in h.items()
+                if name.startswith("sink_")
+            ),
         )
 
     def status(self) -> dict[str, Any]:
         newest = self.window[-1] if self.window else None
+        report = self.health()
         return {
             "version": self.version,
             "started_at": self.started_at,
@@ -234,9 +299,8 @@ class Daemon:
             "psi_mode": self.psi_mode,
             "enforcement_enabled": self.enforcement_enabled,
             **({"enforcement": self.enforcer.status()} if self.enforcer is not None else {}),
-            "counters": asdict(self.counters()),
-            **({"process_table": self.model.table_counters()} if self.model is not None else {}),
-            **({"scheduler": self.sched.health()} if self.sched is not None else {}),
+            "counters": asdict(self.counters(report)),
+            "health": to_status(report),
             "totals": asdict(self.totals),
             "open_incidents": len(self.tracker.open_incidents()),
             "processes": len(newest.processes) if newest else 0,
@@ -245,7 +309,6 @@ class Daemon:
             "tick_cost_ms": round(self.last_tick_cost_s * 1000, 2),
             "detector_errors": self.detector_errors,
             "tick_errors": self.tick_errors,
-            **({"triage": self.triage.health()} if self.triage is not None else {}),
             "state": self.state_status(),
         }
 
@@ -480,6 +543,16 @@ def open_history(state: Any, policy: Any) -> tuple[Any, str]:
     return None, why
 
 
+class _Own:
+    """The daemon's own counters as a health part (the daemon is also the one that merges)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def health(self) -> Health:
+        return self.daemon.own_health()
+
+
 def _release_compiler_memory() -> None:
     """Give LLVM's freed compile-time heap back to the kernel: steady RSS, not the compile peak."""
     try:
@@ -505,11 +578,19 @@ def _vm_kb(field: str) -> int:
 class Runner:
     """Drives a Daemon on asyncio: ticks, PSI triggers, signals, sd_notify, the bus."""
 
-    def __init__(self, daemon: Daemon, args: argparse.Namespace, notifier: Any, psi_triggers: Any):
+    def __init__(
+        self,
+        daemon: Daemon,
+        args: argparse.Namespace,
+        notifier: Any,
+        psi_triggers: Any,
+        metrics: TextfileWriter | None = None,
+    ):
         self.daemon = daemon
         self.args = args
         self.notifier = notifier
         self.triggers = psi_triggers
+        self.metrics = metrics
         daemon.notifier = notifier
         self.stop_event: asyncio.Event | None = None
         self.wake_event: asyncio.Event | None = None
@@ -534,6 +615,7 @@ class Runner:
             except Exception as exc:
                 log(f"cannot serve on the {self.args.bus} bus: {exc}", LOG_ERR)
                 return EXIT_UNAVAILABLE
+            self.daemon.register_health("bus", bus)
 
         d = self.daemon
         rules = list(d.policy.enabled_rules())
@@ -556,6 +638,7 @@ class Runner:
             },
         )
         watchdog = asyncio.ensure_future(self._watchdog())
+        exporting = asyncio.ensure_future(self._metrics_loop()) if self.metrics else None
         enforcing = (
             asyncio.ensure_future(self.daemon.enforcer.run())
             if self.daemon.enforcer is not None
@@ -565,6 +648,10 @@ class Runner:
             await self._tick_loop()
         finally:
             watchdog.cancel()
+            if exporting is not None:
+                exporting.cancel()
+            if self.metrics is not None:
+                self.metrics.remove()
             if enforcing is not None:
                 enforcing.cancel()
             self.notifier.stopping()
@@ -598,6 +685,22 @@ class Runner:
                 fut.cancel()
             if self.wake_event.is_set():
                 next_at = loop.time()
+
+    async def _metrics_loop(self) -> None:
+        """Rewrite the textfile every metrics_interval_s: rendered on the loop, written off it."""
+        assert self.metrics is not None
+        from .metrics import render
+
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                data = render(self.daemon)
+            except Exception as exc:  # a rendering bug must not stop the daemon; counted
+                self.metrics.write_errors += 1
+                self.daemon._report_once("metrics render", f"metrics rendering failed: {exc!r}")
+            else:
+                await loop.run_in_executor(None, self.metrics.write, data)
+            await asyncio.sleep(self.daemon.policy.daemon.metrics_interval_s)
 
     def _on_pressure(self) -> None:
         """A kernel PSI trigger fired: tick now instead of waiting for the next tick."""
@@ -650,6 +753,8 @@ exit status:
 files:
   /etc/linnixd/rules.yaml   the policy (linnixd-policy(5))
   /var/lib/linnixd          alert history, enforcement state and action ledger
+  /var/lib/prometheus/node-exporter/linnixd.prom
+                            metrics for node_exporter's textfile collector
 
 see also: linnixctl(1), linnixd-policy(5), journalctl(1)
 """
@@ -700,6 +805,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"alert history directory (default: {STATE_DIR}; none with --foreground unless given)",
     )
     p.add_argument(
+        "--metrics-dir",
+        metavar="DIR",
+        help="write DIR/linnixd.prom for node_exporter's textfile collector every "
+        "metrics_interval_s; 'none' turns it off (default: the policy's metrics_dir when that "
+        "directory exists; none with --foreground unless given)",
+    )
+    p.add_argument(
         "--no-journal",
         action="store_true",
         help="do not send alerts to journald even when it is running",
@@ -742,6 +854,18 @@ def _dump_bpf(policy: Any) -> int:
     print(LifecycleCollector(policy.daemon.short_lived_s).dump_source())
     print(SchedCollector().dump_source())
     return EXIT_OK
+
+
+def _metrics_writer(args: argparse.Namespace, policy: Any) -> TextfileWriter | None:
+    """--metrics-dir, else the policy's metrics_dir when it exists (not with --foreground)."""
+    if args.metrics_dir is not None:
+        if args.metrics_dir in ("", "none"):
+            return None
+        return TextfileWriter(args.metrics_dir, log)
+    directory = policy.daemon.metrics_dir
+    if args.foreground or not directory or not os.path.isdir(directory):
+        return None
+    return TextfileWriter(directory, log)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -860,7 +984,11 @@ def run(args: argparse.Namespace) -> int:
                 LOG_NOTICE,
             )
 
-    runner = Runner(daemon, args, notifier, triggers)
+    metrics = _metrics_writer(args, policy)
+    if metrics is not None:
+        daemon.register_health("metrics", metrics)
+        log(f"metrics for node_exporter in {metrics.path}")
+    runner = Runner(daemon, args, notifier, triggers, metrics)
     try:
         code = asyncio.run(runner.run())
     finally:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .health import Health
 from .model import Alert
 
 _SCHEMA = """
@@ -75,6 +76,8 @@ class AlertHistory:
         self.snapshots_kept = snapshots_kept
         self._clock = clock
         self.pruned = 0  # records removed by retention since open
+        self.stored = 0
+        self.write_errors = 0  # alerts the database refused (the daemon journals why)
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         # WAL + NORMAL: a crash can lose the last commits but never corrupts the file
@@ -125,20 +128,34 @@ class AlertHistory:
 
     def store(self, alert: Alert) -> None:
         """Insert (or replace, by id) one alert; prunes when the last prune is old enough."""
-        self._index_incident(alert)
-        self._db.execute(
-            "INSERT OR REPLACE INTO alerts (id, ts, rule, state, incident, body) VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                alert.id,
-                alert.ts,
-                alert.rule,
-                alert.state,
-                alert.incident,
-                json.dumps(alert.to_dict(), sort_keys=True, default=str),
-            ),
-        )
+        try:
+            self._index_incident(alert)
+            self._db.execute(
+                "INSERT OR REPLACE INTO alerts (id, ts, rule, state, incident, body) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    alert.id,
+                    alert.ts,
+                    alert.rule,
+                    alert.state,
+                    alert.incident,
+                    json.dumps(alert.to_dict(), sort_keys=True, default=str),
+                ),
+            )
+        except sqlite3.Error:
+            self.write_errors += 1
+            raise
+        self.stored += 1
         if self._clock() - self._last_prune >= self.prune_every_s:
             self.prune()
+
+    def health(self) -> Health:
+        return Health(
+            counters={
+                "stored": self.stored,
+                "pruned": self.pruned,
+                "write_errors": self.write_errors,
+            }
+        )
 
     def recent(self, since: float = 0.0, rule: str = "", limit: int = 100) -> list[Alert]:
         """Alerts with ts >= since (and of `rule` when given), newest first, at most `limit`."""

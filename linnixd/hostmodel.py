@@ -18,6 +18,7 @@ from .collector.cgroups import UNRESOLVED, CgroupResolver
 from .collector.procfs import SAMPLE_S, ProcEntry, ProcScanner, SystemStat
 from .collector.psi import PsiReader
 from .collector.taskcpu import TaskCpuReader
+from .health import Health, Reporter
 from .model import (
     RESOURCES,
     CgroupSample,
@@ -375,28 +376,23 @@ class HostModel:
                     queue.append(child)
         return out
 
-    def table_counters(self) -> dict[str, Any]:
-        """How the process table is kept: mode, reads and what the kernel stream missed (monotonic)."""
-        c = self.scanner.counters
-        out: dict[str, Any] = {
-            "mode": "kernel" if self.cpu is not None else "proc_scan",
-            "tracked": len(self.scanner.procs),
-            "stat_reads": c.reads,
-            "permission_errors": c.permission_errors,
-            "fd_denied": c.fd_denied,
-            "reconciles": c.reconciles,
-            "stale_dropped": c.stale_dropped,
-            "missed_found": c.missed_found,
-        }
-        if self.cpu is not None:
-            k = self.cpu.counters
-            out.update(
-                slot_reads=k.reads,
-                foreign_slots=k.foreign_slots,
-                ran_notes=k.drained,
-                threads_tracked=k.threads_tracked,
-            )
-        return out
+    def health(self) -> Health:
+        """What the model's own caps left out (the scanner, resolver and task table report apart)."""
+        return Health(
+            counters={
+                "evicted_processes": self.evicted_processes,
+                "evicted_cgroups": self.evicted_cgroups,
+            },
+            gauges={
+                "processes": len(self.scanner.procs),
+                "cgroups": len(self._cg_samples),
+                "kernel_driven": int(self.cpu is not None),
+            },
+        )
+
+    def parts(self) -> dict[str, Reporter | None]:
+        """The collectors the model reads, by the name their health is reported under."""
+        return {"process_table": self.scanner, "cgroups": self.resolver, "task_cpu": self.cpu}
 
     def counters(self) -> dict[str, int]:
         return {

@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from .health import Health
 from .model import Alert, Finding
 
 MAX_ENTRIES = 10_000  # open incidents, and separately cooldown entries, kept at most
@@ -41,6 +42,16 @@ class IncidentTracker:
         self.suppressed = 0  # incidents held back by a cooldown
         self.evicted_incidents = 0  # open incidents dropped silently by the cap
         self.evicted_cooldowns = 0  # cooldown entries dropped early by the cap
+
+    def health(self) -> Health:
+        return Health(
+            counters={
+                "suppressed": self.suppressed,
+                "evicted_incidents": self.evicted_incidents,
+                "evicted_cooldowns": self.evicted_cooldowns,
+            },
+            gauges={"tracked": len(self._open), "cooldowns": len(self._last_fired)},
+        )
 
     def update(
         self, findings: Sequence[Finding], ts: float, wall: float, cooldowns: Mapping[str, float]

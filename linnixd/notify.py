@@ -7,6 +7,8 @@ import time
 
 import sdnotify
 
+from .health import Health
+
 
 class Notifier:
     """Tells the service manager about the daemon's state; does nothing without NOTIFY_SOCKET."""
@@ -20,6 +22,9 @@ class Notifier:
                 self._notifier = sdnotify.SystemdNotifier(debug=True)
             except OSError:
                 self.failures += 1
+
+    def health(self) -> Health:
+        return Health(counters={"failures": self.failures})
 
     @property
     def enabled(self) -> bool:

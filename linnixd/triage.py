@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .health import Health
 from .model import Alert, ProcessSample, Snapshot
 
 SNAPSHOT_FORMAT = 1
@@ -823,14 +824,16 @@ class Triage:
             return tuple(found) if found is not None else None  # type: ignore[return-value]
         return None
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> Health:
         costs = sorted(self.capture_ms)
-        return {
-            **asdict(self.counters),
-            "open_tracked": len(self._open),
-            "capture_ms_last": self.capture_ms[-1] if costs else 0.0,
-            "capture_ms_max": costs[-1] if costs else 0.0,
-        }
+        return Health(
+            counters=asdict(self.counters),
+            gauges={
+                "open_tracked": len(self._open),
+                "last_capture_seconds": self.capture_ms[-1] / 1000 if costs else 0.0,
+                "max_capture_seconds": costs[-1] / 1000 if costs else 0.0,
+            },
+        )
 
     def close(self) -> None:
         for task in list(self._tasks):

@@ -119,7 +119,7 @@ def test_host_model_reads_only_processes_that_ran(sched: SchedCollector) -> None
         assert busy.pid in slim.processes and not (set(sleepers) & set(slim.processes))
         assert slim.processes[busy.pid] is last.processes[busy.pid]
         health = sched.health()
-        assert health["ran_overflows"] == 0
+        assert health.counters["ran_overflows"] == 0
     finally:
         busy.kill()
         busy.wait()

@@ -172,7 +172,7 @@ def test_capture_reads_the_culprits_real_tree_and_the_window(
     assert s["series"]["wait_ms"][-1] == 20.0  # the culprit cgroup's own run-queue wait
     assert s["unit"] == {"name": "hog.service", "state": "unknown", "error": "no systemd client"}
     assert len(encode(s).encode()) <= MAX_SNAPSHOT_BYTES
-    assert triage.health()["captures"] == 1
+    assert triage.health().counters["captures"] == 1
 
 
 def test_explain_names_the_culprit_with_numbered_sourced_facts(tree: list[int]) -> None:

@@ -9,6 +9,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from ..health import Health
 from ..model import CgroupSample, Owner, PsiSample
 
 UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap")
@@ -132,6 +133,12 @@ class CgroupResolver:
         self.walks = 0
         self.evicted = 0
         self.unresolved = 0
+
+    def health(self) -> Health:
+        return Health(
+            counters={"walks": self.walks, "evicted": self.evicted, "unresolved": self.unresolved},
+            gauges={"known": len(self._by_id)},
+        )
 
     # ---- ids and paths ------------------------------------------------------------------
 

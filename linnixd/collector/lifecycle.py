@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..health import Health
 from ..model import ExecRecord, ExitRecord, LifecycleCounts, LifecycleTick
 from ..paths import bpf_dir
 from .bpfload import KernelFeatureError, compile_program, preflight, ringbuf_supported, source_text
@@ -75,7 +76,7 @@ def live_cgroup_ids() -> set[int]:
 
 
 def _delta(now: Counts, prev: Counts) -> LifecycleCounts:
-    return LifecycleCounts(*(a - b for a, b in zip(now, prev)))
+    return LifecycleCounts(*(a - b for a, b in zip(now, prev, strict=True)))
 
 
 class _KeyedCounts:
@@ -315,6 +316,21 @@ class LifecycleCollector:
             dropped_events=h[H_DROP_EXEC] + h[H_DROP_EXIT],
             aggregation_overflows=h[H_OVERFLOW],
             untracked_exits=h[H_UNTRACKED],
+        )
+
+    def health(self) -> Health:
+        """Monotonic counters since attach, as of the last read."""
+        h, t = self._health, self._prev_total
+        return Health(
+            counters={
+                "events": t[0] + t[1] + t[2] + t[3],
+                "dropped_events": h[H_DROP_EXEC] + h[H_DROP_EXIT],
+                "dropped_exec_records": h[H_DROP_EXEC],
+                "dropped_exit_records": h[H_DROP_EXIT],
+                "aggregation_overflows": h[H_OVERFLOW],
+                "untracked_exits": h[H_UNTRACKED],
+                "pruned_keys": self.pruned_keys,
+            }
         )
 
     def dropped_records(self) -> dict[str, int]:

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..health import Health
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 SLOW_REFRESH_S = 10.0  # limits and cgroup membership are re-read this often per process
@@ -109,6 +111,22 @@ class ProcScanner:
         self._last_cpu: tuple[int, int] | None = None  # (busy, total) jiffies of /proc/stat
         self._ncpu = os.cpu_count() or 1
         self._running: set[int] = set()  # update(): pids given CPU time in the last interval
+
+    def health(self) -> Health:
+        c = self.counters
+        return Health(
+            counters={
+                "reads": c.reads,
+                "scans": c.scans,
+                "permission_errors": c.permission_errors,
+                "fd_denied": c.fd_denied,
+                "fd_counted": c.fd_counted,
+                "reconciles": c.reconciles,
+                "stale_dropped": c.stale_dropped,
+                "missed_found": c.missed_found,
+            },
+            gauges={"tracked": len(self.procs)},
+        )
 
     def now(self) -> float:
         """The scanner's monotonic clock."""

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from ..daemonlog import LOG_WARNING
 from ..daemonlog import log as daemon_log
+from ..health import Health
 from ..model import RESOURCES, PsiSample
 
 SYSTEM = "<system>"
@@ -112,11 +113,11 @@ class PsiTriggers:
         log: Callable[[str], None] | None = None,
     ) -> None:
         self.resources = tuple(resources)
-        self.window_us = int(round(window_s * 1e6))
+        self.window_us = round(window_s * 1e6)
         self.threshold_us = _threshold(self.window_us, some_pct)
         self.mode = "triggers"
         self.reason = ""
-        self.fired = 0
+        self.fired = 0  # trigger events the kernel delivered
         self._epoll = select.epoll()
         self._fds: dict[int, str] = {}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -201,6 +202,12 @@ class PsiTriggers:
             log(line)
         else:
             daemon_log(line, LOG_WARNING)
+
+    def health(self) -> Health:
+        return Health(
+            counters={"fired": self.fired},
+            gauges={"triggers_armed": len(self._fds)},
+        )
 
     def fileno(self) -> int:
         """Readable when a trigger fired (for loop.add_reader); never readable when polling."""

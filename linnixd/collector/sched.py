@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..health import Health
 from ..model import CgroupRunqueue, StallEdge, StallSnapshot
 from ..paths import bpf_dir
 from .bpfload import KernelFeatureError, compile_program, preflight, source_text, tracefs_root
@@ -85,6 +86,9 @@ class SchedCollector:
         self._prev_unattributed_ns = 0
         self._ids: dict[int, _IdState] = {}
         self.forgotten_ids = 0  # ids dropped from the kernel maps after their cgroup vanished
+        self.unresolved_stall_seconds = 0.0  # stall whose cgroup ids had no path, since attach
+        self.unattributed_wait_seconds = 0.0  # wait no culprit could be named for, since attach
+        self.unresolved_preemptions = 0
 
     def cflags(self) -> list[str]:
         flags = switch_state_flags()
@@ -127,15 +131,26 @@ class SchedCollector:
         per_cpu = table.getvalue(table.Key(0))
         return [sum(int(c.stats[i]) for c in per_cpu) for i in range(NSTATS)]
 
-    def health(self) -> dict[str, int]:
-        """Monotonic counters of the program that StallSnapshot does not carry."""
+    def health(self) -> Health:
+        """Monotonic counters of the program since attach, and what user space could not attribute."""
         stats = self.stats()
-        return {
-            "task_collisions": stats[STAT_TASK_COLLISIONS],
-            "ran_overflows": stats[STAT_RAN_OVERFLOWS],
-            "untimed_runs": stats[STAT_UNTIMED_RUNS],
-            "forgotten_ids": self.forgotten_ids,
-        }
+        return Health(
+            counters={
+                "task_collisions": stats[STAT_TASK_COLLISIONS],
+                "ran_overflows": stats[STAT_RAN_OVERFLOWS],
+                "untimed_runs": stats[STAT_UNTIMED_RUNS],
+                "no_enqueue": stats[STAT_NO_ENQUEUE],
+                "migrated_waits": stats[STAT_MIGRATED],
+                "lost_waits": stats[STAT_LOST_WAITS],
+                "recovered_waits": stats[STAT_RECOVERED],
+                "aggregation_overflows": stats[STAT_OVERFLOWS],
+                "forgotten_ids": self.forgotten_ids,
+                "unresolved_stall_seconds": self.unresolved_stall_seconds,
+                "unattributed_wait_seconds": self.unattributed_wait_seconds,
+                "unresolved_preemptions": self.unresolved_preemptions,
+            },
+            gauges={"tracked_cgroup_ids": len(self._ids)},
+        )
 
     def read(self, resolve: Callable[[int], str | None]) -> StallSnapshot:
         """Deltas since the previous read, cgroup ids resolved to paths with `resolve`."""
@@ -176,7 +191,11 @@ class SchedCollector:
         for cid, (wait, waits, hist) in runq_now.items():
             pw, pn, ph = self._prev_runq.get(cid, (0, 0, [0] * NSLOTS))
             if waits != pn:
-                out.runq[cid] = (wait - pw, waits - pn, [a - b for a, b in zip(hist, ph)])
+                out.runq[cid] = (
+                    wait - pw,
+                    waits - pn,
+                    [a - b for a, b in zip(hist, ph, strict=True)],
+                )
         for key, (stall, pre) in edges_now.items():
             ps, pp = self._prev_edges.get(key, (0, 0))
             if stall != ps or pre != pp:
@@ -220,7 +239,7 @@ class SchedCollector:
                 unresolved_ns += wait
                 continue
             w0, n0, h0 = runq.get(path, (0, 0, [0] * NSLOTS))
-            runq[path] = (w0 + wait, n0 + waits, [a + b for a, b in zip(h0, hist)])
+            runq[path] = (w0 + wait, n0 + waits, [a + b for a, b in zip(h0, hist, strict=True)])
         edges: dict[tuple[str, str], tuple[int, int]] = {}
         for (vid, cid), (stall, pre) in deltas.edges.items():
             victim = self._path(vid, resolve, cache)
@@ -234,6 +253,9 @@ class SchedCollector:
             edges[(victim, culprit)] = (s0 + stall, p0 + pre)
         unattributed_ns = stats[STAT_UNATTRIBUTED_NS] - self._prev_unattributed_ns
         self._prev_unattributed_ns = stats[STAT_UNATTRIBUTED_NS]
+        self.unresolved_stall_seconds += unresolved_ns / 1e9
+        self.unattributed_wait_seconds += unattributed_ns / 1e9
+        self.unresolved_preemptions += unresolved_preemptions
         return StallSnapshot(
             runqueue={
                 p: CgroupRunqueue(p, wait_us=w // 1000, waits=n, hist_log2_us=tuple(h))

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..health import Health
+
 SLOT_MULT = 2654435761  # task_slot() in bpf/sched.c: pid times this, modulo the table size
 
 
@@ -83,6 +85,17 @@ class TaskCpuReader:
         )
         self.counters = TaskCpuCounters()
         self.next_epoch()
+
+    def health(self) -> Health:
+        c = self.counters
+        return Health(
+            counters={
+                "reads": c.reads,
+                "foreign_slots": c.foreign_slots,
+                "drained": c.drained,
+            },
+            gauges={"threads_tracked": c.threads_tracked},
+        )
 
     def next_epoch(self) -> None:
         self._epoch = (self._epoch + 1) & 0xFFFFFFFF or 1

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..constants import ACTION_LEDGER, ENFORCEMENT_STATE, MESSAGE_IDS
 from ..daemonlog import LOG_ERR, LOG_NOTICE, LOG_WARNING, log
+from ..health import Health
 from ..model import Alert
 from ..statedir import StateDir, StateError
 from .base import UINT64_MAX, Caller, EnforcementError, UnitGone, Units
@@ -217,6 +218,16 @@ class Enforcer:
             for record in automatic:
                 await self.revert(record, "enforcement disabled")
         return f"enforcement {mode}"
+
+    def health(self) -> Health:
+        return Health(
+            counters=asdict(self.counters),
+            gauges={
+                "enabled": int(self.enabled),
+                "dry_run_mode": int(self.dry_run),
+                "active_actions": len(self.records),
+            },
+        )
 
     def list_actions(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.records]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from typing import Optional, Protocol
+from typing import Protocol
 
+from ..health import Health
 from ..model import Alert
 
 
@@ -33,6 +34,12 @@ class QueuedSink:
         self._queue: queue.Queue[Alert | None] = queue.Queue(maxsize=maxsize)
         self._thread = threading.Thread(target=self._run, name=f"sink-{sink.name}", daemon=True)
         self._thread.start()
+
+    def health(self) -> Health:
+        return Health(
+            counters={"drops": self.drops, "errors": self.errors},
+            gauges={"queued": self._queue.qsize()},
+        )
 
     def put(self, alert: Alert) -> None:
         try:
