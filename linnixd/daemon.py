@@ -620,9 +620,9 @@ class Runner:
         d = self.daemon
         rules = list(d.policy.enabled_rules())
         transport = getattr(d.lifecycle, "transport", None) or "none"
-        table = d.model.table_counters() if d.model is not None else {}
+        tracked = len(d.model.scanner.procs) if d.model is not None else 0
         self.notifier.status(
-            f"ready: {len(rules)} rules, {table.get('tracked', 0)} processes tracked, "
+            f"ready: {len(rules)} rules, {tracked} processes tracked, "
             f"transport {transport}, psi {d.psi_mode}"
         )
         self.notifier.ready()

@@ -153,6 +153,7 @@ class AlertHistory:
             counters={
                 "stored": self.stored,
                 "pruned": self.pruned,
+                "snapshots_pruned": self.snapshots_pruned,
                 "write_errors": self.write_errors,
             }
         )

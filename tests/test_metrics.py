@@ -176,7 +176,7 @@ SETTINGS = {
     "process_table": {"sample_s"},
     "cgroups": {"max_cgroups", "min_rewalk_s"},
     "task_cpu": {"task_entries", "BATCH"},
-    "history": {"max_age_days", "max_count", "prune_every_s"},
+    "history": {"max_age_days", "max_count", "prune_every_s", "snapshots_kept"},
     "incidents": {"resolve_after_s", "max_entries"},
     "enforcer": {"usage_window_s"},
     "metrics": set(),
