@@ -402,7 +402,156 @@ def run(r: Report) -> None:
     )
 
     enforcement(r)
+    operator_tools(r)
     lifecycle_events(r)
+
+
+# ---- operator experience: live top, polkit prompts, completion, versions, man pages --------
+
+ADMIN = "linnixadmin"  # a member of sudo: Debian's polkit admin identity (50-default.rules)
+ADMIN_PASSWORD = "Linnix-vm-admin-7"
+TMUX = ["tmux", "-S", "/run/linnix-vmtest-tmux.sock"]
+
+
+def tmux_screen(target: str) -> str:
+    return sh(*TMUX, "capture-pane", "-p", "-t", target).stdout
+
+
+def tmux_wait(target: str, pred: Callable[[str], bool], timeout: float = 60.0) -> str:
+    found = [""]
+
+    def seen() -> bool:
+        found[0] = tmux_screen(target)
+        return pred(found[0])
+
+    wait_for(seen, timeout, step=0.5)
+    return found[0]
+
+
+def operator_tools(r: Report) -> None:
+    version = sh("dpkg-query", "-W", "-f", "${Version}", "linnixd").stdout.strip()
+    for tool in ("linnixctl", "linnixd"):
+        cp = sh(tool, "--version")
+        r.check(
+            f"{tool} --version names the package version",
+            cp.returncode == 0 and cp.stdout.strip() == f"{tool} {version}",
+            out(cp),
+        )
+    for page in ("linnixctl", "linnixd", "linnixd-policy"):
+        cp = sh("man", "-w", page)
+        r.check(f"man page {page} installed", cp.returncode == 0, out(cp))
+
+    bash_script = "/usr/share/bash-completion/completions/linnixctl"
+    cp = sh(
+        "bash",
+        "--norc",
+        "--noprofile",
+        "-c",
+        f'source {bash_script}; COMP_WORDS=(linnixctl top --sort ""); COMP_CWORD=3; '
+        '_shtab_linnixctl; printf "%s\\n" "${COMPREPLY[@]}"; '
+        'COMP_WORDS=(linnixctl ""); COMP_CWORD=1; _shtab_linnixctl; printf "%s\\n" "${COMPREPLY[@]}"',
+    )
+    offered = set(cp.stdout.split())
+    r.check(
+        "bash completion (as installed) offers subcommands and --sort choices",
+        {"status", "top", "reload", "throttle", "enable-enforcement", "pressure", "memory"}
+        <= offered,
+        out(cp)[:300],
+    )
+    zsh_script = Path("/usr/share/zsh/vendor-completions/_linnixctl")
+    r.check(
+        "zsh completion installed",
+        zsh_script.exists() and zsh_script.read_text().startswith("#compdef linnixctl"),
+        str(zsh_script),
+    )
+
+    sh(*TMUX, "kill-server")
+    # live top, as an unprivileged user, on an 80-column terminal, against the real daemon
+    sh(
+        *TMUX,
+        "new-session",
+        "-d",
+        "-x",
+        "80",
+        "-y",
+        "24",
+        "-s",
+        "top",
+        f"runuser -u {TESTER} -- env TERM=xterm linnixctl top --sort memory; echo top-exit=$? > /run/linnix-top-exit; sleep 600",
+    )
+    screen = tmux_wait("top", lambda s: "CGROUP (UNIT)" in s and "linnixd.service" in s)
+    lines = screen.splitlines()
+    r.check(
+        "linnixctl top is live in a terminal: 80 columns, the daemon's own cgroup listed",
+        bool(lines)
+        and lines[0].startswith("linnixd top ")
+        and all(len(line) <= 80 for line in lines)
+        and "CPU_PSI%" in screen,
+        screen[:400],
+    )
+    first_clock = lines[0].split()[2] if lines and len(lines[0].split()) > 2 else ""
+    sh(*TMUX, "send-keys", "-t", "top", "p")
+    screen = tmux_wait(
+        "top",
+        lambda s: "sort: pressure" in s and s.splitlines()[0].split()[2:3] != [first_clock],
+    )
+    r.check(
+        "linnixctl top refreshes and sorts by pressure on p",
+        "sort: pressure" in screen and "IO_PSI%" in screen,
+        screen[:400],
+    )
+    sh(*TMUX, "send-keys", "-t", "top", "q")
+    wait_for(lambda: Path("/run/linnix-top-exit").exists(), 20)
+    r.check(
+        "q quits linnixctl top with status 0",
+        Path("/run/linnix-top-exit").exists()
+        and Path("/run/linnix-top-exit").read_text().strip() == "top-exit=0",
+        tmux_screen("top")[-300:],
+    )
+
+    # polkit text agent: a sudo member with a password is prompted through pkttyagent
+    sh("useradd", "--create-home", "--groups", "sudo", ADMIN)
+    subprocess.run(["chpasswd"], input=f"{ADMIN}:{ADMIN_PASSWORD}\n", text=True, check=False)
+    # su opens a PAM session (pam_systemd): a logind session the agent registers for
+    sh(*TMUX, "new-session", "-d", "-x", "150", "-y", "40", "-s", "admin", f"su - {ADMIN}")
+    tmux_wait("admin", lambda s: "$" in s, 30)
+    sh(
+        *TMUX,
+        "send-keys",
+        "-t",
+        "admin",
+        "linnixctl --no-ask-password reload; echo no-ask-rc=$?",
+        "Enter",
+    )
+    screen = tmux_wait("admin", lambda s: "no-ask-rc=" in s)
+    r.check(
+        "--no-ask-password: no prompt, permission denied (77)",
+        "no-ask-rc=77" in screen and "Password:" not in screen,
+        screen[-400:],
+    )
+    sh(*TMUX, "send-keys", "-t", "admin", "clear; linnixctl reload; echo ask-rc=$?", "Enter")
+    screen = tmux_wait("admin", lambda s: "Password:" in s or "ask-rc=" in s)
+    prompted = "Password:" in screen and "org.linnix.linnixd1.reload-policy" in screen
+    if "Password:" in screen:
+        sh(*TMUX, "send-keys", "-t", "admin", ADMIN_PASSWORD, "Enter")
+    screen = tmux_wait("admin", lambda s: "ask-rc=" in s)
+    r.check(
+        "a sudo member on a terminal is prompted by pkttyagent and the reload succeeds",
+        prompted and "ask-rc=0" in screen and "reloaded" in screen,
+        screen[-600:],
+    )
+    agents = sh("pgrep", "-u", ADMIN, "-x", "pkttyagent").stdout.split()
+    r.check("the agent is gone after the command", not agents, f"pkttyagent pids {agents}")
+
+    sh(*TMUX, "new-session", "-d", "-x", "150", "-y", "20", "-s", "root", "bash --norc --noprofile")
+    sh(*TMUX, "send-keys", "-t", "root", "linnixctl reload; echo root-rc=$?", "Enter")
+    screen = tmux_wait("root", lambda s: "root-rc=" in s)
+    r.check(
+        "root on a terminal is not prompted",
+        "root-rc=0" in screen and "Password:" not in screen and "AUTHENTICATING" not in screen,
+        screen[-300:],
+    )
+    sh(*TMUX, "kill-server")
 
 
 # ---- operator experience: journal events, no restart loop on a bad policy ------------------
