@@ -54,7 +54,7 @@ def proc_stat_processes() -> int:
 class Daemon:
     """linnixd --foreground --output json as a subprocess; alerts and stats collected by threads."""
 
-    def __init__(self) -> None:
+    def __init__(self, *extra: str) -> None:
         self.proc = subprocess.Popen(
             [
                 PYTHON,
@@ -66,6 +66,7 @@ class Daemon:
                 "--stats-on-exit",
                 "--policy",
                 str(ROOT / "policy" / "rules.yaml"),
+                *extra,
             ],
             cwd=ROOT,
             stdout=subprocess.PIPE,
