@@ -682,6 +682,23 @@ def wait_entry(timeout: float, *matches: str) -> dict[str, str]:
     return found[0] if found else {}
 
 
+def explain(incident: str, until: Callable[[dict[str, object]], bool] = lambda e: True) -> dict:
+    """`linnixctl explain INCIDENT --json` as the unprivileged tester; waits (10 s) until `until` holds."""
+    got: dict = {}
+
+    def ready() -> bool:
+        cp = sh("linnixctl", "explain", incident, "--json", user=TESTER)
+        got.clear()
+        if cp.returncode == 0 and cp.stdout.startswith("{"):
+            got.update(json.loads(cp.stdout))
+            return until(got)
+        got["error"] = f"rc={cp.returncode} {out(cp)[:300]}"
+        return False
+
+    wait_for(ready, 10)
+    return got
+
+
 def enforcement_enabled() -> str:
     return sh("busctl", "get-property", BUS, PATH, IFACE, "EnforcementEnabled").stdout.strip()
 
@@ -739,6 +756,27 @@ def enforcement(r: Report) -> None:
         and not journal_entries("LINNIX_ACTION_UNIT=linnix-hog-mon.service"),
         f"alert {alert.get('MESSAGE', 'none')}; CPUQuotaPerSecUSec "
         f"{unit_prop('linnix-hog-mon.service', 'CPUQuotaPerSecUSec')}",
+    )
+    # triage: the snapshot names the hog and carries its unit's state as systemd reports it
+    e = explain(
+        alert.get("LINNIX_INCIDENT", "none"),
+        lambda e: e["snapshot"]["unit"].get("state") != "pending",  # type: ignore[index]
+    )
+    snap = e.get("snapshot") or {}
+    unit = snap.get("unit") or {}
+    r.check(
+        "linnixctl explain (unprivileged) names the hog with its systemd state",
+        snap.get("culprit", {}).get("unit") == "linnix-hog-mon.service"
+        and str(alert.get("LINNIX_COMM")) in str(e.get("headline"))
+        and unit.get("state") == "known"
+        and unit.get("ActiveState") == "active"
+        and unit.get("CPUQuota") == "infinity"
+        and unit.get("NRestarts") == 0
+        and any(
+            a.get("command", "").startswith("linnixctl throttle linnix-hog-mon.service --cpu")
+            for a in e.get("actions", [])
+        ),
+        f"headline {e.get('headline')}; unit {unit}; error {e.get('error', '')}",
     )
     sh("systemctl", "stop", "linnix-hog-mon.service")
 
@@ -836,6 +874,33 @@ def enforcement(r: Report) -> None:
         f"entry {reverted.get('MESSAGE', 'none')}; cpu.max {unit_file_text(hog, 'cpu.max')}",
     )
     sh("systemctl", "stop", hog)
+    # triage: the incident's resolution records the throttle and the pressure before and after
+    e = explain(
+        taken.get("LINNIX_ACTION_INCIDENT", "none"), lambda e: e.get("resolution") is not None
+    )
+    res = e.get("resolution") or {}
+    effect = res.get("effect") or {}
+    r.check(
+        "linnixctl explain of the throttled incident: resolved, the action and its effect recorded",
+        e.get("state") == "resolved"
+        and any(a.get("action") == "throttle_cpu" for a in res.get("actions", []))
+        and effect.get("unit") == hog
+        and effect.get("before", {}).get("samples", 0) > 0
+        and effect.get("after", {}).get("samples", 0) > 0,
+        f"state {e.get('state')}; resolution {json.dumps(res)[:400]}; error {e.get('error', '')}",
+    )
+    cp = sh("linnixctl", "incidents", "--all", "--json", user=TESTER)
+    rows = json.loads(cp.stdout) if cp.returncode == 0 and cp.stdout.startswith("[") else []
+    r.check(
+        "linnixctl incidents --all (unprivileged) lists the throttled incident as resolved",
+        any(
+            row.get("incident") == taken.get("LINNIX_ACTION_INCIDENT")
+            and row.get("state") == "resolved"
+            and row.get("has_snapshot")
+            for row in rows
+        ),
+        out(cp)[:300],
+    )
     time.sleep(1)
     watcher.terminate()
     watcher.wait(timeout=10)
