@@ -16,7 +16,7 @@ from typing import Any
 
 from .collector.cgroups import UNRESOLVED, CgroupResolver
 from .collector.procfs import SAMPLE_S, ProcEntry, ProcScanner, SystemStat
-from .collector.psi import PsiReader
+from .collector.psi import PsiReader, parse_pressure
 from .collector.taskcpu import TaskCpuReader
 from .health import Health, Reporter
 from .model import (
@@ -33,7 +33,7 @@ from .model import (
 RECONCILE_S = 30.0  # the background /proc walk, with a kernel CPU source
 CGROUP_RESAMPLE_S = 10.0  # a quiet cgroup is still re-sampled this often (a few per tick)
 CGROUP_RESAMPLE_BUDGET = 16  # quiet cgroups re-sampled per tick at most
-PRESSURE_GATE_PCT = 5.0  # system "some" pressure above which every tracked cgroup is sampled
+PRESSURE_GATE_PCT = 5.0  # "some" pressure (avg10) above which a subtree is looked into
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,20 @@ def quiet(sample: CgroupSample) -> CgroupSample:
     )
 
 
+def _tree_index(paths: frozenset[str]) -> dict[str, list[str]]:
+    """Parent -> children over the given cgroup paths and their ancestors (root "/")."""
+    index: dict[str, list[str]] = defaultdict(list)
+    linked: set[str] = set()
+    for path in paths:
+        node = path
+        while node != "/" and node not in linked:
+            linked.add(node)
+            parent = node.rsplit("/", 1)[0] or "/"
+            index[parent].append(node)
+            node = parent
+    return dict(index)
+
+
 def _interest(p: ProcessSample) -> tuple[float, int, float]:
     """Sort key: busier, bigger, older processes are kept first when over the cap."""
     return (p.cpu_pct, p.rss_bytes, -p.start_time)
@@ -136,6 +150,10 @@ class HostModel:
         self.evicted_cgroups = 0
         self._last_ts: float | None = None
         self._last_reconcile = 0.0
+        self._tree_keys: frozenset[str] = frozenset()
+        self._tree: dict[str, list[str]] = {}  # cgroup -> child nodes toward tracked cgroups
+        self.descent_reads = 0  # cgroup pressure files read by the descent (monotonic)
+        self.descent_pruned = 0  # subtrees left out because their top was calm (monotonic)
 
     @property
     def incremental(self) -> bool:
@@ -223,7 +241,7 @@ class HostModel:
             if stall is not None:
                 active |= set(stall.runqueue)
             if any(ps.some_pct >= self.pressure_gate_pct for ps in system_pressure.values()):
-                active |= set(self._members)
+                active |= self._pressured(set(self._members))
         cgroups = self._sample_cgroups(active, by_cgroup, ts)
 
         interval = scan_interval if self._last_ts is None else ts - self._last_ts
@@ -245,6 +263,44 @@ class HostModel:
         )
         self.last = snap
         return snap
+
+    def _pressured(self, tracked: set[str]) -> set[str]:
+        """The tracked cgroups whose subtree is under pressure, found from the top down.
+
+        A cgroup's "some" stall covers every task below it, so its avg10 is at least that of
+        any cgroup it contains: a calm cgroup rules out its whole subtree and is not descended.
+        The cost follows the pressured branches, not the number of cgroups.
+        """
+        keys = frozenset(tracked)
+        if keys != self._tree_keys:
+            self._tree_keys = keys
+            self._tree = _tree_index(keys)
+        out: set[str] = set()
+        if "/" in keys:
+            out.add("/")  # the root's pressure is the system's, already over the gate
+        frontier = list(self._tree.get("/", ()))
+        while frontier:
+            node = frontier.pop()
+            if self._node_some_pct(node) < self.pressure_gate_pct:
+                self.descent_pruned += 1
+                continue
+            if node in keys:
+                out.add(node)
+            frontier.extend(self._tree.get(node, ()))
+        return out
+
+    def _node_some_pct(self, path: str) -> float:
+        """The highest "some" avg10 of a cgroup's pressure files (0 when it has none)."""
+        directory = self.resolver.directory(path)
+        worst = 0.0
+        for res in self.psi.resources:
+            self.descent_reads += 1
+            try:
+                with open(f"{directory}/{res}.pressure", "rb") as f:
+                    worst = max(worst, parse_pressure(f.read().decode())[0])
+            except (FileNotFoundError, NotADirectoryError, ProcessLookupError, PermissionError):
+                continue
+        return worst
 
     def _sample(self, e: ProcEntry) -> ProcessSample:
         return ProcessSample(
@@ -382,6 +438,8 @@ class HostModel:
             counters={
                 "evicted_processes": self.evicted_processes,
                 "evicted_cgroups": self.evicted_cgroups,
+                "pressure_descent_reads": self.descent_reads,
+                "pressure_descent_pruned": self.descent_pruned,
             },
             gauges={
                 "processes": len(self.scanner.procs),

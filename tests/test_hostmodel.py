@@ -228,3 +228,63 @@ def test_caps_evict_and_count_once(scope: str, children: list[subprocess.Popen[b
         model.counters()["evicted_processes"]
         <= first["evicted_processes"] + (len(model.scanner.procs) - total) + 2
     )
+
+
+PIN_SPIN = (
+    "import os, time\nos.sched_setaffinity(0, {0})\nt=time.time()\nwhile time.time()-t<30: pass\n"
+)
+
+
+def _pressure_some(path: str) -> float:
+    from linnixd.collector.psi import parse_pressure
+
+    with open(path + "/cpu.pressure") as f:
+        return parse_pressure(f.read())[0]
+
+
+def test_pressure_descent_prunes_calm_subtrees(children: list[subprocess.Popen[bytes]]) -> None:
+    """Under system pressure only the pressured branch is looked into, not every cgroup."""
+    assert MOUNT is not None
+    base = f"/linnixd-test-{uuid.uuid4().hex[:8]}"
+    calm = [f"{base}/calm/c{i}" for i in range(40)]
+    hot = f"{base}/hot/h0"
+    made = [base, f"{base}/calm", f"{base}/hot", *calm, hot]
+    for rel in made:
+        os.mkdir(MOUNT + rel)
+    try:
+        for rel in calm[:5]:
+            p = spawn(HOLD)
+            children.append(p)
+            with open(MOUNT + rel + "/cgroup.procs", "w") as f:
+                f.write(str(p.pid))
+        for _ in range(3):  # three spinners on CPU 0: each waits most of the time
+            p = subprocess.Popen([sys.executable, "-c", PIN_SPIN])
+            children.append(p)
+            with open(MOUNT + hot + "/cgroup.procs", "w") as f:
+                f.write(str(p.pid))
+        deadline = time.monotonic() + 20
+        while _pressure_some(MOUNT + hot) < 20 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        some_hot = _pressure_some(MOUNT + hot)
+        assert some_hot >= 20, f"the hot cgroup never reached pressure: {some_hot}"
+        model = HostModel(max_processes=32768, max_cgroups=4096, pressure_gate_pct=10.0)
+        tracked = {*calm, hot, "/"}
+        found = model._pressured(tracked)
+        assert hot in found and "/" in found
+        calm_found = [c for c in calm if c in found]
+        # a calm child is found only when the calm branch itself is pressured (other load)
+        if _pressure_some(MOUNT + f"{base}/calm") < 5:
+            assert calm_found == []
+            assert model.descent_pruned >= 1
+            # base, hot, hot/h0 and calm: 4 nodes of 3 files, not 43 x 3
+            assert model.descent_reads <= 4 * 3, model.descent_reads
+    finally:
+        for p in children:
+            p.kill()
+            p.wait()
+        children.clear()
+        for rel in reversed(made):
+            try:
+                os.rmdir(MOUNT + rel)
+            except OSError:
+                pass
