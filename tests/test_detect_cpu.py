@@ -56,6 +56,22 @@ def test_cpu_spike_threshold_and_sustain_both_sides() -> None:
     )
 
 
+def test_cpu_spike_survives_a_dip_but_not_a_pause() -> None:
+    # ~70% with a tick lost to a neighbour (35%): still a spike at the 5 s mean
+    [f] = SPIKE.evaluate(
+        spike_window([0.0] * 2 + [75.0] * 4 + [35.0] + [75.0] * 5), rule_cfg("cpu_spike")
+    )
+    assert f.evidence["min_cpu_pct"] == 35.0 and f.evidence["cpu_pct"] == 71.0
+    # a tick below half the threshold breaks the run; so does a mean at or under it
+    assert (
+        SPIKE.evaluate(
+            spike_window([0.0] * 2 + [90.0] * 4 + [20.0] + [90.0] * 5), rule_cfg("cpu_spike")
+        )
+        == []
+    )
+    assert SPIKE.evaluate(spike_window([0.0] * 2 + [60.0, 40.0] * 5), rule_cfg("cpu_spike")) == []
+
+
 def test_a_reused_pid_is_a_new_culprit() -> None:
     # pid 1234 restarts (new start time) 3 s before the end: the new process is not yet sustained
     old = spike_window([90.0] * 12, start=12.0)
