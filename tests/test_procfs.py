@@ -157,3 +157,43 @@ def test_vanished_processes_are_skipped_silently() -> None:
     assert all(c.pid not in later.processes for c in children)
     assert s.counters.permission_errors == 0
     assert os.getpid() in scan.processes and os.getpid() in later.processes
+
+
+GROW_CHILD = """
+import os, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 4096))
+print("ready", flush=True)
+sys.stdin.readline()
+fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(900)]
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_read_held_back_by_sample_s_is_made_once_due_even_if_the_process_sleeps() -> None:
+    """A process that opens fds just after its last full read, then sleeps, is still seen."""
+    clock = [100.0]
+    child = subprocess.Popen(
+        [sys.executable, "-c", GROW_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline() == b"ready\n"
+        s = ProcScanner(clock=lambda: clock[0], sample_s=1.0)
+        s.update({child.pid: 1}, frozenset())  # first sight: a full read
+        assert s.procs[child.pid].fd_count is None  # few fds: below the prefilter
+        child.stdin.write(b"\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == b"ready\n"  # 900 fds open, now it sleeps
+        clock[0] += 0.5
+        s.update({child.pid: 1}, frozenset())  # it ran, but its full read is held back
+        assert s.procs[child.pid].fd_count is None
+        clock[0] += 0.6
+        changed = s.update({}, frozenset())  # it did not run: the owed read is made anyway
+        assert child.pid in changed
+        assert 900 <= (s.procs[child.pid].fd_count or 0) <= 910
+        clock[0] += 2.0
+        assert s.update({}, frozenset()) == set()  # owed once, not forever
+    finally:
+        child.kill()
+        child.wait()

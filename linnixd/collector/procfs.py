@@ -111,6 +111,9 @@ class ProcScanner:
         self._last_cpu: tuple[int, int] | None = None  # (busy, total) jiffies of /proc/stat
         self._ncpu = os.cpu_count() or 1
         self._running: set[int] = set()  # update(): pids given CPU time in the last interval
+        # pids that ran while their status/fd read was held back by sample_s: read once due,
+        # even if they sleep from then on (a process that opens fds, then waits, is seen)
+        self._owed: set[int] = set()
 
     def health(self) -> Health:
         c = self.counters
@@ -141,6 +144,7 @@ class ProcScanner:
 
     def forget(self, pid: int) -> None:
         self.procs.pop(pid, None)
+        self._owed.discard(pid)
 
     def update(self, cpu_ns: dict[int, int], exited: frozenset[int]) -> set[int]:
         """Read only the processes the kernel saw run (their stat: CPU, memory, threads); drop exited ones.
@@ -179,6 +183,20 @@ class ProcScanner:
                 continue
             procs[pid] = fresh
             changed.add(pid)
+        for pid in [p for p in self._owed if p not in cpu_ns]:
+            entry = procs.get(pid)
+            if entry is None:
+                self._owed.discard(pid)
+            elif now - entry.sampled_at >= self.sample_s:
+                self._owed.discard(pid)
+                try:
+                    if self._read(pid, f"{base_dir}/{pid}", entry, now, interval, prev_boot):
+                        changed.add(pid)
+                except (FileNotFoundError, ProcessLookupError):
+                    procs.pop(pid, None)
+                    changed.add(pid)
+                except PermissionError:
+                    self.counters.permission_errors += 1
         self._last_mono = now
         self._last_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
         return changed
@@ -295,7 +313,9 @@ class ProcScanner:
             if started_inside and interval > 0:
                 entry.cpu_pct = 100.0 * cpu_ticks / CLK_TCK / interval
         if entry is prev and now - entry.sampled_at < self.sample_s:
+            self._owed.add(pid)
             return entry  # stat only: memory and threads are fresh, the rest is recent enough
+        self._owed.discard(pid)
         try:
             if entry.cmdline is None:
                 entry.cmdline = _read_cmdline(base, comm)
