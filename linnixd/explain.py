@@ -491,6 +491,19 @@ def _actions(rule: str, s: Mapping[str, Any], evidence: Mapping[str, Any]) -> li
                     "why": "no systemd unit to throttle: stopping it is the remaining lever",
                 }
             )
+    if not q and pid is None:
+        out.append(
+            {
+                "command": "linnixctl stalls",
+                "why": "who makes whom wait for a CPU right now",
+            }
+        )
+        out.append(
+            {
+                "command": "linnixctl top",
+                "why": "cgroups by pressure, CPU and stall, live",
+            }
+        )
     if rule == "fd_exhaustion" and pid is not None:
         out.append(
             {

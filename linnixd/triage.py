@@ -802,10 +802,14 @@ class Triage:
         if self.history is None:
             return
         try:
-            getattr(self.history, method)(incident, text)
+            stored = getattr(self.history, method)(incident, text)
         except Exception as exc:
+            stored, why = False, str(exc)
+        else:
+            why = "the history has no such incident (its alert was not stored)"
+        if not stored:
             self.counters.store_errors += 1
-            self.log(f"triage: history refused {method} for {incident}: {exc}")
+            self.log(f"triage: {method} for incident {incident} failed: {why}")
 
     def latest(self) -> str | None:
         """The newest incident with a snapshot (history first: it outlives restarts)."""

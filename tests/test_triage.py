@@ -435,3 +435,36 @@ def test_snapshot_retention_keeps_the_newest_and_incidents_go_with_their_alerts(
     assert h.count() == 6
     assert [r["incident"] for r in h.incidents()] == [f"i{n}" for n in range(9, 3, -1)]
     assert h.triage("i2") is None  # gone with its alert
+
+
+def test_a_snapshot_the_history_cannot_take_is_counted(tree: list[int], tmp_path: Path) -> None:
+    history = AlertHistory(str(tmp_path / "h.db"))
+    logged: list[str] = []
+    triage = Triage(history, log=logged.append)
+    triage.on_alert(alert_for(tree[0]), window_for(tree))  # its alert was never stored
+    assert triage.counters.store_errors == 1 and triage.counters.captures == 1
+    assert logged == [
+        "triage: store_snapshot for incident inc1 failed: "
+        "the history has no such incident (its alert was not stored)"
+    ]
+    assert triage.lookup("inc1") is not None  # still explainable from memory
+
+
+def test_a_host_wide_incident_is_explained_without_a_process() -> None:
+    window = window_for([NO_PID])
+    alert = dataclasses.replace(
+        alert_for(NO_PID),
+        rule="psi_saturation",
+        summary="cpu pressure: host stalled 30% of the time for 5 s",
+        culprit=Culprit(kind="system"),
+        evidence={"resource": "cpu", "some_pct": 30.0, "stall_ms": 750.0},
+    )
+    triage = Triage()
+    triage.on_alert(alert, window)
+    s, _ = triage.lookup("inc1")  # type: ignore[misc]
+    assert s["tree"] is None and s["culprit"]["pid"] is None and s["culprit"]["cgroup"] is None
+    assert s["series"] == {"of": None, "t_s": s["series"]["t_s"], "wait_ms": s["series"]["wait_ms"]}
+    e = explain(s)
+    assert e["headline"].startswith("Pressure saturation: host, since ")
+    assert [f["id"] for f in e["facts"]][:2] == ["alert.summary", "evidence.some_pct"]
+    assert [a["command"] for a in e["actions"]] == ["linnixctl stalls", "linnixctl top"]
