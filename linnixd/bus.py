@@ -11,6 +11,8 @@ Interface org.linnix.linnixd1.Manager on /org/linnix/linnixd1 (stable signatures
     IncidentHistory(d since, u limit) -> s         JSON array of incidents from the history, newest first
     TopCgroups(u limit) -> s                       JSON array of cgroup rows
     StallTable(u limit) -> s                       JSON array of {victim, culprit, stall_ms, share, window_s}
+    Query(s table, a{ss} where, s sort, u limit) -> s  cgroups/stalls/alerts rows filtered by
+                                                   namespace, pod, container, unit, rule (alerts: since)
     ReloadPolicy() -> s                            one-line result; polkit org.linnix.linnixd1.reload-policy
     EnableEnforcement(b dry_run) -> s              polkit org.linnix.linnixd1.manage-enforcement
     DisableEnforcement() -> s                      polkit org.linnix.linnixd1.manage-enforcement
@@ -173,6 +175,16 @@ def _limit(value: int, most: int) -> int:
     return value
 
 
+def _since(text: str) -> float:
+    try:
+        since = float(text)
+    except ValueError:
+        since = -1.0
+    if not math.isfinite(since) or since < 0:
+        raise BusError(ERROR_INVALID_ARGS, f"since must be an epoch time >= 0, got {text[:40]!r}")
+    return since
+
+
 class BusService:
     """Adapts a Daemon core to one bus connection; create it with serve()."""
 
@@ -287,6 +299,33 @@ class BusService:
     def StallTable(self, limit: int) -> str:
         """Who made whom wait for a CPU: victim, culprit, stall_ms, share, window_s (JSON)."""
         return to_json(self.daemon.stall_table(limit=_limit(limit, MAX_ROWS)))
+
+    @read_only
+    @exported("Query", (("table", "s"), ("where", "a{ss}"), ("sort", "s"), ("limit", "u")))
+    def Query(self, table: str, where: dict[str, str], sort: str, limit: int) -> str:
+        """Rows of cgroups, stalls or alerts filtered by namespace, pod, container, unit (globs), rule (JSON)."""
+        from .names import QueryError
+
+        limit = _limit(limit, MAX_ALERTS if table == "alerts" else MAX_ROWS)
+        where = dict(where)
+        try:
+            if table == "cgroups":
+                return to_json(
+                    self.daemon.top_cgroups(limit=limit, where=where, sort=sort or "pressure")
+                )
+            if sort:
+                raise QueryError(f"{table[:40]!r} rows have one order; sort must be empty")
+            if table == "stalls":
+                return to_json(self.daemon.stall_table(limit=limit, where=where))
+            if table == "alerts":
+                since = _since(where.pop("since", "0"))
+                alerts = self.daemon.alerts(since=since, limit=limit, where=where)
+                return to_json([a.to_dict() for a in alerts])
+        except QueryError as exc:
+            raise BusError(ERROR_INVALID_ARGS, str(exc)) from None
+        raise BusError(
+            ERROR_INVALID_ARGS, f"table must be cgroups, stalls or alerts, got {table[:40]!r}"
+        )
 
     @exported("ReloadPolicy", action=POLKIT_RELOAD)
     def ReloadPolicy(self) -> str:
@@ -644,7 +683,7 @@ class BusService:
                 parts.append(f'   <arg name="{name}" type="{sig}" direction="out"/>')
             parts.append("  </method>")
         parts.append(
-            "  <!-- One per alert, firing or resolved; details: state, id, incident, ts, pid, comm, unit, cgroup, parent, evidence (JSON) and evidence.<key> numbers -->"
+            "  <!-- One per alert, firing or resolved; details: state, id, incident, ts, pid, comm, unit, cgroup, parent, pod, namespace, container, container_id, image (when known), evidence (JSON) and evidence.<key> numbers -->"
         )
         parts.append(
             '  <signal name="Alert"><arg name="rule" type="s"/><arg name="severity" type="s"/><arg name="summary" type="s"/><arg name="details" type="a{sv}"/></signal>'

@@ -26,7 +26,7 @@ from .constants import (
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
 )
-from .model import Alert
+from .model import Alert, owner_label
 from .wire import (
     ACTION_SIGNALS,
     ACTION_SIGNATURE,
@@ -234,9 +234,26 @@ def format_stalls(stalls: list[dict[str, Any]]) -> list[str]:
     for row in stalls:
         lines.append(
             f"{_cell(row, 'stall_ms', '{:.1f}'):>9} {_cell(row, 'share', '{:.0%}'):>6}  "
-            f"{row.get('victim', '?')} <- {row.get('culprit', '?')}"
+            f"{row.get('victim', '?')}{_named(row, 'victim_')} <- "
+            f"{row.get('culprit', '?')}{_named(row, 'culprit_')}"
         )
     return lines
+
+
+FILTERS = ("namespace", "pod", "container", "unit", "rule")
+
+
+def _named(row: dict[str, Any], prefix: str = "") -> str:
+    """' [pod NS/POD (container C)]' for a row whose cgroup the node names, else ''."""
+    label = owner_label(
+        row.get(prefix + "pod"), row.get(prefix + "namespace"), row.get(prefix + "container")
+    )
+    return f" [{label}]" if label else ""
+
+
+def query_filters(args: argparse.Namespace, keys: Sequence[str] = FILTERS) -> dict[str, str]:
+    """The Query method's `where` from --namespace, --pod, --container, --unit (and --rule)."""
+    return {k: str(getattr(args, k)) for k in keys if getattr(args, k, None)}
 
 
 def alert_from_signal(body: list[Any]) -> dict[str, Any]:
@@ -268,8 +285,15 @@ def print_alerts(args: argparse.Namespace, rows: list[Any], empty: str) -> int:
 
 
 async def cmd_alerts(args: argparse.Namespace) -> int:
+    where = query_filters(args)
     async with Client(args.bus) as c:
-        rows = await c.call_json("RecentAlerts", "dsu", [float(args.since), args.rule, args.limit])
+        if set(where) - {"rule"}:
+            where["since"] = repr(float(args.since))
+            rows = await c.call_json("Query", "sa{ss}su", ["alerts", where, "", args.limit])
+        else:
+            rows = await c.call_json(
+                "RecentAlerts", "dsu", [float(args.since), args.rule, args.limit]
+            )
     rows.reverse()  # the daemon answers newest first; print in time order like journalctl
     return print_alerts(args, rows, "no alerts")
 
@@ -318,15 +342,23 @@ async def cmd_explain(args: argparse.Namespace) -> int:
 async def cmd_top(args: argparse.Namespace) -> int:
     from . import top
 
+    # namespace, pod, container: names only the daemon knows; --unit is the view's own filter
+    where = query_filters(args, ("namespace", "pod", "container"))
     async with Client(args.bus) as c:
 
         async def fetch() -> list[dict[str, Any]]:
+            if where:
+                query = ["cgroups", where, "pressure", top.FETCH_ROWS]
+                return list(await c.call_json("Query", "sa{ss}su", query))
             return list(await c.call_json("TopCgroups", "u", [top.FETCH_ROWS]))
 
         if not (args.once or args.json) and sys.stdin.isatty() and sys.stdout.isatty():
             return await top.live(fetch, top.View(sort=args.sort, unit_filter=args.unit))
         cgroups = await fetch()
-        stalls = await c.call_json("StallTable", "u", [args.limit])
+        if where:
+            stalls = await c.call_json("Query", "sa{ss}su", ["stalls", where, "", args.limit])
+        else:
+            stalls = await c.call_json("StallTable", "u", [args.limit])
     rows = top.select_rows(cgroups, args.sort, args.unit)[: args.limit]
     if args.json:
         emit(json.dumps({"cgroups": rows, "stalls": stalls}, sort_keys=True))
@@ -355,8 +387,12 @@ def show_rows(
 
 
 async def cmd_stalls(args: argparse.Namespace) -> int:
+    where = query_filters(args)
     async with Client(args.bus) as c:
-        stalls = await c.call_json("StallTable", "u", [args.limit])
+        if where:
+            stalls = await c.call_json("Query", "sa{ss}su", ["stalls", where, "", args.limit])
+        else:
+            stalls = await c.call_json("StallTable", "u", [args.limit])
     return show_rows(args, stalls, format_stalls, "no stalls attributed in the current window")
 
 
@@ -567,6 +603,19 @@ def _positive(text: str) -> int:
 TOP_SORTS = ("pressure", "caused", "suffered", "cpu", "memory")  # linnixd.top.SORTS, without curses
 
 
+def add_owner_filters(s: argparse.ArgumentParser, what: str, unit: bool = True) -> None:
+    """--namespace, --pod, --container (and --unit): filtered by linnixd (the Query method)."""
+    s.add_argument("--namespace", metavar="NS", help=f"only {what} in Kubernetes namespace NS")
+    s.add_argument("--pod", metavar="NAME", help=f"only {what} in pod NAME (a glob: 'api-*')")
+    s.add_argument("--container", metavar="NAME", help=f"only {what} in container NAME (a glob)")
+    if unit:
+        s.add_argument(
+            "--unit",
+            metavar="UNIT",
+            help=f"only {what} in a systemd unit whose name contains UNIT (or matches a glob: 'cri-*.scope')",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="linnixctl",
@@ -614,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--json", action="store_true", help="one JSON object per line (the history record)"
     )
+    add_owner_filters(s, "alerts whose culprit or victim is")
     s.set_defaults(run=cmd_alerts)
 
     s = sub.add_parser(
@@ -704,6 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--json", action="store_true", help='one JSON object: {"cgroups": [...], "stalls": [...]}'
     )
+    add_owner_filters(s, "cgroups (and stall rows with a side) that are", unit=False)
     s.set_defaults(run=cmd_top)
 
     s = sub.add_parser("stalls", help="who made whom wait for a CPU over the stall window")
@@ -711,6 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=_positive, default=20, metavar="N", help="rows (default 20, at most 1000)"
     )
     s.add_argument("--json", action="store_true", help="print the table as a JSON array")
+    add_owner_filters(s, "rows whose victim or culprit is")
     s.set_defaults(run=cmd_stalls)
 
     s = sub.add_parser(

@@ -32,12 +32,24 @@ from .detectors.pressure import PsiSaturation
 from .health import Health, Reporter, collect, to_status
 from .metrics import StallTotals, TextfileWriter, TickHistogram
 from .model import Alert, Counters, LifecycleCounts, LifecycleTick, Snapshot, StallSnapshot
+from .names import QueryError, alert_matches
 from .registry import RULES, collectors_for
 
 if TYPE_CHECKING:
     from .config import Policy
 
 Listener = Callable[[Alert], None]
+
+
+# Query(cgroups) sort orders (linnixctl top's): the row field each sorts on (None: the model's pressure order).
+TOP_SORTS: dict[str, str | None] = {
+    "pressure": None,
+    "caused": "stall_caused_ms",
+    "suffered": "stall_suffered_ms",
+    "cpu": "cpu_pct",
+    "memory": "memory_bytes",
+}
+HISTORY_SCAN = 10_000  # alerts read from the history at most to answer one filtered query
 
 
 def window_length(policy: Policy) -> int:
@@ -75,6 +87,7 @@ class Daemon:
         self.history = history
         # daemon_started / policy_reloaded entries (journald with MESSAGE_ID, else a log line)
         self.events = events or (lambda _kind, message, _fields: log(message))
+        self.namer: Any = None  # names.AlertNamer: pod, namespace, container on alerts and rows
         self.psi_mode = "polling"
         self.detectors = {rule.name: rule.detector for rule in RULES}
         self.tracker = IncidentTracker(resolve_after_s=max(2.0, 4 * policy.daemon.tick_s))
@@ -156,12 +169,21 @@ class Daemon:
                 self._report_once(f"detector {name}", f"detector {name} failed: {exc!r}")
         newest = window[-1]
         alerts = self.tracker.update(findings, newest.ts, newest.wall, cooldowns)
-        for alert in alerts:
-            self.emit(alert)
-        return alerts
+        return [self.emit(alert) for alert in alerts]
 
-    def emit(self, alert: Alert) -> None:
-        """Store first (so nothing signalled is ever missing from history), then fan out."""
+    def name(self, alert: Alert) -> Alert:
+        """The alert with the pod, namespace and container names the node knows (when it knows)."""
+        if self.namer is None:
+            return alert
+        try:
+            return self.namer.name(alert)
+        except Exception as exc:  # names are a courtesy: the alert goes out without them
+            self._report_once("names", f"naming an alert failed: {exc!r}")
+            return alert
+
+    def emit(self, alert: Alert) -> Alert:
+        """Name, store first (so nothing signalled is ever missing from history), then fan out."""
+        alert = self.name(alert)
         self.alert_count += 1
         if alert.state == "firing":
             self.alerts_fired[(alert.rule, alert.severity)] += 1
@@ -193,6 +215,7 @@ class Daemon:
             except Exception as exc:
                 self.listener_errors += 1
                 self._report_once(f"listener {listener!r}", f"alert listener failed: {exc!r}")
+        return alert
 
     def _report_once(self, key: str, message: str) -> None:
         if key not in self._reported_errors:
@@ -245,6 +268,7 @@ class Daemon:
             "incidents": self.tracker,
             "enforcer": self.enforcer,
             "triage": self.triage,
+            "names": self.namer.resolver if self.namer is not None else None,
             "notify": self.notifier,
             **{"sink_" + re.sub(r"[^a-z0-9]+", "_", s.name.lower()): s for s in self.sinks},
             **self.health_sources,
@@ -331,7 +355,7 @@ class Daemon:
         return list(self.history.recent(since=since, rule=rule, limit=limit))
 
     def open_incidents(self) -> list[Alert]:
-        return list(self.tracker.open_incidents())
+        return [self.name(a) for a in self.tracker.open_incidents()]
 
     def explain(self, incident: str) -> dict[str, Any]:
         """The explanation of an incident ("latest": the newest); LookupError names what is missing."""
@@ -358,14 +382,38 @@ class Daemon:
             return []
         return list(self.history.incidents(since=since, limit=limit))
 
-    def top_cgroups(self, limit: int = 10) -> list[dict[str, Any]]:
+    def _names_of(self, path: str) -> Any:
+        """The names the node gives the owner of cgroup `path` (names.Names), or None."""
+        if self.namer is None:
+            return None
+        try:
+            return self.namer.resolver.names(path)
+        except Exception as exc:
+            self._report_once("names", f"naming cgroup {path} failed: {exc!r}")
+            return None
+
+    def top_cgroups(
+        self, limit: int = 10, where: Mapping[str, str] | None = None, sort: str = "pressure"
+    ) -> list[dict[str, Any]]:
         """Cgroups by pressure, each with its CPU use (its own processes, last tick), its run-queue
-        wait (last tick) and the stall it caused to others and suffered from them (stall window)."""
+        wait (last tick), the stall it caused to others and suffered from them (stall window) and
+        the pod, namespace and container names the node knows.
+
+        `where` keeps the cgroups whose owner passes it (names.RowFilter); `sort` orders by
+        another column (TOP_SORTS). Names are looked up for the rows returned, and for every
+        candidate only when filtering by them.
+        """
         if self.model is None:
             return []
+        from .collector.cgroups import owner_of
         from .detectors.cpu import busy
+        from .names import RowFilter, row_names
 
-        rows = list(self.model.top_cgroups(limit))
+        filt = RowFilter.parse(where or {})
+        if sort not in TOP_SORTS:
+            raise QueryError(f"sort must be one of {', '.join(TOP_SORTS)}, got {sort[:40]!r}")
+        everything = bool(filt) or sort != "pressure"
+        rows = list(self.model.top_cgroups(self.model.max_cgroups if everything else limit))
         newest = self.window[-1] if self.window else None
         cpu: dict[str, float] = collections.defaultdict(float)
         if newest is not None:
@@ -386,6 +434,16 @@ class Daemon:
                 row["runq_wait_ms"] = round(rq.wait_us / 1000, 1) if rq else 0.0
                 row["stall_caused_ms"] = round(caused.get(path, 0) / 1000, 1)
                 row["stall_suffered_ms"] = round(suffered.get(path, 0) / 1000, 1)
+        if filt:
+            rows = [
+                r for r in rows if filt.owner(self._names_of(r["path"]), owner_of(r["path"]).unit)
+            ]
+        key = TOP_SORTS[sort]
+        if key is not None:
+            rows.sort(key=lambda r: float(r.get(key) or 0), reverse=True)
+        rows = rows[:limit]
+        for row in rows:
+            row.update(row_names(self._names_of(row["path"])))
         return rows
 
     def _stall_pairs(self) -> tuple[dict[tuple[str, str], int], dict[str, int], float]:
@@ -405,20 +463,55 @@ class Daemon:
                 waits[path] += rq.wait_us
         return pairs, waits, window_s
 
-    def stall_table(self, limit: int = 20) -> list[dict[str, Any]]:
-        """Who stalls whom over the stall window: victim, culprit, stall_ms, share of victim's wait."""
+    def stall_table(
+        self, limit: int = 20, where: Mapping[str, str] | None = None
+    ) -> list[dict[str, Any]]:
+        """Who stalls whom over the stall window: victim, culprit, stall_ms, share of victim's wait,
+        and the names of both sides; with `where`, the rows whose victim or culprit passes it."""
+        from .collector.cgroups import owner_of
+        from .names import RowFilter, row_names
+
+        filt = RowFilter.parse(where or {})
         pairs, waits, window_s = self._stall_pairs()
-        ranked = sorted(pairs.items(), key=lambda item: item[1], reverse=True)[:limit]
-        return [
-            {
-                "victim": victim,
-                "culprit": culprit,
-                "stall_ms": round(us / 1000, 1),
-                "share": round(us / waits[victim], 3) if waits.get(victim) else 0.0,
-                "window_s": window_s,
-            }
-            for (victim, culprit), us in ranked
-        ]
+        ranked = sorted(pairs.items(), key=lambda item: item[1], reverse=True)
+        if filt:
+            ranked = [
+                (pair, us)
+                for pair, us in ranked
+                if any(filt.owner(self._names_of(p), owner_of(p).unit) for p in pair)
+            ]
+        rows = []
+        for (victim, culprit), us in ranked[:limit]:
+            rows.append(
+                {
+                    "victim": victim,
+                    "culprit": culprit,
+                    "stall_ms": round(us / 1000, 1),
+                    "share": round(us / waits[victim], 3) if waits.get(victim) else 0.0,
+                    "window_s": window_s,
+                    **row_names(self._names_of(victim), "victim_"),
+                    **row_names(self._names_of(culprit), "culprit_"),
+                }
+            )
+        return rows
+
+    def alerts(
+        self, since: float = 0.0, limit: int = 100, where: Mapping[str, str] | None = None
+    ) -> list[Alert]:
+        """Alerts from the history, newest first, whose culprit or victim passes `where`."""
+        from .names import RowFilter
+
+        filt = RowFilter.parse(where or {})
+        rule = filt.rule or ""
+        if not (filt.namespace or filt.pod or filt.container or filt.unit):
+            return self.recent_alerts(since=since, rule=rule, limit=limit)
+        out = []
+        for alert in self.recent_alerts(since=since, rule=rule, limit=HISTORY_SCAN):
+            if alert_matches(alert, filt):
+                out.append(alert)
+                if len(out) >= limit:
+                    break
+        return out
 
     def reload_policy(self) -> str:
         """Load the policy file again; a bad file raises PolicyError and the old policy stays."""
@@ -866,6 +959,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not attach the scheduler (stall attribution) program",
     )
     p.add_argument(
+        "--host-root",
+        default="/",
+        metavar="DIR",
+        help="where the node's /run, /var/lib and /var/log are, for pod and container names "
+        "(default: /; e.g. /host when linnixd runs in a container with the host mounted there)",
+    )
+    p.add_argument(
         "--stats-on-exit",
         action="store_true",
         help='print {"stats": {...}} as JSON on stderr at exit (also on SIGUSR1)',
@@ -987,6 +1087,9 @@ def run(args: argparse.Namespace) -> int:
         SystemdUnits("system", timeout_s=UNIT_TIMEOUT_S),
         log=lambda message: log(message, LOG_WARNING),
     )
+    from .names import AlertNamer, NameResolver
+
+    daemon.namer = AlertNamer(NameResolver(args.host_root, model.resolver.directory))
     if args.foreground:
         daemon.sinks.append(QueuedSink(StdoutSink(args.output), on_error=log))
     if not args.no_journal and journald_present():

@@ -112,6 +112,36 @@ class Owner:
 
 
 @dataclass(frozen=True)
+class Names:
+    """The names the node's runtimes and kubelet give a cgroup's owner (linnixd/names.py)."""
+
+    pod: str | None = None
+    namespace: str | None = None
+    pod_uid: str | None = None
+    container: str | None = None
+    container_id: str | None = None
+    image: str | None = None
+    runtime: str | None = None
+
+    def label(self) -> str | None:
+        """'pod payments/api-7d9f (container api)', 'container web', or None without a name."""
+        return owner_label(self.pod, self.namespace, self.container)
+
+
+def owner_label(pod: str | None, namespace: str | None, container: str | None) -> str | None:
+    """How summaries name a pod or container: 'pod NS/POD (container C)', 'container C'."""
+    if pod:
+        who = f"pod {namespace}/{pod}" if namespace else f"pod {pod}"
+        return f"{who} (container {container})" if container else who
+    if container:
+        return f"container {container}"
+    return None
+
+
+NAME_FIELDS = ("pod", "namespace", "container", "container_id", "image")
+
+
+@dataclass(frozen=True)
 class ProcessSample:
     """One process as seen at a tick."""
 
@@ -247,15 +277,22 @@ class Culprit:
     parent_pid: int | None = None
     parent_comm: str | None = None
     root_pid: int | None = None  # subtree root for tree-shaped culprits
+    # Names of the cgroup's owner, filled in after detection (names.AlertNamer), when known.
+    pod: str | None = None
+    namespace: str | None = None
+    container: str | None = None
+    container_id: str | None = None
+    image: str | None = None
 
     def label(self) -> str:
         """Human-readable name, most specific first: 'stress-ng[1234] in foo.service'."""
+        named = owner_label(self.pod, self.namespace, self.container)
         who = (
             f"{self.comm}[{self.pid}]"
             if self.pid is not None
-            else (self.unit or self.cgroup or "host")
+            else (named or self.unit or self.cgroup or "host")
         )
-        where = self.unit or self.cgroup
+        where = named or self.unit or self.cgroup
         if self.pid is not None and where:
             return f"{who} in {where}"
         return who
@@ -306,6 +343,7 @@ class Alert:
             "parent_pid": c.parent_pid,
             "parent_comm": c.parent_comm,
             "root_pid": c.root_pid,
+            **{k: getattr(c, k) for k in NAME_FIELDS},
             "evidence": dict(self.evidence),
         }
 
@@ -320,6 +358,7 @@ class Alert:
             parent_pid=d.get("parent_pid"),
             parent_comm=d.get("parent_comm"),
             root_pid=d.get("root_pid"),
+            **{k: d.get(k) for k in NAME_FIELDS},
         )
         return Alert(
             id=d["id"],

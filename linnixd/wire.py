@@ -12,7 +12,7 @@ from typing import Any
 
 from dbus_next import Variant
 
-from .model import Alert, Culprit
+from .model import NAME_FIELDS, Alert, Culprit
 
 BUS_NAME = "org.linnix.linnixd1"
 OBJECT_PATH = "/org/linnix/linnixd1"
@@ -41,7 +41,17 @@ ACTION_SIGNATURE = "s" * len(ACTION_FIELDS)
 PROPERTIES_CHANGED_SIGNATURE = "sa{sv}as"
 
 # Culprit fields carried as plain variants in the details (absent ones are left out).
-_CULPRIT_FIELDS = ("kind", "pid", "comm", "unit", "cgroup", "parent_pid", "parent_comm", "root_pid")
+_CULPRIT_FIELDS = (
+    "kind",
+    "pid",
+    "comm",
+    "unit",
+    "cgroup",
+    "parent_pid",
+    "parent_comm",
+    "root_pid",
+    *NAME_FIELDS,  # pod, namespace, container, container_id, image (linnixd/names.py)
+)
 
 
 def to_variant(value: Any) -> Variant | None:
@@ -116,6 +126,7 @@ def decode_alert(body: Sequence[Any]) -> Alert:
             parent_pid=plain.get("parent_pid"),
             parent_comm=plain.get("parent_comm"),
             root_pid=plain.get("root_pid"),
+            **{name: plain.get(name) for name in NAME_FIELDS},
         ),
         evidence=json.loads(evidence) if isinstance(evidence, str) else {},
     )

@@ -631,6 +631,7 @@ def test_an_unmarked_export_needs_authorization() -> None:
         "IncidentHistory",
         "TopCgroups",
         "StallTable",
+        "Query",
         "ListActions",
     }
 

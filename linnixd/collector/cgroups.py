@@ -23,6 +23,8 @@ _SCOPE_CONTAINERS = (
     (re.compile(r"^crio-(?!conmon-)([0-9a-f]{12,64})\.scope$"), "cri-o"),
 )
 _HEX_ID = re.compile(r"^[0-9a-f]{64}$")
+# CRI-O under kubelet's cgroupfs driver: kubepods/<qos>/pod<uid>/crio-<id> (no .scope).
+_CRIO_CGROUPFS = re.compile(r"^crio-(?!conmon-)([0-9a-f]{64})$")
 _POD_CGROUPFS = re.compile(r"^pod([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$")
 _POD_SYSTEMD = re.compile(
     r"^kubepods(?:-burstable|-besteffort|-guaranteed)?-pod"
@@ -53,7 +55,10 @@ def owner_of(path: str) -> Owner:
                 container = (part, sm.group(1), runtime)
                 break
         else:
-            if _HEX_ID.match(part):
+            cm = _CRIO_CGROUPFS.match(part)
+            if cm and (pod_uid is not None or in_kubepods):
+                container = (part, cm.group(1), "cri-o")
+            elif _HEX_ID.match(part):
                 prev = parts[i - 1] if i > 0 else ""
                 if prev == "docker":
                     container = (part, part, "docker")

@@ -46,6 +46,11 @@ def journal_fields(alert: Alert) -> dict[str, Any]:
         "LINNIX_PARENT_PID": c.parent_pid,
         "LINNIX_PARENT_COMM": c.parent_comm,
         "LINNIX_ROOT_PID": c.root_pid,
+        "LINNIX_POD": c.pod,
+        "LINNIX_NAMESPACE": c.namespace,
+        "LINNIX_CONTAINER": c.container,
+        "LINNIX_CONTAINER_ID": c.container_id,
+        "LINNIX_IMAGE": c.image,
     }
     for key, value in optional.items():
         if value is not None:

@@ -36,7 +36,15 @@ def format_text(alert: Alert) -> str:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(alert.ts))
     c = alert.culprit
     who = []
-    for key, val in (("pid", c.pid), ("comm", c.comm), ("unit", c.unit), ("cgroup", c.cgroup)):
+    pod = f"{c.namespace}/{c.pod}" if c.pod and c.namespace else c.pod
+    for key, val in (
+        ("pid", c.pid),
+        ("comm", c.comm),
+        ("pod", pod),
+        ("container", c.container),
+        ("unit", c.unit),
+        ("cgroup", c.cgroup),
+    ):
         if val is not None:
             who.append(f"{key}={val}")
     return (

@@ -1,0 +1,325 @@
+"""The real daemon names pods and containers in real alerts, and filters by them over a real bus.
+
+Kubelet's two cgroup drivers are laid out as real cgroups in the real cgroup2 tree (systemd:
+kubepods.slice/.../cri-containerd-<id>.scope; cgroupfs: kubepods/<qos>/pod<uid>/crio-<id>),
+containerd's and CRI-O's files as they write them in a temporary node root (--host-root), and
+a real CPU hog runs in each container cgroup until cpu_spike fires. Needs root (BPF).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from linnixd.collector.cgroups import cgroup2_mount
+from tests.test_names import (
+    CGROUPFS_CRIO,
+    CID,
+    CRIO_CID,
+    SYSTEMD_CONTAINER,
+    containerd_container,
+    crio_container,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = "/usr/bin/python3"
+BUS_CONFIG = ROOT / "tests" / "dbus" / "system-bus.conf"
+READY_TIMEOUT_S = 180.0
+ALERT_TIMEOUT_S = 60.0
+
+pytestmark = [pytest.mark.bpf]
+
+
+class Lines:
+    """A subprocess whose stdout JSON lines (and stderr lines) are collected by threads."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.records: list[dict[str, Any]] = []
+        self.log: list[str] = []
+        self.changed = threading.Condition()
+        for target in (self._stdout, self._stderr):
+            threading.Thread(target=target, daemon=True).start()
+
+    def _stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self.changed:
+                try:
+                    self.records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    self.log.append(line.rstrip())
+                self.changed.notify_all()
+
+    def _stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self.changed:
+                self.log.append(line.rstrip())
+                self.changed.notify_all()
+
+    def wait(self, pred: Callable[[], Any], timeout: float, what: str) -> Any:
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                got = pred()
+                if got:
+                    return got
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    raise AssertionError(
+                        f"no {what} within {timeout:g} s; seen {[(r.get('rule'), r.get('cgroup')) for r in self.records]}; "
+                        f"log tail {self.log[-6:]}"
+                    )
+                self.changed.wait(min(left, 0.5))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def bus() -> Iterator[str]:
+    proc = subprocess.Popen(
+        ["dbus-daemon", f"--config-file={BUS_CONFIG}", "--nofork", "--print-address=1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    address = proc.stdout.readline().strip()
+    try:
+        yield address
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("node")
+    containerd_container(root)
+    crio_container(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cgroups() -> Iterator[dict[str, str]]:
+    """Kubelet's systemd-driver and cgroupfs-driver container cgroups, under one test directory."""
+    mount = cgroup2_mount()
+    if mount is None:
+        pytest.skip("no cgroup2 mount")
+    top = f"/linnixd-names-{uuid.uuid4().hex[:8]}"
+    paths = {"systemd": top + SYSTEMD_CONTAINER, "cgroupfs": top + CGROUPFS_CRIO}
+    for rel in paths.values():
+        os.makedirs(mount + rel)
+    try:
+        yield {k: mount + v for k, v in paths.items()} | {f"{k}_rel": v for k, v in paths.items()}
+    finally:
+        for dirpath, _, _ in sorted(os.walk(mount + top), key=lambda t: -len(t[0])):
+            os.rmdir(dirpath)
+
+
+@pytest.fixture(scope="module")
+def daemon(bus: str, node: Path) -> Iterator[Lines]:
+    d = Lines(
+        [
+            PYTHON,
+            "-m",
+            "linnixd",
+            "--foreground",
+            "--output",
+            "json",
+            "--bus",
+            bus,
+            "--host-root",
+            str(node),
+            "--state-dir",
+            str(node / "var/lib/linnixd"),
+            "--policy",
+            str(ROOT / "policy" / "rules.yaml"),
+        ]
+    )
+    try:
+        d.wait(
+            lambda: any(line.startswith("linnixd: ready") for line in d.log),
+            READY_TIMEOUT_S,
+            "ready line",
+        )
+        yield d
+    finally:
+        d.stop()
+
+
+def ctl(bus: str, *argv: str) -> Any:
+    cp = subprocess.run(
+        [PYTHON, "-m", "linnixd.ctl", "--bus", bus, *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cp.returncode == 0, cp.stderr
+    return cp.stdout
+
+
+class Hog:
+    """linnixctl's cpu-spike demo moved into a container cgroup (a real process burning a CPU)."""
+
+    def __init__(self, cgroup_dir: str) -> None:
+        self.proc = subprocess.Popen(
+            [
+                PYTHON,
+                "-m",
+                "linnixd.demos",
+                "cpu-spike",
+                "--cgroup",
+                cgroup_dir,
+                "--duration",
+                "60",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        self.start_line = self.proc.stdout.readline()
+        self.pid = int(self.start_line.split("pid ")[1].split()[0])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.communicate(timeout=15)
+
+
+def test_alerts_name_pods_in_both_drivers_and_queries_filter_by_them(
+    daemon: Lines, bus: str, cgroups: dict[str, str]
+) -> None:
+    watch = Lines([PYTHON, "-m", "linnixd.ctl", "--bus", bus, "watch", "--json"])
+    try:
+        watch.wait(lambda: any("watching" in line for line in watch.log), 30, "watch ready")
+        # kubelet systemd driver + containerd
+        hog = Hog(cgroups["systemd"])
+        try:
+            alert = daemon.wait(
+                lambda: next(
+                    (
+                        a
+                        for a in daemon.records
+                        if a.get("rule") == "cpu_spike" and a.get("pid") == hog.pid
+                    ),
+                    None,
+                ),
+                ALERT_TIMEOUT_S,
+                "cpu_spike alert for the containerd pod",
+            )
+            assert alert["cgroup"] == cgroups["systemd_rel"]
+            assert alert["unit"] == f"cri-containerd-{CID}.scope"
+            assert (alert["pod"], alert["namespace"], alert["container"]) == (
+                "api-7d9f8c6b5-x2x9z",
+                "payments",
+                "api",
+            )
+            assert alert["container_id"] == CID
+            assert alert["image"] == "registry.example/payments/api:1.4.2"
+            assert (
+                f"[{hog.pid}] in pod payments/api-7d9f8c6b5-x2x9z (container api) at"
+                in alert["summary"]
+            )
+            # the D-Bus Alert signal carries the same names
+            signalled = watch.wait(
+                lambda: next(
+                    (
+                        a
+                        for a in watch.records
+                        if a.get("rule") == "cpu_spike" and a.get("pid") == hog.pid
+                    ),
+                    None,
+                ),
+                30,
+                "Alert signal",
+            )
+            assert (signalled["pod"], signalled["namespace"], signalled["container"]) == (
+                "api-7d9f8c6b5-x2x9z",
+                "payments",
+                "api",
+            )
+            # top, filtered by namespace on the daemon's side, names the pod's row
+            top = json.loads(ctl(bus, "top", "--namespace", "payments", "--json"))
+            assert [r["path"] for r in top["cgroups"]] == [cgroups["systemd_rel"]]
+            assert top["cgroups"][0]["pod"] == "api-7d9f8c6b5-x2x9z"
+            assert json.loads(ctl(bus, "top", "--namespace", "nowhere", "--json"))["cgroups"] == []
+        finally:
+            hog.stop()
+
+        # kubelet cgroupfs driver + CRI-O
+        hog = Hog(cgroups["cgroupfs"])
+        try:
+            alert = daemon.wait(
+                lambda: next(
+                    (
+                        a
+                        for a in daemon.records
+                        if a.get("rule") == "cpu_spike" and a.get("pid") == hog.pid
+                    ),
+                    None,
+                ),
+                ALERT_TIMEOUT_S,
+                "cpu_spike alert for the CRI-O pod",
+            )
+            assert alert["cgroup"] == cgroups["cgroupfs_rel"]
+            assert (
+                alert["pod"],
+                alert["namespace"],
+                alert["container"],
+                alert["container_id"],
+            ) == (
+                "checkout-6c8d",
+                "shop",
+                "checkout",
+                CRIO_CID,
+            )
+            assert (
+                f"[{hog.pid}] in pod shop/checkout-6c8d (container checkout) at" in alert["summary"]
+            )
+        finally:
+            hog.stop()
+    finally:
+        watch.stop()
+
+    # the history, filtered by the daemon: each namespace gets its own alert only
+    payments = [
+        json.loads(line)
+        for line in ctl(bus, "alerts", "--namespace", "payments", "--json").splitlines()
+    ]
+    shop = [
+        json.loads(line)
+        for line in ctl(bus, "alerts", "--pod", "checkout-*", "--json").splitlines()
+    ]
+    # culprit or victim in the namespace (a pod that suffered a neighbour's stall counts too)
+    assert payments and all(
+        "payments" in (a["namespace"], a["evidence"].get("victim_namespace")) for a in payments
+    ), payments
+    assert shop and all(
+        "checkout-6c8d" in (a["pod"], a["evidence"].get("victim_pod")) for a in shop
+    ), shop
+    assert any(a["rule"] == "cpu_spike" for a in payments)
+    status = json.loads(ctl(bus, "status", "--json"))
+    assert status["health"]["names"]["named"] >= 2
+    assert status["health"]["names"]["malformed"] == 0
