@@ -511,9 +511,8 @@ def test_alert_matches_culprit_or_victim(node: Path) -> None:
 
 
 def test_journald_and_dbus_carry_the_names(node: Path) -> None:
-    from linnixd.bus import alert_details
-    from linnixd.ctl import alert_from_signal
     from linnixd.sinks.journal import journal_fields
+    from linnixd.wire import decode_alert, encode_alert
 
     containerd_container(node)
     crio_container(node)
@@ -527,6 +526,4 @@ def test_journald_and_dbus_carry_the_names(node: Path) -> None:
         fields["LINNIX_IMAGE"],
     ) == ("api-7d9f8c6b5-x2x9z", "payments", "api", CID, "registry.example/payments/api:1.4.2")
     assert fields["MESSAGE"].startswith("noisy_neighbour firing: pod payments/api-7d9f8c6b5-x2x9z")
-    body = [named.rule, named.severity, named.summary, alert_details(named)]
-    decoded = alert_from_signal(body)
-    assert Alert.from_dict(decoded) == named
+    assert decode_alert(encode_alert(named)) == named
