@@ -116,6 +116,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("node")
     containerd_container(root)
     crio_container(root)
+    (root / "var/lib").mkdir(parents=True)  # linnixd makes its state directory in there
     return root
 
 
@@ -315,7 +316,7 @@ def test_alerts_name_pods_in_both_drivers_and_queries_filter_by_them(
     # culprit or victim in the namespace (a pod that suffered a neighbour's stall counts too)
     assert payments and all(
         "payments" in (a["namespace"], a["evidence"].get("victim_namespace")) for a in payments
-    ), payments
+    ), (payments, daemon.log[-8:])
     assert shop and all(
         "checkout-6c8d" in (a["pod"], a["evidence"].get("victim_pod")) for a in shop
     ), shop
