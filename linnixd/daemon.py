@@ -89,7 +89,8 @@ class Daemon:
         self.events = events or (lambda _kind, message, _fields: log(message))
         self.namer: Any = None  # names.AlertNamer: pod, namespace, container on alerts and rows
         self.psi_mode = "polling"
-        self.detectors = {rule.name: rule.detector for rule in RULES}
+        # own instances: a detector may keep state across ticks (memory_leak's slow series)
+        self.detectors = {rule.name: type(rule.detector)() for rule in RULES}
         self.tracker = IncidentTracker(resolve_after_s=max(2.0, 4 * policy.daemon.tick_s))
         self.window: collections.deque[Snapshot] = collections.deque(maxlen=window_length(policy))
         self.sinks: list[Any] = []
@@ -272,6 +273,11 @@ class Daemon:
             "notify": self.notifier,
             **{"sink_" + re.sub(r"[^a-z0-9]+", "_", s.name.lower()): s for s in self.sinks},
             **self.health_sources,
+            **{
+                f"detector_{name}": d
+                for name, d in self.detectors.items()
+                if callable(getattr(d, "health", None))
+            },
         }
         return collect(parts)
 

@@ -182,7 +182,7 @@ def _burn_share(share: float, duration: float) -> float:
 def _runaway_tree(args: argparse.Namespace) -> int:
     leader = os.getpid()
     kids = []
-    for i in range(RUNAWAY_CHILDREN):
+    for _ in range(RUNAWAY_CHILDREN):
         pid = os.fork()
         if pid == 0:
             code = EXIT_FAILURE
@@ -205,7 +205,10 @@ def _runaway_tree(args: argparse.Namespace) -> int:
 
 
 def _memory_leak(args: argparse.Namespace) -> int:
-    rate = (MEMLEAK_FAST_RATE_MB_S if args.fast else MEMLEAK_RATE_MB_S) * MB
+    if args.rate is not None:
+        rate = args.rate * MB
+    else:
+        rate = (MEMLEAK_FAST_RATE_MB_S if args.fast else MEMLEAK_RATE_MB_S) * MB
     step_s = 0.25
     chunks: list[bytearray] = []
     held = 0
@@ -447,6 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"memory-leak: grow {MEMLEAK_FAST_RATE_MB_S:g} MB/s, not {MEMLEAK_RATE_MB_S:g}",
     )
+    p.add_argument(
+        "--rate",
+        type=float,
+        metavar="MB_S",
+        help="memory-leak: grow this many MB/s (0 < MB_S <= 100)",
+    )
     return p
 
 
@@ -468,6 +477,11 @@ def main(argv: Sequence[str]) -> int:
         print(
             f"linnixctl demo: --duration {args.duration:g}: must be within (0, 3600] seconds",
             file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if args.rate is not None and not 0 < args.rate <= 100:
+        print(
+            f"linnixctl demo: --rate {args.rate:g}: must be within (0, 100] MB/s", file=sys.stderr
         )
         return EXIT_USAGE
     if args.cgroup is not None and (code := _join_cgroup(args.cgroup)) is not None:

@@ -70,6 +70,7 @@ def assemble(c: Collected) -> Snapshot:
         cpu_util_pct=c.system.cpu_util_pct,
         file_nr=c.system.file_nr,
         file_max=c.system.file_max,
+        mem_available_bytes=c.system.mem_available_bytes,
         exits=tuple(tick.exits) if tick is not None else (),
         stall=c.stall,
         changed=c.changed,

@@ -172,6 +172,9 @@ class CgroupSample:
     cpu_usage_us: int | None = None  # cpu.stat usage_usec delta over the interval
     nr_throttled: int | None = None  # cpu.stat delta over the interval
     throttled_us: int | None = None  # cpu.stat throttled_usec delta over the interval
+    # Effective limits (the lowest on the path from the root), None for "max" or unreadable.
+    memory_max_bytes: int | None = None
+    memory_high_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,7 @@ class Snapshot:
     cpu_util_pct: float  # whole-host busy share over the interval, 0-100
     file_nr: int = 0  # allocated file handles (/proc/sys/fs/file-nr first field)
     file_max: int = 0
+    mem_available_bytes: int = 0  # /proc/meminfo MemAvailable (0 = unknown)
     exits: Sequence[ExitRecord] = ()  # exit records that arrived during this interval
     stall: StallSnapshot | None = None
     # Pids whose sample was rebuilt this interval (ran, stopped running, re-read, appeared).

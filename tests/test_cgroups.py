@@ -7,6 +7,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -255,3 +256,27 @@ def test_sample_reads_cpu_stat_delta_and_v1_memory(testcg: str) -> None:
         child.kill()
         child.wait()
     assert r.sample(testcg + "/nope", {}) is None
+
+
+def test_memory_limits_lowest_on_the_path_and_max_is_none(tmp_path: Path) -> None:
+    """memory.max/high as cgroup2 writes them (a tree of plain files: this host's cgroup2 has
+    no memory controller; the VM checks the real one)."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "memory.max").write_text("1073741824\n")
+    (tmp_path / "a" / "memory.high").write_text("max\n")
+    (tmp_path / "a" / "b" / "memory.max").write_text("max\n")
+    (tmp_path / "a" / "b" / "memory.high").write_text("536870912\n")
+    now = [0.0]
+    r = CgroupResolver(mount=str(tmp_path), v1_memory="", clock=lambda: now[0])
+    r.refresh()
+    assert r.memory_limits("/a/b") == (1 << 30, 1 << 29)  # max from the parent, high its own
+    assert r.memory_limits("/a") == (1 << 30, None)  # "max" is no limit
+    assert r.memory_limits("/") == (None, None)  # the root has none
+    (tmp_path / "a" / "memory.max").write_text("max\n")  # changed mid-window ...
+    assert r.memory_limits("/a/b") == (1 << 30, 1 << 29)  # ... seen after the refresh period
+    now[0] += 5.0
+    assert r.memory_limits("/a/b") == (None, 1 << 29)
+    (tmp_path / "a" / "b" / "memory.high").write_text("garbage\n")
+    (tmp_path / "a" / "b" / "memory.max").unlink()
+    now[0] += 5.0
+    assert r.memory_limits("/a/b") == (None, None)

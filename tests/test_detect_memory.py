@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
-from snapshots import cgroup, proc, rule_cfg, series, snap
+from snapshots import T0, cgroup, proc, rule_cfg, series, snap
 
 from linnixd.detectors.memory import MemoryLeakDetector, fit
+from linnixd.model import Snapshot
 
 MIB = 1 << 20
 LEAK = MemoryLeakDetector()
@@ -53,10 +56,154 @@ def test_memory_leak_growth_threshold_both_sides() -> None:
     assert LEAK.evaluate(window, rule_cfg("memory_leak", min_growth_mb=60.1)) == []
 
 
-def test_memory_leak_needs_samples_spanning_most_of_the_window() -> None:
-    # 54 s of history is 0.9 x 60 s: enough; 53.5 s is not
-    assert len(LEAK.evaluate(rss_window(ramp, n=109), rule_cfg("memory_leak"))) == 1
-    assert LEAK.evaluate(rss_window(ramp, n=108), rule_cfg("memory_leak")) == []
+def test_memory_leak_fires_on_growth_actually_observed() -> None:
+    # 1 MiB/s: 50 s of history shows 50 MiB (fires), 49.5 s shows 49.5 MiB (does not)
+    [f] = MemoryLeakDetector().evaluate(rss_window(ramp, n=101), rule_cfg("memory_leak"))
+    assert f.evidence["growth_mb"] == 50.0 and f.evidence["span_s"] == 50.0
+    assert MemoryLeakDetector().evaluate(rss_window(ramp, n=100), rule_cfg("memory_leak")) == []
+
+
+def fast(i: int) -> float:
+    return 100 * MIB + i * 5 * MIB  # 10 MiB/s at 0.5 s ticks
+
+
+def test_fast_leak_fires_within_seconds() -> None:
+    # 50 MiB are crossed after 5 s; the fit needs min_span_s 10 s: named at 10 s, not 54 s
+    assert MemoryLeakDetector().evaluate(rss_window(fast, n=20), rule_cfg("memory_leak")) == []
+    [f] = MemoryLeakDetector().evaluate(rss_window(fast, n=21), rule_cfg("memory_leak"))
+    ev = f.evidence
+    assert ev["mode"] == "fast" and ev["span_s"] == 10.0 and ev["growth_mb"] == 100.0
+    assert ev["slope_mb_per_min"] == 600.0 and ev["samples"] == 21
+    assert "grows 600.0 MiB/min (+100 MiB in 10 s, R^2 1.00), now 200 MiB" in f.summary
+    # a process born mid-window is judged on its own samples
+    late = rss_window(fast, n=40)
+    late = [
+        s if i >= 19 else dataclasses.replace(s, processes={1: s.processes[1]})
+        for i, s in enumerate(late)
+    ]
+    [g] = MemoryLeakDetector().evaluate(late, rule_cfg("memory_leak"))
+    assert g.evidence["samples"] == 21 and g.evidence["rss_start_mb"] == 195.0
+
+
+def limited(window: list[Snapshot], **limits: Any) -> list[Snapshot]:
+    """The window with APP's cgroup limits and the host's MemAvailable set on every snapshot."""
+    avail = limits.pop("avail", 0)
+    out = []
+    for s in window:
+        cgs = {p: dataclasses.replace(c, **limits) for p, c in s.cgroups.items()}
+        out.append(dataclasses.replace(s, cgroups=cgs, mem_available_bytes=avail))
+    return out
+
+
+def test_projection_to_the_nearest_limit() -> None:
+    cfg = rule_cfg("memory_leak")
+    # the process grows 10 MiB/s to 200 MiB; its cgroup uses 1048 MiB of a 2048 MiB memory.max
+    base = rss_window(fast, n=21, cg_memory=lambda i: 848 * MIB + fast(i))
+    [f] = MemoryLeakDetector().evaluate(
+        limited(base, memory_max_bytes=2048 * MIB, avail=8192 * MIB), cfg
+    )
+    ev = f.evidence
+    assert (ev["limit_kind"], ev["limit_mb"], ev["headroom_mb"], ev["eta_s"]) == (
+        "memory.max",
+        2048.0,
+        1000.0,
+        100.0,
+    )
+    assert f.summary.endswith("hits memory.max (2048 MiB) in about 2 min")
+    # memory.high below memory.max is reached first
+    [f] = MemoryLeakDetector().evaluate(
+        limited(base, memory_max_bytes=2048 * MIB, memory_high_bytes=1448 * MIB), cfg
+    )
+    assert (f.evidence["limit_kind"], f.evidence["eta_s"]) == ("memory.high", 40.0)
+    # no cgroup limit ("max"): the host's MemAvailable, 6 GiB at 600 MiB/min
+    [f] = MemoryLeakDetector().evaluate(limited(base, avail=6144 * MIB), cfg)
+    assert (f.evidence["limit_kind"], f.evidence["limit_mb"], f.evidence["eta_s"]) == (
+        "MemAvailable",
+        6144.0,
+        614.4,
+    )
+    assert f.summary.endswith("exhausts MemAvailable (6144 MiB left) in about 10 min")
+    # the host has less left than the cgroup limit allows: the host is the nearer limit
+    [f] = MemoryLeakDetector().evaluate(
+        limited(base, memory_max_bytes=2048 * MIB, avail=300 * MIB), cfg
+    )
+    assert (f.evidence["limit_kind"], f.evidence["eta_s"]) == ("MemAvailable", 30.0)
+    # nothing known: no projection, said so
+    [f] = MemoryLeakDetector().evaluate(base, cfg)
+    assert f.evidence["eta_s"] is None and f.evidence["limit_kind"] is None
+    assert f.summary.endswith("no memory limit known to project against")
+    # already over memory.high: it is there now
+    [f] = MemoryLeakDetector().evaluate(limited(base, memory_high_bytes=1000 * MIB), cfg)
+    assert (f.evidence["limit_kind"], f.evidence["headroom_mb"], f.evidence["eta_s"]) == (
+        "memory.high",
+        0.0,
+        0.0,
+    )
+
+
+# ---- slow leaks: a synthetic series hours long (time is synthetic: one snapshot a minute) ----
+
+MINUTE = 60.0
+
+
+def slow_snap(m: int, rss: float, pid: int = 4321, start: float = 50.0) -> Snapshot:
+    procs = [
+        proc(1, 0, "init", cgroup="/", unit=None, rss=5 * MIB),
+        proc(pid, 1, "slowleak", rss=int(rss), start=start),
+    ]
+    s = snap(0, procs, interval=MINUTE, ts=T0 + m * MINUTE)
+    return dataclasses.replace(s, mem_available_bytes=1024 * MIB)
+
+
+def run_minutes(det: MemoryLeakDetector, rss: Callable[[int], float], minutes: int, **kw: Any):
+    """Feed one snapshot a minute (the daemon's window holds only the last 60 s of them)."""
+    fired = []
+    for m in range(minutes):
+        for f in det.evaluate([slow_snap(m, rss(m), **kw)], rule_cfg("memory_leak")):
+            fired.append((m, f))
+    return fired
+
+
+def test_slow_leak_found_over_hours() -> None:
+    det = MemoryLeakDetector()
+
+    def slow(m: int) -> float:  # 20 MiB/h with +/-2 MiB of noise
+        return 300 * MIB + m * MIB / 3 + (2 if m % 2 else -2) * MIB
+
+    fired = run_minutes(det, slow, 4 * 60)
+    first, f = fired[0]
+    # 50 MiB of fitted growth take 2.5 h at 20 MiB/h; one point per 3 min
+    assert 150 <= first <= 160
+    ev = f.evidence
+    assert ev["mode"] == "slow" and f.key == "pid:4321:50" and f.culprit.comm == "slowleak"
+    assert 18.0 <= ev["rate_mb_per_h"] <= 22.0 and ev["r2"] >= 0.95
+    assert ev["span_s"] >= 150 * MINUTE and ev["samples"] <= 120
+    assert ev["limit_kind"] == "MemAvailable" and 45 * 3600 <= ev["eta_s"] <= 57 * 3600
+    assert "MiB/h" in f.summary and "exhausts MemAvailable (1024 MiB left) in about" in f.summary
+    # it keeps being found at every tick between points (the incident stays open)
+    assert [m for m, _ in fired] == list(range(first, 4 * 60))
+    health = det.health().gauges
+    assert health["slow_points"] <= 120 * health["slow_series"] and health["slow_series"] == 2
+
+
+def test_slow_flat_or_noisy_never_fires() -> None:
+    def jitter(m: int) -> float:  # a big process breathing +/-30 MiB, not growing
+        return 900 * MIB + (30 if (m // 7) % 2 else -30) * MIB
+
+    assert run_minutes(MemoryLeakDetector(), jitter, 6 * 60) == []
+
+
+def test_slow_series_restarts_for_a_reused_pid_and_after_exit() -> None:
+    det = MemoryLeakDetector()
+    grow = lambda m: 300 * MIB + m * MIB / 3  # noqa: E731
+    assert run_minutes(det, grow, 120) == []  # 40 MiB in 2 h: below 50
+    # the pid now names another process (new start time): its history is not the old one's
+    fired = [
+        f
+        for m in range(120, 200)
+        for f in det.evaluate([slow_snap(m, grow(m), start=9000.0)], rule_cfg("memory_leak"))
+    ]
+    assert fired == []
 
 
 def test_flat_high_rss_never_fires() -> None:

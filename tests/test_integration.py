@@ -311,6 +311,39 @@ def test_memory_leak_names_the_growing_process(daemon: Daemon) -> None:
     assert 200 <= ev["slope_mb_per_min"] <= 360, ev
 
 
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_fast_leak_named_within_seconds_with_time_to_limit(daemon: Daemon) -> None:
+    """10 MB/s for 40 s: named seconds after 50 MB were crossed (not after a 54 s series)."""
+    with Demo("memory-leak", "--rate", "10", "--duration", "40") as demo:
+        # the cgroup's name is the earlier leak test's: this demo's own pid tells them apart
+        alert = daemon.wait_alert(
+            lambda a: demo.ours(a) and a.get("pid") == demo.pid, 40, "memory_leak"
+        )
+        after_s = time.monotonic() - demo.t0
+        rss_at_alert = rss_mb(demo.pid)
+    ev = alert["evidence"]
+    print(f"alert {after_s:.1f} s after the start: {alert['summary']}")
+    assert alert["pid"] == demo.pid and alert["comm"] == "lx-memleak"
+    assert ev["mode"] == "fast" and ev["r2"] >= 0.8
+    # 50 MB are crossed 5 s in; the fit needs min_span_s (10 s); the rest is a loaded host's slack
+    assert after_s <= 25, after_s
+    assert 50 <= ev["growth_mb"] and ev["span_s"] >= 10
+    assert ev["rss_now_mb"] <= rss_at_alert + 1 and ev["rss_now_mb"] >= 50
+    # 10 MB/s = 600 MB/min, less what a busy host delays
+    assert 400 <= ev["slope_mb_per_min"] <= 700, ev
+    # the projection: no cgroup limit here (v1 memory on the CI host), so the host's MemAvailable
+    assert ev["limit_kind"] in ("MemAvailable", "memory.high", "memory.max")
+    assert ev["eta_s"] is not None and ev["eta_s"] > 0
+    rate_mb_s = ev["slope_mb_per_min"] / 60
+    assert abs(ev["eta_s"] - ev["headroom_mb"] / rate_mb_s) <= 0.02 * ev["eta_s"] + 1
+
+
 def test_fd_leak_names_the_process_near_its_limit(daemon: Daemon) -> None:
     with Demo("fd-leak") as demo:
         assert demo.rule == "fd_exhaustion"

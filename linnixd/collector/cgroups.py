@@ -102,6 +102,9 @@ def _find_mount(mountinfo: str, want: Callable[[str, list[str]], bool]) -> str |
     return None
 
 
+LIMITS_REFRESH_S = 5.0  # memory.max/memory.high of a cgroup are re-read at most this often
+
+
 @dataclass
 class _CpuPrev:
     usage_us: int
@@ -134,6 +137,9 @@ class CgroupResolver:
         self._unresolvable: OrderedDict[int, None] = OrderedDict()  # negative cache
         self._owners: dict[str, Owner] = {}
         self._cpu_prev: dict[str, _CpuPrev] = {}
+        self._limits: dict[
+            str, tuple[float, int | None, int | None]
+        ] = {}  # path -> (read at, max, high)
         self._last_walk = -1e18
         self.walks = 0
         self.evicted = 0
@@ -199,6 +205,7 @@ class CgroupResolver:
             self._by_path.pop(old_path, None)
             self._owners.pop(old_path, None)
             self._cpu_prev.pop(old_path, None)
+            self._limits.pop(old_path, None)
             self.evicted += 1
 
     def _forget(self, cid: int) -> None:
@@ -206,6 +213,7 @@ class CgroupResolver:
         self._by_path.pop(path, None)
         self._owners.pop(path, None)
         self._cpu_prev.pop(path, None)
+        self._limits.pop(path, None)
 
     def resolve(self, cgroup_id: int) -> str | None:
         """Path of a cgroup id; unknown ids trigger a (rate-limited) re-walk of the tree."""
@@ -278,6 +286,7 @@ class CgroupResolver:
                 cpu_usage = max(0, now.usage_us - prev.usage_us)
                 nr_thr = _delta(now.nr_throttled, prev.nr_throttled)
                 thr_us = _delta(now.throttled_us, prev.throttled_us)
+        memory_max, memory_high = self.memory_limits(path)
         return CgroupSample(
             id=cid,
             path=path,
@@ -287,13 +296,47 @@ class CgroupResolver:
             cpu_usage_us=cpu_usage,
             nr_throttled=nr_thr,
             throttled_us=thr_us,
+            memory_max_bytes=memory_max,
+            memory_high_bytes=memory_high,
         )
+
+    def memory_limits(self, path: str) -> tuple[int | None, int | None]:
+        """Effective memory.max and memory.high of a cgroup: the lowest set on its path (None: "max").
+
+        Limits change rarely: each path is re-read at most every LIMITS_REFRESH_S.
+        """
+        now = self._clock()
+        cached = self._limits.get(path)
+        if cached is not None and now - cached[0] < LIMITS_REFRESH_S:
+            return cached[1], cached[2]
+        lowest: list[int | None] = [None, None]
+        p = path
+        while p != "/":  # the root cgroup has no memory.max or memory.high
+            directory = self.directory(p)
+            for i, name in enumerate(("memory.max", "memory.high")):
+                v = _read_limit(f"{directory}/{name}")
+                if v is not None and (lowest[i] is None or v < lowest[i]):  # type: ignore[operator]
+                    lowest[i] = v
+            p = p.rsplit("/", 1)[0] or "/"
+        if path in self._by_path:  # cache only what the cap holds
+            self._limits[path] = (now, lowest[0], lowest[1])
+        return lowest[0], lowest[1]
 
 
 def _delta(now: int | None, prev: int | None) -> int | None:
     if now is None or prev is None:
         return None
     return max(0, now - prev)
+
+
+def _read_limit(path: str) -> int | None:
+    """A memory.max/memory.high value; None for "max", a missing file or garbage."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(64).strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def _read_int(path: str) -> int | None:

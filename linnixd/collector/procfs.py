@@ -65,6 +65,7 @@ class SystemStat:
     forks_total: int  # `processes` line of /proc/stat: forks since boot
     file_nr: int
     file_max: int
+    mem_available_bytes: int = 0  # MemAvailable of /proc/meminfo, 0 when unreadable
 
 
 @dataclass
@@ -390,7 +391,18 @@ class ProcScanner:
                 file_max = int(f.read())
         except (OSError, ValueError):
             pass  # /proc/sys not mounted in some containers: reported as 0
-        return SystemStat(self._ncpu, max(0.0, min(100.0, util)), forks, file_nr, file_max)
+        available = 0
+        try:
+            with open(self.proc + "/meminfo", "rb") as f:
+                for row in f.read(4096).splitlines():
+                    if row.startswith(b"MemAvailable:"):
+                        available = int(row.split()[1]) * 1024
+                        break
+        except (OSError, ValueError, IndexError):
+            pass  # reported as 0: memory_leak then projects against no host limit
+        return SystemStat(
+            self._ncpu, max(0.0, min(100.0, util)), forks, file_nr, file_max, available
+        )
 
 
 def _read_cmdline(base: str, comm: str) -> str:

@@ -1,13 +1,27 @@
-"""memory_leak: steady linear memory growth of a process or cgroup (least squares, R^2).
+"""memory_leak: steady memory growth of a process or cgroup, fast or slow, with a time to its limit.
 
+Two views of the same growth, both least-squares fits judged by the growth they actually
+observed (never extrapolated) and their R^2:
+- fast: every snapshot of the last `window_s`, from `min_span_s` on (a leak of 10 MB/s is
+  named seconds after it crossed `min_growth_mb`);
+- slow: a downsampled series per process and cgroup kept by the detector across ticks, one
+  point per `slow_window_s / SLOW_POINTS` seconds over `slow_window_s` (tens of MB per hour
+  are seen once `slow_min_span_s` of steady growth has passed). Bounded: SLOW_POINTS per
+  series, series only for tracked processes and cgroups, at most SLOW_MAX_SERIES (the
+  flattest are dropped first, counted in `health()`).
+Every finding projects when the culprit reaches the nearest limit: its cgroup's memory.high or
+memory.max (the lowest on its path), else the host's MemAvailable.
 Sizes in evidence and summaries use MB = MiB = 2^20 bytes.
 """
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..health import Health
 from ..model import Culprit, Finding, ProcessSample, Snapshot
 from ..settings import Field, RuleSettings, cooldown, seconds
 from .base import (
@@ -22,9 +36,12 @@ from .base import (
     severity,
 )
 
-SPAN_SHARE = 0.9  # samples must span this share of window_s
 END_SAMPLES = 5  # samples whose median stands for each end of the series in the pre-filter
 PREFILTER_SHARE = 0.5  # ends must be this share of min_growth apart before a full fit is worth it
+MIN_POINTS = 8  # fast fit: at least this many samples
+SLOW_POINTS = 120  # slow series: points kept per series (its step is slow_window_s / SLOW_POINTS)
+SLOW_MIN_POINTS = 10
+SLOW_MAX_SERIES = 4096
 
 Reader = Callable[[Snapshot], int | None]
 
@@ -59,7 +76,7 @@ def _first_values(snaps: Sequence[Snapshot], read: Reader) -> list[int]:
     return out
 
 
-def _median(values: list[int]) -> float:
+def _median(values: Sequence[float]) -> float:
     values = sorted(values)
     mid = len(values) // 2
     return float(values[mid]) if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
@@ -76,124 +93,318 @@ def _changed_in(snaps: Sequence[Snapshot], newest: Snapshot) -> list[ProcessSamp
     return [p for pid in pids if (p := procs.get(pid)) is not None]
 
 
+def _judge(
+    points: Sequence[tuple[float, float]], cfg: MemoryLeak, min_span: float
+) -> dict[str, Any] | None:
+    """The fit of a series when it shows a leak (observed growth, R^2, span), else None."""
+    span = points[-1][0] - points[0][0]
+    if span < min_span - TIME_EPS:
+        return None
+    slope, r2 = fit(points)
+    growth = slope * span
+    if growth < float(cfg.min_growth_mb) * MIB or r2 < float(cfg.min_r2):
+        return None
+    return {
+        "slope": slope,
+        "slope_mb_per_min": round(slope * 60 / MIB, 2),
+        "growth_mb": round(growth / MIB, 1),
+        "r2": round(r2, 3),
+        "start_mb": round(points[0][1] / MIB, 1),
+        "now_mb": round(points[-1][1] / MIB, 1),
+        "samples": len(points),
+        "span_s": round(span, 1),
+    }
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def _rate(slope: float) -> str:
+    per_min = slope * 60 / MIB
+    return f"{per_min:.1f} MiB/min" if per_min >= 1 else f"{per_min * 60:.1f} MiB/h"
+
+
+def projection(
+    newest: Snapshot, cgroup: str | None, level_bytes: float, slope: float
+) -> dict[str, Any]:
+    """When the culprit reaches its nearest limit at `slope` bytes/s.
+
+    `level_bytes` is the culprit's own size (RSS, or the cgroup's memory). A cgroup limit is
+    reached by the cgroup's usage, so the headroom is the limit less that usage. The host's
+    MemAvailable is the headroom when it is nearer (or no cgroup limit is set).
+    """
+    cands: list[tuple[float, str, float]] = []  # (headroom, kind, limit)
+    cg = newest.cgroups.get(cgroup) if cgroup is not None else None
+    if cg is not None:
+        usage = float(cg.memory_bytes) if cg.memory_bytes is not None else level_bytes
+        for kind, limit in (
+            ("memory.high", cg.memory_high_bytes),
+            ("memory.max", cg.memory_max_bytes),
+        ):
+            if limit is not None:
+                cands.append((limit - usage, kind, float(limit)))
+    if newest.mem_available_bytes > 0:
+        avail = float(newest.mem_available_bytes)
+        cands.append((avail, "MemAvailable", avail))
+    if not cands:
+        return {"limit_kind": None, "limit_mb": None, "headroom_mb": None, "eta_s": None}
+    room, kind, level = min(cands)
+    headroom = max(0.0, room)
+    eta = headroom / slope if slope > 0 else None
+    return {
+        "limit_kind": kind,
+        "limit_mb": round(level / MIB, 1),
+        "headroom_mb": round(headroom / MIB, 1),
+        "eta_s": round(eta, 1) if eta is not None else None,
+    }
+
+
+@dataclass
+class _Series:
+    """One downsampled series: seconds since t0 and MiB, as float32 (8 bytes a point)."""
+
+    t0: float
+    ts: array = field(default_factory=lambda: array("f"))
+    mb: array = field(default_factory=lambda: array("f"))
+
+    def add(self, ts: float, value: float, keep_s: float) -> None:
+        self.ts.append(ts - self.t0)
+        self.mb.append(value / MIB)
+        cut = 0
+        horizon = ts - self.t0 - keep_s
+        while cut < len(self.ts) - 1 and self.ts[cut] < horizon - TIME_EPS:
+            cut += 1
+        if cut:
+            del self.ts[:cut]
+            del self.mb[:cut]
+        while len(self.ts) > SLOW_POINTS:
+            del self.ts[0]
+            del self.mb[0]
+
+    def points(self) -> list[tuple[float, float]]:
+        return [(self.t0 + t, v * MIB) for t, v in zip(self.ts, self.mb, strict=True)]
+
+    def rise_mb(self) -> float:
+        return float(self.mb[-1] - min(self.mb)) if self.mb else 0.0
+
+
 class MemoryLeak(RuleSettings):
-    """memory_leak: steady growth of at least `min_growth_mb` over `window_s` (fit R^2 >= `min_r2`)."""
+    """memory_leak: growth of at least `min_growth_mb` observed along a fit with R^2 >= `min_r2`.
+
+    Fast leaks over the last `window_s` once the series spans `min_span_s`; slow leaks over a
+    downsampled series of `slow_window_s` once it spans `slow_min_span_s`.
+    """
 
     cooldown_s: float = cooldown(600.0)
     min_growth_mb: float = Field(50.0, gt=0, le=1 << 30)
-    window_s: float = seconds(60.0)
     min_r2: float = Field(0.8, gt=0, le=1)
+    window_s: float = seconds(60.0)
+    min_span_s: float = seconds(10.0)
+    slow_window_s: float = Field(21600.0, gt=0, le=7 * 86400)
+    slow_min_span_s: float = Field(1800.0, gt=0, le=7 * 86400)
     scope: tuple[Literal["process", "cgroup"], ...] = ("process", "cgroup")
 
 
 class MemoryLeakDetector:
-    """RSS (or cgroup memory) growing by >= min_growth_mb per window_s along a good straight line."""
+    """Memory growing by >= min_growth_mb along a good straight line, over seconds or hours."""
 
     rule = "memory_leak"
     settings = MemoryLeak
     needs: frozenset[str] = frozenset()
 
+    def __init__(self) -> None:
+        self._series: dict[str, _Series] = {}  # slow series by culprit key
+        self._last_point: float | None = None  # ts of the newest slow point
+        self._slow: dict[str, Finding] = {}  # slow findings of the last point, re-emitted each tick
+        self.evicted_series = 0
+
+    def health(self) -> Health:
+        """Slow-series bookkeeping: evictions (monotonic) and the current size."""
+        return Health(
+            counters={"evicted_series": self.evicted_series},
+            gauges={
+                "slow_series": len(self._series),
+                "slow_points": sum(len(s.ts) for s in self._series.values()),
+            },
+        )
+
     def evaluate(self, window: Sequence[Snapshot], cfg: MemoryLeak) -> list[Finding]:
         if not window:
             return []
+        newest = window[-1]
+        fast = self._fast(window, cfg)
+        slow = self._slow_findings(newest, cfg)
+        keys = {f.key for f in fast}
+        return self._most_specific(fast + [f for f in slow if f.key not in keys], cfg)
+
+    # ---- fast: the snapshots of the window -------------------------------------------------
+
+    def _fast(self, window: Sequence[Snapshot], cfg: MemoryLeak) -> list[Finding]:
         newest = window[-1]
         window_s = float(cfg.window_s)
         start = 0
         while start < len(window) and window[start].ts < newest.ts - window_s - TIME_EPS:
             start += 1
         snaps = window[start:]
-        head = (
-            0  # snapshots early enough for a series starting there to span SPAN_SHARE of window_s
-        )
-        while head < len(snaps) and snaps[head].ts <= newest.ts - SPAN_SHARE * window_s + TIME_EPS:
-            head += 1
-        if head == 0:
-            return []
-        ex = Exclusions(cfg)
-        scope = set(cfg.scope)
+        scope = set(getattr(cfg, "scope", ("process", "cgroup")))
         found: list[Finding] = []
         if "process" in scope:
             for p in _changed_in(snaps, newest):
                 read: Reader = lambda s, p=p: q.rss_bytes if (q := same_process(s, p)) else None  # noqa: E731
-                result = self._series(snaps, head, read, cfg)
-                if result is None:
-                    continue
-                culprit = process_culprit(p, newest.processes)
-                found.append(self._finding(process_key(p), culprit, "rss", result, cfg))
-        cgroup_found: list[Finding] = []
+                result = self._series_fit(snaps, read, cfg)
+                if result is not None:
+                    culprit = process_culprit(p, newest.processes)
+                    found.append(
+                        self._finding(newest, process_key(p), culprit, "rss", result, "fast", cfg)
+                    )
         if "cgroup" in scope:
             for path, cg in newest.cgroups.items():
                 if path == "/" or cg.memory_bytes is None:
                     continue  # the root cgroup is the whole host, not a culprit
                 read = lambda s, path=path: c.memory_bytes if (c := s.cgroups.get(path)) else None  # noqa: E731
-                result = self._series(snaps, head, read, cfg)
-                if result is None:
-                    continue
-                culprit = Culprit(kind="cgroup", cgroup=path, unit=cgroup_unit(newest, path))
-                cgroup_found.append(self._finding(f"cgroup:{path}", culprit, "memory", result, cfg))
-        # the most specific culprit wins: a leaking process over its cgroup, a child cgroup over its parent
-        for f in cgroup_found:
-            path = f.culprit.cgroup or "/"
-            inner = [g.culprit.cgroup or "/" for g in found + cgroup_found if g is not f]
-            if any(c == path or is_ancestor_cgroup(path, c) for c in inner):
-                continue
-            found.append(f)
-        return [f for f in found if not ex.culprit(f.culprit)]
+                result = self._series_fit(snaps, read, cfg)
+                if result is not None:
+                    culprit = Culprit(kind="cgroup", cgroup=path, unit=cgroup_unit(newest, path))
+                    found.append(
+                        self._finding(
+                            newest, f"cgroup:{path}", culprit, "memory", result, "fast", cfg
+                        )
+                    )
+        return found
 
-    def _series(
-        self, snaps: Sequence[Snapshot], head: int, read: Reader, cfg: MemoryLeak
+    def _series_fit(
+        self, snaps: Sequence[Snapshot], read: Reader, cfg: MemoryLeak
     ) -> dict[str, Any] | None:
         """The fit of one series when it is a leak, else None (cheap end-median pre-filter first)."""
-        window_s = float(cfg.window_s)
         growth_bytes = float(cfg.min_growth_mb) * MIB
-        first = next((i for i in range(head) if read(snaps[i]) is not None), None)
+        first = next((i for i, s in enumerate(snaps) if read(s) is not None), None)
         if first is None:
-            return None  # too young to span the window
+            return None
         early = _first_values(snaps[first : first + 3 * END_SAMPLES], read)
         late = _first_values(snaps[: -3 * END_SAMPLES - 1 : -1], read)
-        if not late or _median(late) - _median(early) < PREFILTER_SHARE * growth_bytes:
+        if not early or not late or _median(late) - _median(early) < PREFILTER_SHARE * growth_bytes:
             return None
-        t0 = snaps[-1].ts
-        points = [(s.ts - t0, float(v)) for s in snaps[first:] if (v := read(s)) is not None]
-        span = points[-1][0] - points[0][0]
-        if len(points) < 3 or span < SPAN_SHARE * window_s - TIME_EPS:
+        points = [(s.ts, float(v)) for s in snaps[first:] if (v := read(s)) is not None]
+        if len(points) < MIN_POINTS:
             return None
-        slope, r2 = fit(points)
-        growth = slope * window_s
-        if growth < growth_bytes or r2 < float(cfg.min_r2):
-            return None
-        return {
-            "slope_mb_per_min": round(slope * 60 / MIB, 2),
-            "growth_mb": round(growth / MIB, 1),
-            "r2": round(r2, 3),
-            "start_mb": round(points[0][1] / MIB, 1),
-            "now_mb": round(points[-1][1] / MIB, 1),
-            "samples": len(points),
-            "span_s": round(span, 1),
-        }
+        return _judge(points, cfg, float(cfg.min_span_s))
+
+    # ---- slow: the downsampled series ------------------------------------------------------
+
+    def _slow_findings(self, newest: Snapshot, cfg: MemoryLeak) -> list[Finding]:
+        keep_s = float(cfg.slow_window_s)
+        step = keep_s / SLOW_POINTS
+        if self._last_point is not None and newest.ts < self._last_point:
+            self._series.clear()  # time went backwards: another host model, start over
+            self._slow.clear()
+            self._last_point = None
+        if self._last_point is not None and newest.ts - self._last_point < step - TIME_EPS:
+            return [f for f in self._slow.values()]
+        self._last_point = newest.ts
+        scope = set(getattr(cfg, "scope", ("process", "cgroup")))
+        levels: dict[str, tuple[float, Any]] = {}
+        if "process" in scope:
+            for p in newest.processes.values():
+                levels[process_key(p)] = (float(p.rss_bytes), p)
+        if "cgroup" in scope:
+            for path, cg in newest.cgroups.items():
+                if path != "/" and cg.memory_bytes is not None:
+                    levels[f"cgroup:{path}"] = (float(cg.memory_bytes), path)
+        for key in [k for k in self._series if k not in levels]:
+            del self._series[key]  # exited, vanished or out of scope
+        for key, (value, _) in levels.items():
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = _Series(newest.ts)
+            series.add(newest.ts, value, keep_s)
+        if len(self._series) > SLOW_MAX_SERIES:
+            flattest = sorted(self._series, key=lambda k: self._series[k].rise_mb())
+            for key in flattest[: len(self._series) - SLOW_MAX_SERIES]:
+                del self._series[key]
+                self.evicted_series += 1
+        self._slow = {}
+        growth_mb = float(cfg.min_growth_mb)
+        for key, series in self._series.items():
+            if len(series.ts) < SLOW_MIN_POINTS or series.rise_mb() < growth_mb:
+                continue
+            result = _judge(series.points(), cfg, float(cfg.slow_min_span_s))
+            if result is None:
+                continue
+            what = levels[key][1]
+            if isinstance(what, str):
+                culprit = Culprit(kind="cgroup", cgroup=what, unit=cgroup_unit(newest, what))
+                self._slow[key] = self._finding(newest, key, culprit, "memory", result, "slow", cfg)
+            else:
+                culprit = process_culprit(what, newest.processes)
+                self._slow[key] = self._finding(newest, key, culprit, "rss", result, "slow", cfg)
+        return list(self._slow.values())
+
+    # ---- shared ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _most_specific(found: list[Finding], cfg: MemoryLeak) -> list[Finding]:
+        """A leaking process over its cgroup, a child cgroup over its parent; exclusions last."""
+        ex = Exclusions(cfg)
+        procs = [f for f in found if f.culprit.kind != "cgroup"]
+        groups = [f for f in found if f.culprit.kind == "cgroup"]
+        out = list(procs)
+        for f in groups:
+            path = f.culprit.cgroup or "/"
+            inner = [g.culprit.cgroup or "/" for g in found if g is not f]
+            if any(c == path or is_ancestor_cgroup(path, c) for c in inner):
+                continue
+            out.append(f)
+        return [f for f in out if not ex.culprit(f.culprit)]
 
     def _finding(
-        self, key: str, culprit: Culprit, what: str, r: dict[str, Any], cfg: MemoryLeak
+        self,
+        newest: Snapshot,
+        key: str,
+        culprit: Culprit,
+        what: str,
+        r: dict[str, Any],
+        mode: str,
+        cfg: MemoryLeak,
     ) -> Finding:
+        level = r["now_mb"] * MIB
+        proj = projection(newest, culprit.cgroup, level, r["slope"])
         evidence = {
+            "mode": mode,
             "slope_mb_per_min": r["slope_mb_per_min"],
+            "rate_mb_per_h": round(r["slope"] * 3600 / MIB, 1),
             "growth_mb": r["growth_mb"],
             "r2": r["r2"],
             f"{what}_start_mb": r["start_mb"],
             f"{what}_now_mb": r["now_mb"],
             "samples": r["samples"],
             "span_s": r["span_s"],
-            "window_s": float(cfg.window_s),
+            "window_s": float(cfg.slow_window_s if mode == "slow" else cfg.window_s),
             "min_growth_mb": float(cfg.min_growth_mb),
+            **proj,
         }
+        if proj["eta_s"] is not None:
+            if proj["limit_kind"] == "MemAvailable":
+                where = f"exhausts MemAvailable ({proj['limit_mb']:.0f} MiB left)"
+            else:
+                where = f"hits {proj['limit_kind']} ({proj['limit_mb']:.0f} MiB)"
+            eta = f"; {where} in about {_duration(proj['eta_s'])}"
+        else:
+            eta = "; no memory limit known to project against"
         return Finding(
             rule=self.rule,
             key=key,
             severity=severity(cfg),
             summary=(
-                f"memory leak: {culprit.label()} {what} grows {r['slope_mb_per_min']:.1f} MiB/min "
-                f"({r['growth_mb']:.0f} MiB per {float(cfg.window_s):g} s, R^2 {r['r2']:.2f}), "
-                f"now {r['now_mb']:.0f} MiB"
+                f"memory leak: {culprit.label()} {what} grows {_rate(r['slope'])} "
+                f"(+{r['growth_mb']:.0f} MiB in {_duration(r['span_s'])}, R^2 {r['r2']:.2f}), "
+                f"now {r['now_mb']:.0f} MiB{eta}"
             ),
             culprit=culprit,
             evidence=evidence,
