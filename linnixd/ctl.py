@@ -566,8 +566,10 @@ exit status:
   64  bad command line, or arguments the daemon refused
   66  no such incident, or it has no snapshot (explain)
   69  linnixd is not running, or the bus is unreachable
+  71  demo: cannot join the cgroup
   77  permission denied (bus policy or polkit)
   78  invalid policy (check-config, reload)
+  128+N  demo: stopped by signal N
 
 examples:
   linnixctl status

@@ -25,9 +25,9 @@ import pytest
 from dbus_next import Message, MessageType
 from dbus_next.aio import MessageBus
 from dbus_next.constants import MessageFlag
+from test_bus import PrivateBus
 
 from linnixd.wire import BUS_NAME
-from test_bus import PrivateBus
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = "/usr/bin/python3"
