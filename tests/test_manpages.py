@@ -98,10 +98,10 @@ def exit_codes(epilog: str) -> set[str]:
     return set(re.findall(r"(?:^|\s{2,}|\n\s*)(\d+(?:\+N)?)\s{2,}", block))
 
 
-def man_exit_codes(page: str) -> set[str]:
-    return {
-        w for w in item_headings(sections(page)["EXIT STATUS"]) if re.fullmatch(r"\d+(\+N)?", w)
-    }
+def man_exit_codes(page: str) -> list[str]:
+    """The codes of the EXIT STATUS list, in order (a code listed twice shows up twice)."""
+    headings = item_headings(sections(page)["EXIT STATUS"])
+    return [w for w in headings if re.fullmatch(r"\d+(\+N)?", w)]
 
 
 # ---- linnixctl(1) --------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def test_linnixctl_exit_codes_match_the_parser() -> None:
     # the demos' own codes are linnixctl's too (linnixctl demo)
     demo_codes = set(re.findall(r"\d+(?:\+N)?", demos.build_parser().epilog or ""))
     assert demo_codes <= codes, demo_codes - codes
-    assert man_exit_codes("linnixctl.1") == codes
+    assert sorted(man_exit_codes("linnixctl.1")) == sorted(codes)
 
 
 def test_linnixctl_json_shapes_are_documented() -> None:
@@ -151,7 +151,7 @@ def test_linnixd_page_names_every_option_and_exit_code() -> None:
     options = "\n".join(page["OPTIONS"])
     missing = [w for w in documented(daemon.build_parser()) if w not in options]
     assert not missing, f"linnixd options not in linnixd(8) OPTIONS: {missing}"
-    assert man_exit_codes("linnixd.8") == exit_codes(daemon.EPILOG)
+    assert sorted(man_exit_codes("linnixd.8")) == sorted(exit_codes(daemon.EPILOG))
 
 
 # ---- linnixd-policy(5) ---------------------------------------------------------------------
