@@ -168,9 +168,13 @@ def daemon(bus: str, node: Path) -> Iterator[Lines]:
         d.stop()
 
 
-def ctl(bus: str, *argv: str) -> Any:
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def ctl(bus: str, *argv: str, user: list[str] | None = None) -> Any:
+    """linnixctl against the test bus; user=NOBODY runs it unprivileged (the bus policy decides)."""
     cp = subprocess.run(
-        [PYTHON, "-m", "linnixd.ctl", "--bus", bus, *argv],
+        [*(user or []), PYTHON, "-m", "linnixd.ctl", "--bus", bus, *argv],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -262,7 +266,7 @@ def test_alerts_name_pods_in_both_drivers_and_queries_filter_by_them(
                 "api",
             )
             # top, filtered by namespace on the daemon's side, names the pod's row
-            top = json.loads(ctl(bus, "top", "--namespace", "payments", "--json"))
+            top = json.loads(ctl(bus, "top", "--namespace", "payments", "--json", user=NOBODY))
             assert [r["path"] for r in top["cgroups"]] == [cgroups["systemd_rel"]]
             assert top["cgroups"][0]["pod"] == "api-7d9f8c6b5-x2x9z"
             assert json.loads(ctl(bus, "top", "--namespace", "nowhere", "--json"))["cgroups"] == []
