@@ -272,3 +272,26 @@ def test_missing_source_is_a_kernel_feature_error() -> None:
     with pytest.raises(KernelFeatureError, match="lifecycle.c"):
         col.start()
     col.close()
+
+
+def test_keyed_maps_are_walked_only_while_totals_move_and_lose_nothing() -> None:
+    col = LifecycleCollector(1.0)
+    col.start()
+    try:
+        col.read()
+        parents = col._parents
+        assert parents is not None
+        child = subprocess.Popen([PY, "-c", FORKER, "4"])
+        assert child.wait(timeout=60) == 0
+        walks = parents.walks
+        # told the totals stood still, the map is not walked and nothing is reported yet...
+        assert parents.read(False) == {} and parents.read(False) == {}
+        assert parents.walks == walks
+        # ...and the next walk reports everything the skipped reads left: deltas are exact
+        later = parents.read(True)
+        assert later[child.pid] == LifecycleCounts(forks=4, exits=4)
+        assert parents.walks == walks + 1
+        assert parents.idle(child.pid) == 0
+        assert col.health().counters["map_walks"] >= 1
+    finally:
+        col.close()

@@ -80,15 +80,25 @@ def _delta(now: Counts, prev: Counts) -> LifecycleCounts:
 
 
 class _KeyedCounts:
-    """Monotonic per-key counters of one kernel hash: deltas per read, stale keys pruned."""
+    """Monotonic per-key counters of one kernel hash: deltas per read, stale keys pruned.
+
+    Every event that bumps a keyed counter also bumps the program's totals, so read(moved=False)
+    skips the map walk (2 syscalls and a ctypes round per key) when the totals stood still.
+    """
 
     def __init__(self, table: Any, prune_after: int) -> None:
         self.table = table
         self.prune_after = prune_after
         self.prev: dict[int, Counts] = {}
-        self.idle: dict[int, int] = {}  # ticks each key has not changed
+        self.changed_at: dict[int, int] = {}  # key -> the read at which it last changed
+        self.reads = 0
+        self.walks = 0  # reads that walked the map (monotonic)
 
-    def read(self) -> dict[int, LifecycleCounts]:
+    def read(self, moved: bool = True) -> dict[int, LifecycleCounts]:
+        self.reads += 1
+        if not moved:
+            return {}
+        self.walks += 1
         now: dict[int, Counts] = {
             int(k.value): tuple(v.v)
             for k, v in self.table.items()  # type: ignore[misc]
@@ -98,13 +108,15 @@ class _KeyedCounts:
             old = self.prev.get(key, ZERO)
             if val != old:
                 out[key] = _delta(val, old)
-                self.idle[key] = 0
-            else:
-                self.idle[key] = self.idle.get(key, 0) + 1
+                self.changed_at[key] = self.reads
         for gone in self.prev.keys() - now.keys():
-            self.idle.pop(gone, None)
+            self.changed_at.pop(gone, None)
         self.prev = now
         return out
+
+    def idle(self, key: int) -> int:
+        """Reads since the key last changed."""
+        return self.reads - self.changed_at.get(key, self.reads)
 
     def prune(self, alive: Callable[[list[int]], set[int]]) -> int:
         """Delete keys idle for prune_after reads whose owner no longer exists; returns how many.
@@ -112,13 +124,14 @@ class _KeyedCounts:
         A key is re-read just before its delete; an increment landing between that read and
         the delete (an exit whose creator died long ago, or a reused pid) is the one loss window.
         """
-        stale = [k for k, n in self.idle.items() if n >= self.prune_after]
+        limit = self.reads - self.prune_after
+        stale = [k for k, at in self.changed_at.items() if at <= limit]
         if not stale:
             return 0
         living = alive(stale)
         removed = 0
         for key in stale:
-            self.idle[key] = 0  # alive or not, look again only after another prune_after reads
+            self.changed_at[key] = self.reads  # alive or not, look again after prune_after reads
             if key in living:
                 continue
             ckey = self.table.Key(key)
@@ -129,7 +142,7 @@ class _KeyedCounts:
             except KeyError:
                 pass  # already gone
             self.prev.pop(key, None)
-            self.idle.pop(key, None)
+            self.changed_at.pop(key, None)
             removed += 1
         return removed
 
@@ -175,6 +188,7 @@ class LifecycleCollector:
         self._parents: _KeyedCounts | None = None
         self._cgroups: _KeyedCounts | None = None
         self._prev_total: Counts = ZERO
+        self._moved_last = True
         self._execs: list[ExecRecord] = []
         self._exits: list[ExitRecord] = []
         self._health = [0] * NHEALTH
@@ -241,6 +255,7 @@ class LifecycleCollector:
             raise KernelFeatureError(f"cannot open the BPF {kind} buffer: {exc}") from None
         self._transport = "ringbuf" if ringbuf else "perfbuf"
         self._prev_total = ZERO  # a fresh program counts from zero, also after close() + start()
+        self._moved_last = True
         self._health = [0] * NHEALTH
         self._parents = _KeyedCounts(self._bpf[b"by_parent"], self.prune_after_ticks)
         self._cgroups = _KeyedCounts(self._bpf[b"by_cgroup"], self.prune_after_ticks)
@@ -291,8 +306,12 @@ class LifecycleCollector:
         total_now: Counts = tuple(  # type: ignore[assignment]
             sum(cpu.v[i] for cpu in self._bpf[b"totals"][ct.c_int(0)]) for i in range(5)
         )
-        by_parent = self._parents.read()
-        by_cgroup = self._cgroups.read()
+        # a keyed bump may land just after its totals bump: walk once more after they stop
+        moved = total_now != self._prev_total
+        walk = moved or self._moved_last
+        self._moved_last = moved
+        by_parent = self._parents.read(walk)
+        by_cgroup = self._cgroups.read(walk)
         self._health = self._health_counters()
         # Records are consumed after the counters are read: a record may run one tick ahead of
         # its counter, never behind it.
@@ -330,6 +349,8 @@ class LifecycleCollector:
                 "aggregation_overflows": h[H_OVERFLOW],
                 "untracked_exits": h[H_UNTRACKED],
                 "pruned_keys": self.pruned_keys,
+                "map_walks": (self._parents.walks if self._parents else 0)
+                + (self._cgroups.walks if self._cgroups else 0),
             }
         )
 

@@ -156,13 +156,19 @@ class SchedCollector:
         """Deltas since the previous read, cgroup ids resolved to paths with `resolve`."""
         runq_now: dict[int, tuple[int, int, list[int]]] = {}
         self_stall: dict[int, int] = {}  # the (cg, cg) edge, kept in the kernel's runq value
+        prev_runq = self._prev_runq
         for k, per_cpu in self._bpf[b"runq"].items():
             cid = int(k.value)
-            runq_now[cid] = (
-                sum(int(c.wait_ns) for c in per_cpu),
-                sum(int(c.waits) for c in per_cpu),
-                [sum(int(c.hist[i]) for c in per_cpu) for i in range(NSLOTS)],
-            )
+            waits = sum(int(c.waits) for c in per_cpu)
+            old = prev_runq.get(cid)
+            if old is not None and old[1] == waits:
+                runq_now[cid] = old  # no wait ended here since: the 32-slot sums are skipped
+            else:
+                runq_now[cid] = (
+                    sum(int(c.wait_ns) for c in per_cpu),
+                    waits,
+                    [sum(int(c.hist[i]) for c in per_cpu) for i in range(NSLOTS)],
+                )
             self_stall[cid] = sum(int(c.self_ns) for c in per_cpu)
         edges_now: dict[tuple[int, int], tuple[int, int]] = {}
         for k, per_cpu in self._bpf[b"edges"].items():
