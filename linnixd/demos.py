@@ -39,6 +39,8 @@ RUNAWAY_CHILDREN = 4
 RUNAWAY_SHARE = 0.30  # each child's share of one CPU: 4 x 30% > 90%, each < 50%
 MEMLEAK_RATE_MB_S = 2.0
 MEMLEAK_FAST_RATE_MB_S = 5.0
+PRESSURE_EXTRA = 1  # cpu-pressure: spinners beyond two per CPU (more runnable tasks than CPUs)
+BREAKER_EXTRA = 2  # circuit-breaker: the same, held past circuit_breaker's 15 s
 FD_SOFT_LIMIT = 1024
 FD_TARGET = 900  # open fds to reach: 88% of the soft limit, over the rule's 80%
 FD_RAMP_S = 3.0  # time taken to open them, the rest of --duration holds them
@@ -204,6 +206,58 @@ def _runaway_tree(args: argparse.Namespace) -> int:
     return EXIT_OK if bad == 0 else EXIT_FAILURE
 
 
+def _ncpu() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def _spin_children(n: int, comm: str, duration: float) -> list[int]:
+    """Fork n children that busy-loop for `duration` s; their pids."""
+    leader = os.getpid()
+    kids = []
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:
+            code = EXIT_FAILURE
+            try:
+                _die_with_parent(leader)
+                _set_comm(comm)
+                deadline = time.monotonic() + duration
+                while time.monotonic() < deadline:
+                    pass
+                code = EXIT_OK
+            finally:
+                os._exit(code)
+        kids.append(pid)
+    return kids
+
+
+def _wait_children(kids: list[int]) -> int:
+    """Wait for every child (the leader uses no CPU meanwhile); the number that failed."""
+    bad = 0
+    for pid in kids:
+        _, status = os.waitpid(pid, 0)
+        bad += os.waitstatus_to_exitcode(status) != 0
+    return bad
+
+
+def _cpu_pressure(args: argparse.Namespace) -> int:
+    n = 2 * _ncpu() + PRESSURE_EXTRA
+    kids = _spin_children(n, "lx-pressure-kid", args.duration)
+    _say(f"demo cpu-pressure: {n} spinners on {_ncpu()} CPUs: {' '.join(map(str, kids))}")
+    bad = _wait_children(kids)
+    _say(f"demo cpu-pressure: done, {n - bad}/{n} spinners finished")
+    return EXIT_OK if bad == 0 else EXIT_FAILURE
+
+
+def _circuit_breaker(args: argparse.Namespace) -> int:
+    n = 2 * _ncpu() + BREAKER_EXTRA
+    kids = _spin_children(n, "lx-breaker-kid", args.duration)
+    _say(f"demo circuit-breaker: {n} spinners on {_ncpu()} CPUs: {' '.join(map(str, kids))}")
+    bad = _wait_children(kids)
+    _say(f"demo circuit-breaker: done, {n - bad}/{n} spinners finished")
+    return EXIT_OK if bad == 0 else EXIT_FAILURE
+
+
 def _memory_leak(args: argparse.Namespace) -> int:
     if args.rate is not None:
         rate = args.rate * MB
@@ -305,6 +359,24 @@ DEMOS: dict[str, Demo] = {
             "holds them",
             _fd_leak,
             nofile=FD_SOFT_LIMIT,
+        ),
+        Demo(
+            "cpu-pressure",
+            "psi_saturation",
+            "lx-cpupressure",
+            12.0,
+            f"2 x CPUs + {PRESSURE_EXTRA} busy children: more runnable tasks than CPUs, "
+            "so the demo's cgroup waits (cpu pressure)",
+            _cpu_pressure,
+        ),
+        Demo(
+            "circuit-breaker",
+            "circuit_breaker",
+            "lx-breaker",
+            25.0,
+            f"2 x CPUs + {BREAKER_EXTRA} busy children for 25 s: the host saturated with "
+            "cpu pressure, by one tree",
+            _circuit_breaker,
         ),
     )
 }
@@ -468,7 +540,7 @@ def main(argv: Sequence[str]) -> int:
         return EXIT_OK if exc.code == 0 else EXIT_USAGE
     if args.list:
         for d in DEMOS.values():
-            print(f"{d.name:<13} {d.description} ({d.duration_s:g} s, rule {d.rule})")
+            print(f"{d.name:<15} {d.description} ({d.duration_s:g} s, rule {d.rule})")
         return EXIT_OK
     if args.name is None:
         print("linnixctl demo: name a demo, or use --list", file=sys.stderr)

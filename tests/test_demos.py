@@ -127,8 +127,11 @@ def test_list_names_every_demo_with_its_rule() -> None:
         "runaway-tree",
         "memory-leak",
         "fd-leak",
+        "cpu-pressure",
+        "circuit-breaker",
     ]
     assert "rule fork_storm" in out[0] and "rule fd_exhaustion" in out[5]
+    assert "rule psi_saturation" in out[6] and "rule circuit_breaker" in out[7]
 
 
 @pytest.mark.parametrize(
@@ -180,6 +183,38 @@ def test_short_jobs_runs_at_least_30_failing_execs_in_6s() -> None:
     assert m, out
     assert int(m[1]) >= 30 and int(m[2]) == int(m[1]) and float(m[3]) <= 7.0
     assert proc_stat_processes() - before >= 30
+
+
+@pytest.mark.parametrize(
+    "name, comm, kid, extra",
+    [
+        ("cpu-pressure", "lx-cpupressure", "lx-pressure-kid", demos.PRESSURE_EXTRA),
+        ("circuit-breaker", "lx-breaker", "lx-breaker-kid", demos.BREAKER_EXTRA),
+    ],
+)
+def test_spinner_demos_keep_more_tasks_runnable_than_cpus(
+    name: str, comm: str, kid: str, extra: int
+) -> None:
+    ncpu = len(os.sched_getaffinity(0))
+    demo = Running(name, "--duration", "4")
+    assert demo.start["comm"] == comm
+    try:
+        time.sleep(1.0)
+        kids = children(demo.pid)
+        assert len(kids) == 2 * ncpu + extra
+        assert {Path(f"/proc/{k}/comm").read_text().strip() for k in kids} == {kid}
+        c0 = sum(cpu_seconds(k) + runqueue_wait_seconds(k) for k in kids)
+        lead0, t0 = cpu_seconds(demo.pid), time.monotonic()
+        time.sleep(2.0)
+        wall = time.monotonic() - t0
+        # each child is always runnable: running or waiting for a CPU, never asleep
+        demand = sum(cpu_seconds(k) + runqueue_wait_seconds(k) for k in kids) - c0
+        lead = cpu_seconds(demo.pid) - lead0
+    finally:
+        rc, out, _ = demo.finish(timeout=15)
+    assert demand >= 0.8 * len(kids) * wall, (demand, wall)
+    assert lead <= 0.05  # the leader only waits
+    assert rc == EXIT_OK and f"done, {len(kids)}/{len(kids)} spinners finished" in out
 
 
 def test_cpu_spike_holds_over_80_percent_of_a_cpu() -> None:

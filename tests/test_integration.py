@@ -353,6 +353,121 @@ def test_fd_leak_names_the_process_near_its_limit(daemon: Daemon) -> None:
     assert ev["fd_limit"] == 1024 and ev["fd_count"] >= 0.8 * 1024
 
 
+def cgroup_pressure_total_us(cgroup_dir: Path, resource: str = "cpu") -> int:
+    """The `some total=` of a cgroup's pressure file: stall microseconds since it was made."""
+    first = (cgroup_dir / f"{resource}.pressure").read_text().splitlines()[0]
+    return int(first.rsplit("total=", 1)[1])
+
+
+def test_cpu_pressure_names_the_demo_cgroup(daemon: Daemon) -> None:
+    with Demo("cpu-pressure") as demo:
+        assert demo.rule == "psi_saturation"
+        stall0 = cgroup_pressure_total_us(demo.cgroup_dir)
+        alert = daemon.wait_alert(demo.ours, 20, "psi_saturation")
+        measured_pct = (
+            100
+            * (cgroup_pressure_total_us(demo.cgroup_dir) - stall0)
+            / 1e6
+            / (time.monotonic() - demo.t0)
+        )
+    ev = alert["evidence"]
+    print(alert["summary"], f"(measured over the run: {measured_pct:.0f}%)")
+    assert alert["kind"] == "cgroup" and alert["pid"] is None and alert["cgroup"] == demo.cgroup
+    assert ev["resource"] == "cpu" and ev["sustain_s"] == 5.0
+    # more runnable spinners than CPUs: some task of the cgroup waits nearly all the time
+    assert ev["min_some_pct"] > 40 and ev["some_pct"] >= 60
+    assert measured_pct >= 60 and abs(ev["some_pct"] - measured_pct) <= 30
+
+
+def host_busy_s() -> float:
+    """CPU seconds the host spent busy since boot (all CPUs; /proc/stat less idle and iowait)."""
+    v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def test_circuit_breaker_names_the_demo_tree(daemon: Daemon) -> None:
+    ncpu = len(os.sched_getaffinity(0))
+    busy0 = host_busy_s()
+    with Demo("circuit-breaker") as demo:
+        assert demo.rule == "circuit_breaker"
+        try:
+            alert = daemon.wait_alert(demo.ours, 35, "circuit_breaker")
+        except AssertionError:
+            share = (demo.usage_s() - demo.usage0) / max(1e-6, host_busy_s() - busy0)
+            if share < 0.5:
+                pytest.skip(f"host too busy: the demo held only {share:.0%} of the busy CPU")
+            raise
+        cpu_pct = demo.cpu_pct()
+        share = (demo.usage_s() - demo.usage0) / (host_busy_s() - busy0)
+    ev = alert["evidence"]
+    print(alert["summary"], f"(measured: {cpu_pct:.0f}% of a CPU, {share:.0%} of the busy CPU)")
+    assert alert["kind"] == "tree" and alert["pid"] == demo.pid and alert["comm"] == "lx-breaker"
+    assert alert["root_pid"] == demo.pid and ev["cgroup"] == demo.cgroup
+    assert ev["tree_pids"] == 2 * ncpu + 2 + 1  # the leader and its spinners
+    assert ev["cpu_util_pct"] > 90 and ev["cpu_some_pct"] > 40 and ev["sustained_s"] >= 15
+    # the figures are the measured ones: the cgroup's CPU and its share of the busy CPU
+    assert 0.6 * cpu_pct <= ev["cgroup_cpu_pct"] <= 1.4 * cpu_pct, (ev, cpu_pct)
+    assert ev["cgroup_cpu_share"] >= 0.3 and abs(ev["cgroup_cpu_share"] - share) <= 0.25
+    assert ev["tree_cpu_pct"] >= 0.5 * ev["cgroup_cpu_pct"]
+
+
+def test_fork_storm_never_makes_pid1_a_circuit_breaker_culprit(daemon: Daemon) -> None:
+    """stress-ng --fork 4 in its own cgroup: circuit_breaker, if it fires, names the storm's
+    cgroup (or a tree that really held more of the CPU), never PID 1 for the storm's own wait."""
+    storm = cgroup2_mount() / f"lx-it-{os.getpid()}-storm"
+    storm.mkdir()
+    path = "/" + storm.name
+    seen = len(daemon.alerts)
+    busy0 = host_busy_s()
+    usage0 = cpu_usage_s(storm)
+
+    def enter() -> None:
+        (storm / "cgroup.procs").write_text(str(os.getpid()))
+
+    proc = subprocess.Popen(
+        ["stress-ng", "--fork", "4", "--timeout", "22s", "--quiet"], preexec_fn=enter
+    )
+    try:
+        proc.wait(timeout=60)
+        time.sleep(1.5)  # the last ticks
+        share = (cpu_usage_s(storm) - usage0) / (host_busy_s() - busy0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for _ in range(50):
+            try:
+                storm.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+    fired = [a for a in daemon.alerts[seen:] if a.get("rule") == "circuit_breaker"]
+    for a in fired:
+        print(a["summary"])
+    print(f"storm: {share:.0%} of the busy CPU, {len(fired)} circuit_breaker alerts")
+    for a in fired:
+        ev = a["evidence"]
+        assert a.get("pid") != 1 and a.get("root_pid") != 1, a["summary"]
+        if a["state"] != "firing" or ev["cgroup"] == path:
+            continue
+        # someone else was named: only if it really held more of the CPU than the storm
+        assert ev["cgroup_cpu_share"] >= share, (a["summary"], share)
+    storm_alerts = [a for a in fired if a["evidence"]["cgroup"] == path and a["state"] == "firing"]
+    for a in storm_alerts:
+        ev = a["evidence"]
+        assert ev["cgroup_cpu_share"] >= 0.3 and ev["stall_caused_ms"] >= 0
+        assert all(
+            v["cgroup"] != path for v in ev["victims"]
+        )  # its own wait is not stall it caused
+
+
+def cpu_usage_s(cgroup_dir: Path) -> float:
+    for line in (cgroup_dir / "cpu.stat").read_text().splitlines():
+        if line.startswith("usage_usec "):
+            return int(line.split()[1]) / 1e6
+    raise AssertionError(f"no usage_usec in {cgroup_dir}/cpu.stat")
+
+
 def test_fork_counts_agree_with_proc_stat(daemon: Daemon) -> None:
     """The daemon's forks+threads over a storm lie within what /proc/stat says could have happened.
 
