@@ -2,7 +2,7 @@
 
 Interface org.linnix.linnixd1.Manager on /org/linnix/linnixd1 (stable signatures):
 
-    Status() -> s                                  JSON object (Daemon.status())
+    Status() -> s                                  JSON object (Api.status())
     RecentAlerts(d since, s rule, u limit) -> s    JSON array of Alert.to_dict(), newest first
     OpenIncidents() -> s                           JSON array of Alert.to_dict()
     Explain(s incident) -> s                       JSON {headline, facts, suffered, uncertain, actions,
@@ -24,7 +24,8 @@ Interface org.linnix.linnixd1.Manager on /org/linnix/linnixd1 (stable signatures
     properties (read-only): Version s, EnforcementEnabled b, PolicyPath s, StartedAt d,
                             Events t, DroppedEvents t, Alerts t, DryRun b (when enforcement is available)
 
-Every call is dispatched here from the raw message (bus.add_message_handler), because dbus-next's
+The operations and their argument rules are linnixd/api.py's; the handlers here decode, call and
+encode. Every call is dispatched here from the raw message (bus.add_message_handler), because dbus-next's
 ServiceInterface hides the caller. Methods are exported with @exported; a method that is not
 also marked @read_only is authorized through polkit for the caller's unique name before it
 runs, so a forgotten marker means "authorization required", never "open".
@@ -36,8 +37,6 @@ import asyncio
 import contextvars
 import inspect
 import itertools
-import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +47,7 @@ from dbus_next.aio import MessageBus
 from dbus_next.constants import MessageFlag, NameFlag, RequestNameReply
 
 from . import client
+from .api import FAILED, INVALID_ARGS, NO_SUCH_INCIDENT, POLICY_INVALID, Api, ApiError, DaemonCore
 from .constants import POLKIT_ACT, POLKIT_ENFORCEMENT, POLKIT_RELOAD
 from .daemonlog import LOG_ERR, LOG_WARNING, log
 from .health import Health
@@ -76,12 +76,26 @@ from .wire import (
     to_json,
 )
 
+# ApiError kinds -> D-Bus error names
+API_ERRORS = {
+    INVALID_ARGS: ERROR_INVALID_ARGS,
+    NO_SUCH_INCIDENT: ERROR_NO_SUCH_INCIDENT,
+    POLICY_INVALID: ERROR_POLICY,
+    FAILED: ERROR_FAILED,
+}
+# (D-Bus name, signature, key in Api.properties()); all read-only
+PROPERTIES = (
+    ("Version", "s", "version"),
+    ("EnforcementEnabled", "b", "enforcement_enabled"),
+    ("PolicyPath", "s", "policy_path"),
+    ("StartedAt", "d", "started_at"),
+    ("Events", "t", "events"),
+    ("DroppedEvents", "t", "dropped_events"),
+    ("Alerts", "t", "alerts"),
+    ("DryRun", "b", "dry_run"),  # only when enforcement is available
+)
 AUTH_TIMEOUT_S = 25.0  # a polkit that has not answered by then is a denial
 PROPERTIES_INTERVAL_S = 1.0  # PropertiesChanged for the counters at most this often
-MAX_ALERTS = 10_000
-MAX_ROWS = 1_000
-_RULE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
-_INCIDENT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 _CALLER: contextvars.ContextVar[str] = contextvars.ContextVar(
     "linnixd_caller", default=""
 )  # unique name of the call being run
@@ -169,29 +183,13 @@ def collect_exports(cls: type) -> dict[str, Export]:
     return out
 
 
-def _limit(value: int, most: int) -> int:
-    if not 1 <= value <= most:
-        raise BusError(ERROR_INVALID_ARGS, f"limit must be between 1 and {most}, got {value}")
-    return value
-
-
-def _since(text: str) -> float:
-    try:
-        since = float(text)
-    except ValueError:
-        since = -1.0
-    if not math.isfinite(since) or since < 0:
-        raise BusError(ERROR_INVALID_ARGS, f"since must be an epoch time >= 0, got {text[:40]!r}")
-    return since
-
-
 class BusService:
-    """Adapts a Daemon core to one bus connection; create it with serve()."""
+    """Binds the API (linnixd/api.py) to one bus connection; create it with serve()."""
 
     def __init__(
-        self, daemon: Any, bus: MessageBus, *, auth_timeout_s: float = AUTH_TIMEOUT_S
+        self, api: Api, bus: MessageBus, *, auth_timeout_s: float = AUTH_TIMEOUT_S
     ) -> None:
-        self.daemon = daemon
+        self.api = api
         self.bus = bus
         self.auth_timeout_s = auth_timeout_s
         self.exports = collect_exports(type(self))
@@ -208,9 +206,7 @@ class BusService:
 
     async def start(self) -> None:
         self.bus.add_message_handler(self._on_message)
-        self.daemon.add_alert_listener(self.send_alert)
-        if self._enforcer() is not None:
-            self._enforcer().listeners.append(self.send_action)
+        self.api.subscribe(alerts=self.send_alert, actions=self.send_action)
         reply = await self.bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
             raise RuntimeError(f"the bus name {BUS_NAME} is taken: is another linnixd running?")
@@ -239,165 +235,86 @@ class BusService:
             task.cancel()
         self.bus.disconnect()
 
-    # ---- the exported methods -----------------------------------------------------------
+    # ---- the exported methods: decode, call the API, encode ------------------------------
 
     @read_only
     @exported("Status")
     def Status(self) -> str:
         """The daemon's state as a JSON object: version, policy, rules, counters, open incidents."""
-        return to_json(self.daemon.status())
+        return to_json(self.api.status())
 
     @read_only
     @exported("RecentAlerts", (("since", "d"), ("rule", "s"), ("limit", "u")))
     def RecentAlerts(self, since: float, rule: str, limit: int) -> str:
         """Alerts from the history with ts >= since (epoch s), of rule ("" = any), newest first, as JSON."""
-        if not math.isfinite(since) or since < 0:
-            raise BusError(ERROR_INVALID_ARGS, f"since must be an epoch time >= 0, got {since}")
-        if rule and not _RULE_NAME.match(rule):
-            raise BusError(
-                ERROR_INVALID_ARGS, f"rule must be a rule name like fork_storm, got {rule[:80]!r}"
-            )
-        alerts = self.daemon.recent_alerts(since=since, rule=rule, limit=_limit(limit, MAX_ALERTS))
-        return to_json([a.to_dict() for a in alerts])
+        return to_json(self.api.recent_alerts(since, rule, limit))
 
     @read_only
     @exported("OpenIncidents")
     def OpenIncidents(self) -> str:
         """The firing alerts of incidents not yet resolved, as a JSON array."""
-        return to_json([a.to_dict() for a in self.daemon.open_incidents()])
+        return to_json(self.api.open_incidents())
 
     @read_only
     @exported("Explain", (("incident", "s"),))
     def Explain(self, incident: str) -> str:
         """What happened in an incident ("latest": the newest): headline, numbered facts, snapshot (JSON)."""
-        if incident != "latest" and not _INCIDENT_ID.match(incident):
-            raise BusError(
-                ERROR_INVALID_ARGS,
-                f"incident must be an incident id (letters, digits, - or _) or latest, got {incident[:80]!r}",
-            )
-        try:
-            return to_json(self.daemon.explain(incident))
-        except LookupError as exc:
-            raise BusError(ERROR_NO_SUCH_INCIDENT, str(exc.args[0] if exc.args else exc)) from None
+        return to_json(self.api.explain(incident))
 
     @read_only
     @exported("IncidentHistory", (("since", "d"), ("limit", "u")))
     def IncidentHistory(self, since: float, limit: int) -> str:
         """Incidents opened at or after since (epoch s), open and resolved, newest first (JSON)."""
-        if not math.isfinite(since) or since < 0:
-            raise BusError(ERROR_INVALID_ARGS, f"since must be an epoch time >= 0, got {since}")
-        return to_json(self.daemon.incident_history(since=since, limit=_limit(limit, MAX_ALERTS)))
+        return to_json(self.api.incident_history(since, limit))
 
     @read_only
     @exported("TopCgroups", (("limit", "u"),))
     def TopCgroups(self, limit: int) -> str:
         """Cgroups by pressure: path, unit, cpu/io/memory some %, run-queue wait ms, memory bytes (JSON)."""
-        return to_json(self.daemon.top_cgroups(limit=_limit(limit, MAX_ROWS)))
+        return to_json(self.api.top_cgroups(limit))
 
     @read_only
     @exported("StallTable", (("limit", "u"),))
     def StallTable(self, limit: int) -> str:
         """Who made whom wait for a CPU: victim, culprit, stall_ms, share, window_s (JSON)."""
-        return to_json(self.daemon.stall_table(limit=_limit(limit, MAX_ROWS)))
+        return to_json(self.api.stall_table(limit))
 
     @read_only
     @exported("Query", (("table", "s"), ("where", "a{ss}"), ("sort", "s"), ("limit", "u")))
     def Query(self, table: str, where: dict[str, str], sort: str, limit: int) -> str:
         """Rows of cgroups, stalls or alerts filtered by namespace, pod, container, unit (globs), rule (JSON)."""
-        from .names import QueryError
-
-        limit = _limit(limit, MAX_ALERTS if table == "alerts" else MAX_ROWS)
-        where = dict(where)
-        try:
-            if table == "cgroups":
-                return to_json(
-                    self.daemon.top_cgroups(limit=limit, where=where, sort=sort or "pressure")
-                )
-            if sort:
-                raise QueryError(f"{table[:40]!r} rows have one order; sort must be empty")
-            if table == "stalls":
-                return to_json(self.daemon.stall_table(limit=limit, where=where))
-            if table == "alerts":
-                since = _since(where.pop("since", "0"))
-                alerts = self.daemon.alerts(since=since, limit=limit, where=where)
-                return to_json([a.to_dict() for a in alerts])
-        except QueryError as exc:
-            raise BusError(ERROR_INVALID_ARGS, str(exc)) from None
-        raise BusError(
-            ERROR_INVALID_ARGS, f"table must be cgroups, stalls or alerts, got {table[:40]!r}"
-        )
+        return to_json(self.api.query(table, dict(where), sort, limit))
 
     @exported("ReloadPolicy", action=POLKIT_RELOAD)
     def ReloadPolicy(self) -> str:
         """Re-read the policy file; a bad file is refused (PolicyInvalid) and the old policy keeps running."""
-        try:
-            return str(self.daemon.reload_policy())
-        except Exception as exc:
-            from .config import PolicyError
-
-            if isinstance(exc, PolicyError):
-                raise BusError(ERROR_POLICY, "; ".join(exc.problems) or str(exc)) from None
-            raise
+        return self.api.reload()
 
     @exported("EnableEnforcement", (("dry_run", "b"),), action=POLKIT_ENFORCEMENT)
     async def EnableEnforcement(self, dry_run: bool) -> str:
         """Let linnixd act on the rules that have an action (dry_run: only journal what it would do)."""
-        enforcer = self._require_enforcer()
-        return str(await enforcer.set_enabled(True, bool(dry_run), await self.caller()))
+        return await self.api.set_enforcement(True, dry_run, await self.caller())
 
     @exported("DisableEnforcement", action=POLKIT_ENFORCEMENT)
     async def DisableEnforcement(self) -> str:
         """Back to monitor-only; actions taken by rules are reverted (manual ones run out)."""
-        enforcer = self._require_enforcer()
-        return str(await enforcer.set_enabled(False, False, await self.caller()))
+        return await self.api.set_enforcement(False, False, await self.caller())
 
     @read_only
     @exported("ListActions")
     def ListActions(self) -> str:
         """Actions applied and not yet reverted: unit, action, before, after, rule, incident, expires_at (JSON)."""
-        return to_json(self._require_enforcer().list_actions())
+        return to_json(self.api.list_actions())
 
     @exported("Throttle", (("unit", "s"), ("cpu_pct", "d"), ("duration_s", "d")), action=POLKIT_ACT)
     async def Throttle(self, unit: str, cpu_pct: float, duration_s: float) -> str:
         """CPUQuota= on a unit for duration_s seconds (runtime only, reverted after), by hand."""
-        from .enforcement import EnforcementError
-
-        enforcer = self._require_enforcer()
-        if not (math.isfinite(cpu_pct) and 0 < cpu_pct <= 819200):
-            raise BusError(
-                ERROR_INVALID_ARGS,
-                f"cpu_pct must be in (0, 819200] percent of one CPU, got {cpu_pct}",
-            )
-        if not (math.isfinite(duration_s) and 0 < duration_s <= 86400):
-            raise BusError(
-                ERROR_INVALID_ARGS, f"duration_s must be in (0, 86400], got {duration_s}"
-            )
-        try:
-            return str(await enforcer.throttle(unit, cpu_pct, duration_s, await self.caller()))
-        except EnforcementError as exc:
-            raise BusError(ERROR_INVALID_ARGS, str(exc)) from None
+        return await self.api.throttle(unit, cpu_pct, duration_s, await self.caller())
 
     @exported("Unthrottle", (("unit", "s"),), action=POLKIT_ACT)
     async def Unthrottle(self, unit: str) -> str:
         """Restore a unit's CPUQuota= from before linnixd throttled it."""
-        from .enforcement import EnforcementError
-
-        try:
-            return str(await self._require_enforcer().unthrottle(unit))
-        except EnforcementError as exc:
-            raise BusError(ERROR_INVALID_ARGS, str(exc)) from None
-
-    def _enforcer(self) -> Any:
-        return getattr(self.daemon, "enforcer", None)
-
-    def _require_enforcer(self) -> Any:
-        enforcer = self._enforcer()
-        if enforcer is None:
-            raise BusError(
-                ERROR_FAILED,
-                "enforcement is unavailable: the daemon runs without a state directory",
-            )
-        return enforcer
+        return await self.api.unthrottle(unit)
 
     async def caller(self) -> Any:
         """Who is calling: uid and pid from the bus daemon for the caller's unique name."""
@@ -432,20 +349,12 @@ class BusService:
     # ---- properties and the Alert signal ------------------------------------------------
 
     def properties(self) -> dict[str, Variant]:
-        c = self.daemon.counters()
+        """The API's properties under their D-Bus names and signatures (PROPERTIES)."""
+        values = self.api.properties()
         return {
-            "Version": Variant("s", str(self.daemon.version)),
-            "EnforcementEnabled": Variant("b", bool(self.daemon.enforcement_enabled)),
-            "PolicyPath": Variant("s", str(self.daemon.policy_path)),
-            "StartedAt": Variant("d", float(self.daemon.started_at)),
-            "Events": Variant("t", int(c.events)),
-            "DroppedEvents": Variant("t", int(c.dropped_events)),
-            "Alerts": Variant("t", int(c.alerts)),
-            **(
-                {"DryRun": Variant("b", bool(self._enforcer().dry_run))}
-                if self._enforcer() is not None
-                else {}
-            ),
+            name: Variant(signature, values[key])
+            for name, signature, key in PROPERTIES
+            if key in values
         }
 
     def _changing_properties(self) -> dict[str, Any]:
@@ -573,6 +482,8 @@ class BusService:
         """A named error with one line for any failure of a method: never a traceback."""
         if isinstance(exc, BusError):
             return Message.new_error(msg, exc.name, exc.message)
+        if isinstance(exc, ApiError):
+            return Message.new_error(msg, API_ERRORS.get(exc.kind, ERROR_FAILED), exc.message)
         self.internal_errors += 1
         line = " ".join(str(exc).splitlines()) or type(exc).__name__
         log(f"{export.name} failed: {type(exc).__name__}: {line}", LOG_ERR)
@@ -683,7 +594,7 @@ class BusService:
                 parts.append(f'   <arg name="{name}" type="{sig}" direction="out"/>')
             parts.append("  </method>")
         parts.append(
-            "  <!-- One per alert, firing or resolved; details: state, id, incident, ts, pid, comm, unit, cgroup, parent, pod, namespace, container, container_id, image (when known), evidence (JSON) and evidence.<key> numbers -->"
+            "  <!-- One per alert, firing or resolved; details: state, id, incident, ts, pid, comm, unit, cgroup, parent, evidence (JSON) and evidence.<key> numbers -->"
         )
         parts.append(
             '  <signal name="Alert"><arg name="rule" type="s"/><arg name="severity" type="s"/><arg name="summary" type="s"/><arg name="details" type="a{sv}"/></signal>'
@@ -730,14 +641,17 @@ def _ancestor_xml(path: str | None) -> str:
 
 
 async def serve(
-    daemon: Any, bus: str = "system", *, auth_timeout_s: float = AUTH_TIMEOUT_S
+    api: Api | DaemonCore, bus: str = "system", *, auth_timeout_s: float = AUTH_TIMEOUT_S
 ) -> BusService:
-    """Connect to `bus`, own org.linnix.linnixd1 and serve `daemon` until BusService.close().
+    """Connect to `bus`, own org.linnix.linnixd1 and serve `api` until BusService.close().
 
-    Raises (one-line messages) when the bus is unreachable or the name cannot be owned.
+    The one place the daemon's connection is set up. Raises (one-line messages) when the bus
+    is unreachable or the name cannot be owned.
     """
     connection = await client.connect(bus)
-    service = BusService(daemon, connection, auth_timeout_s=auth_timeout_s)
+    service = BusService(
+        api if isinstance(api, Api) else Api(api), connection, auth_timeout_s=auth_timeout_s
+    )
     try:
         await service.start()
     except Exception:

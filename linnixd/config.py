@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO, TypeVar
 
 import yaml
 
-from .constants import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, EXIT_USAGE
+from .constants import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, EXIT_USAGE, MAX_ACTION_S
 from .registry import RULE_NAMES, RULES, rule_of
 from .settings import (
     MAX_CPU_PCT,
@@ -103,7 +103,9 @@ class RuleAction(Settings):
         20.0, gt=0, le=MAX_CPU_PCT
     )  # throttle_cpu: CPUQuota=, percent of one CPU
     memory_high_mb: float = Field(512.0, gt=0, le=1 << 30)  # limit_memory: MemoryHigh=
-    duration_s: float = Field(300.0, gt=0, le=86400)  # reverted after this long (or when resolved)
+    duration_s: float = Field(
+        300.0, gt=0, le=MAX_ACTION_S
+    )  # reverted after this long (or when resolved)
     signal: Literal["TERM", "KILL"] = "TERM"  # kill: the signal sent to the culprit process
 
 

@@ -18,6 +18,10 @@ HISTORY_DB = "alerts.sqlite3"
 ENFORCEMENT_STATE = "enforcement.json"  # enabled / dry-run, who changed it last
 ACTION_LEDGER = "actions.json"  # actions applied and not yet reverted
 
+# Bounds of an enforcement action (policy actions and linnixctl throttle; api.throttle_problem)
+MAX_CPU_PCT = 100.0 * 8192  # percent of one CPU, so up to Debian's NR_CPUS cores
+MAX_ACTION_S = 86400.0  # an action is reverted within a day at the latest
+
 # Exit codes (sysexits.h / systemd conventions)
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 from dbus_next import Message, MessageType
 
 from . import __version__, client, polkitagent
+from .api import cpu_pct_problem
 from .client import bus_label
 from .constants import (
     EXIT_CONFIG,
@@ -25,6 +26,7 @@ from .constants import (
     EXIT_OK,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
+    MAX_CPU_PCT,
 )
 from .model import Alert, owner_label
 from .wire import (
@@ -533,8 +535,10 @@ def _percent(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"expected a percentage of one CPU like 20, got {text!r}"
         ) from None
-    if not 0 < value <= 819200:
-        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 819200, got {text}")
+    if cpu_pct_problem(value) is not None:
+        raise argparse.ArgumentTypeError(
+            f"must be more than 0 and at most {MAX_CPU_PCT:g}, got {text}"
+        )
     return value
 
 

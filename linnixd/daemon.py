@@ -17,7 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import __version__, views
+from .collector.attach import Attachments, SchedSource, TriggerSource
 from .constants import (
     EXIT_CONFIG,
     EXIT_OK,
@@ -28,7 +29,7 @@ from .constants import (
     STATE_DIR,
 )
 from .daemonlog import LOG_ERR, LOG_NOTICE, LOG_WARNING, log
-from .detectors.pressure import PsiSaturation
+from .detectors.stall import NoisyNeighbour
 from .health import Health, Reporter, collect, to_status
 from .metrics import StallTotals, TextfileWriter, TickHistogram
 from .model import Alert, Counters, LifecycleCounts, LifecycleTick, Snapshot, StallSnapshot
@@ -68,7 +69,7 @@ class Daemon:
         policy: Any,
         *,
         lifecycle: Any = None,
-        sched: Any = None,
+        attachments: Attachments | None = None,
         model: Any = None,
         history: Any = None,
         events: Callable[[str, str, Mapping[str, str]], None] | None = None,
@@ -82,13 +83,14 @@ class Daemon:
         self.enforcer: Any = None  # enforcement.Enforcer, when there is a state directory
         self.triage: Any = None  # triage.Triage: a snapshot per incident, for explain()
         self.lifecycle = lifecycle
-        self.sched = sched
+        # bpf/sched.c and PSI triggers, attached while an enabled rule needs them
+        self.attachments = attachments or Attachments(make_sched=None, make_triggers=None)
+        self.collectors_changed: list[Callable[[], None]] = []  # called after a reload's sync
         self.model = model
         self.history = history
         # daemon_started / policy_reloaded entries (journald with MESSAGE_ID, else a log line)
         self.events = events or (lambda _kind, message, _fields: log(message))
         self.namer: Any = None  # names.AlertNamer: pod, namespace, container on alerts and rows
-        self.psi_mode = "polling"
         # own instances: a detector may keep state across ticks (memory_leak's slow series)
         self.detectors = {rule.name: type(rule.detector)() for rule in RULES}
         self.tracker = IncidentTracker(resolve_after_s=max(2.0, 4 * policy.daemon.tick_s))
@@ -110,7 +112,6 @@ class Daemon:
         self.state_problem = ""  # why the state directory was refused
         self.history_problem = ""  # why the alert history is unavailable
         self.history_write_failures = 0
-        self.sched_allowed = True  # False with --no-sched: no restart would load bpf/sched.c
         self._history_failing = False
         self.listener_errors = 0
         self.alerts_fired: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -118,6 +119,14 @@ class Daemon:
         self.stall_totals = StallTotals(policy.daemon.metrics_top_k)
         self.health_sources: dict[str, Reporter | None] = {}  # parts wired in from outside
         self._reported_errors: set[str] = set()
+
+    @property
+    def sched(self) -> SchedSource | None:
+        return self.attachments.sched
+
+    @property
+    def psi_mode(self) -> str:
+        return self.attachments.psi_mode
 
     # ---- the pipeline -------------------------------------------------------------------
 
@@ -412,34 +421,17 @@ class Daemon:
         if self.model is None:
             return []
         from .collector.cgroups import owner_of
-        from .detectors.cpu import busy
         from .names import RowFilter, row_names
 
         filt = RowFilter.parse(where or {})
         if sort not in TOP_SORTS:
             raise QueryError(f"sort must be one of {', '.join(TOP_SORTS)}, got {sort[:40]!r}")
         everything = bool(filt) or sort != "pressure"
-        rows = list(self.model.top_cgroups(self.model.max_cgroups if everything else limit))
-        newest = self.window[-1] if self.window else None
-        cpu: dict[str, float] = collections.defaultdict(float)
-        if newest is not None:
-            for proc in busy(newest):
-                cpu[proc.cgroup] += proc.cpu_pct
-        pairs, _waits, _window_s = self._stall_pairs()
-        caused: collections.Counter[str] = collections.Counter()
-        suffered: collections.Counter[str] = collections.Counter()
-        for (victim, culprit), us in pairs.items():
-            caused[culprit] += us
-            suffered[victim] += us
-        stall = newest.stall if newest is not None else None
-        for row in rows:
-            path = row.get("path", "")
-            row["cpu_pct"] = round(cpu.get(path, 0.0), 1)
-            if stall is not None:
-                rq = stall.runqueue.get(path)
-                row["runq_wait_ms"] = round(rq.wait_us / 1000, 1) if rq else 0.0
-                row["stall_caused_ms"] = round(caused.get(path, 0) / 1000, 1)
-                row["stall_suffered_ms"] = round(suffered.get(path, 0) / 1000, 1)
+        rows = views.top_cgroups(
+            self.model.top_cgroups(self.model.max_cgroups if everything else limit),
+            list(self.window),
+            self.policy.settings(NoisyNeighbour).window_s,
+        )
         if filt:
             rows = [
                 r for r in rows if filt.owner(self._names_of(r["path"]), owner_of(r["path"]).unit)
@@ -452,23 +444,6 @@ class Daemon:
             row.update(row_names(self._names_of(row["path"])))
         return rows
 
-    def _stall_pairs(self) -> tuple[dict[tuple[str, str], int], dict[str, int], float]:
-        """Stall us by (victim, culprit) and run-queue wait us by cgroup over the stall window."""
-        window_s = float(getattr(self.policy.rule("noisy_neighbour"), "window_s", 10.0))
-        pairs: dict[tuple[str, str], int] = collections.Counter()
-        waits: dict[str, int] = collections.Counter()
-        if not self.window:
-            return pairs, waits, window_s
-        newest = self.window[-1]
-        for snap in self.window:
-            if snap.stall is None or newest.ts - snap.ts >= window_s:
-                continue
-            for edge in snap.stall.edges:
-                pairs[(edge.victim, edge.culprit)] += edge.stall_us
-            for path, rq in snap.stall.runqueue.items():
-                waits[path] += rq.wait_us
-        return pairs, waits, window_s
-
     def stall_table(
         self, limit: int = 20, where: Mapping[str, str] | None = None
     ) -> list[dict[str, Any]]:
@@ -478,27 +453,20 @@ class Daemon:
         from .names import RowFilter, row_names
 
         filt = RowFilter.parse(where or {})
-        pairs, waits, window_s = self._stall_pairs()
-        ranked = sorted(pairs.items(), key=lambda item: item[1], reverse=True)
+        window_s = self.policy.settings(NoisyNeighbour).window_s
+        rows = views.stall_table(list(self.window), window_s, None if filt else limit)
         if filt:
-            ranked = [
-                (pair, us)
-                for pair, us in ranked
-                if any(filt.owner(self._names_of(p), owner_of(p).unit) for p in pair)
-            ]
-        rows = []
-        for (victim, culprit), us in ranked[:limit]:
-            rows.append(
-                {
-                    "victim": victim,
-                    "culprit": culprit,
-                    "stall_ms": round(us / 1000, 1),
-                    "share": round(us / waits[victim], 3) if waits.get(victim) else 0.0,
-                    "window_s": window_s,
-                    **row_names(self._names_of(victim), "victim_"),
-                    **row_names(self._names_of(culprit), "culprit_"),
-                }
-            )
+            rows = [
+                row
+                for row in rows
+                if any(
+                    filt.owner(self._names_of(p), owner_of(p).unit)
+                    for p in (row["victim"], row["culprit"])
+                )
+            ][:limit]
+        for row in rows:
+            row.update(row_names(self._names_of(row["victim"]), "victim_"))
+            row.update(row_names(self._names_of(row["culprit"]), "culprit_"))
         return rows
 
     def alerts(
@@ -530,18 +498,10 @@ class Daemon:
         finally:
             if self.notifier is not None:
                 self.notifier.ready()
-        from .registry import collectors_for
         from .reload import changed_keys, plan
 
         old, old_enabled = self.policy, set(self.policy.enabled_rules())
-        changes = plan(
-            changed_keys(old.as_dict(), new.as_dict()),
-            psi_triggers=self.psi_mode == "triggers",
-            sched_needed_missing=self.sched is None
-            and self.sched_allowed
-            and "sched" in collectors_for(new.enabled_rules())
-            and "sched" not in collectors_for(old_enabled),
-        )
+        changes = plan(changed_keys(old.as_dict(), new.as_dict()))
         self.policy = new
         for rule in old_enabled - set(new.enabled_rules()):
             for alert in self.tracker.forget(rule):
@@ -565,6 +525,7 @@ class Daemon:
                 self.history.prune()
             except Exception as exc:  # the new limits apply at the next prune anyway
                 log(f"alert history prune after reload failed: {exc}", LOG_WARNING)
+        self.sync_collectors()
         enabled = list(new.enabled_rules())
         message = (
             f"policy {self.policy_path} reloaded: {len(enabled)} rules enabled "
@@ -586,6 +547,29 @@ class Daemon:
             )
         return message
 
+    def sync_collectors(self) -> None:
+        """Attach or detach bpf/sched.c and the PSI triggers for the policy's enabled rules.
+
+        The host model follows: per-process CPU from the kernel while sched.c runs, from a full
+        /proc scan otherwise. A program that cannot be attached is logged; monitoring goes on.
+        """
+        from .collector.bpfload import KernelFeatureError
+
+        had = self.sched
+        try:
+            changes = self.attachments.sync(self.policy)
+        except KernelFeatureError as exc:
+            changes = [(LOG_ERR, f"cannot attach bpf/sched.c, going on without it: {exc}")]
+        if self.sched is not had:
+            _release_compiler_memory()
+            if self.model is not None:
+                self.model.use_cpu(self.sched.task_cpu() if self.sched is not None else None)
+        for priority, line in changes:
+            log(line, priority)
+        if changes:
+            for fn in self.collectors_changed:
+                fn()
+
     def stats(self) -> dict[str, Any]:
         """Final figures for --stats-on-exit and SIGUSR1 (benchmarks read them)."""
         out = self.status()
@@ -602,9 +586,9 @@ class Daemon:
             self.triage.close()
         for sink in self.sinks:
             sink.close()
-        for part in (self.sched, self.lifecycle):
-            if part is not None:
-                part.close()
+        self.attachments.close()
+        if self.lifecycle is not None:
+            self.lifecycle.close()
 
 
 def open_state_dir(state_dir: str | None) -> tuple[Any, str]:
@@ -726,13 +710,12 @@ class Runner:
         daemon: Daemon,
         args: argparse.Namespace,
         notifier: Any,
-        psi_triggers: Any,
         metrics: TextfileWriter | None = None,
     ):
         self.daemon = daemon
         self.args = args
         self.notifier = notifier
-        self.triggers = psi_triggers
+        self.triggers: TriggerSource | None = None  # the PSI triggers whose fd the loop watches
         self.metrics = metrics
         daemon.notifier = notifier
         self.stop_event: asyncio.Event | None = None
@@ -746,8 +729,8 @@ class Runner:
             loop.add_signal_handler(sig, self.stop_event.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         loop.add_signal_handler(signal.SIGUSR1, self.dump_stats)
-        if self.triggers is not None and self.triggers.mode == "triggers":
-            loop.add_reader(self.triggers.fileno(), self._on_pressure)
+        self._watch_triggers()
+        self.daemon.collectors_changed.append(self._watch_triggers)
 
         bus = None
         if self.args.bus != "none":
@@ -847,9 +830,22 @@ class Runner:
 
     def _on_pressure(self) -> None:
         """A kernel PSI trigger fired: tick now instead of waiting for the next tick."""
-        fired = self.triggers.drain()
+        triggers = self.daemon.attachments.triggers
+        fired = triggers.drain() if triggers is not None else []
         if fired and self.wake_event is not None:
             self.wake_event.set()
+
+    def _watch_triggers(self) -> None:
+        """Watch the fd of the PSI triggers the daemon has now (a reload may arm or disarm them)."""
+        current = self.daemon.attachments.triggers
+        if current is self.triggers:
+            return
+        loop = asyncio.get_running_loop()
+        if self.triggers is not None and self.triggers.mode == "triggers":
+            loop.remove_reader(self.triggers.fileno())
+        self.triggers = current
+        if current is not None and current.mode == "triggers":
+            loop.add_reader(current.fileno(), self._on_pressure)
 
     async def _watchdog(self) -> None:
         """WATCHDOG=1 only while ticks complete: a stuck tick loop gets the service restarted."""
@@ -1018,6 +1014,21 @@ def _metrics_writer(args: argparse.Namespace, policy: Any) -> TextfileWriter | N
     return TextfileWriter(directory, log)
 
 
+def _sched_factory() -> Callable[[], SchedSource] | None:
+    """SchedCollector, or None where bcc's Python module is missing."""
+    try:
+        from .collector.sched import SchedCollector
+    except ImportError:
+        return None
+    return SchedCollector
+
+
+def _psi_triggers(resources: Sequence[str], some_pct: float, window_s: float) -> TriggerSource:
+    from .collector.psi import PsiTriggers
+
+    return PsiTriggers(list(resources), some_pct, window_s)
+
+
 def run(args: argparse.Namespace) -> int:
     from .collector.bpfload import KernelFeatureError
     from .notify import Notifier
@@ -1043,25 +1054,26 @@ def run(args: argparse.Namespace) -> int:
     history, history_problem = open_history(state, policy) if state is not None else (None, "")
 
     lifecycle = LifecycleCollector(policy.daemon.short_lived_s)
-    sched = None
+    attachments = Attachments(
+        make_sched=None if args.no_sched else _sched_factory(),
+        make_triggers=_psi_triggers,
+    )
     try:
         notifier.status("compiling and attaching BPF: process lifecycle (bpf/lifecycle.c)")
         lifecycle.start()
-        if not args.no_sched and "sched" in collectors_for(policy.enabled_rules()):
-            try:
-                from .collector.sched import SchedCollector
-            except ImportError:
-                SchedCollector = None  # type: ignore[assignment,misc]
-            if SchedCollector is not None:
-                notifier.status("compiling and attaching BPF: scheduler stalls (bpf/sched.c)")
-                sched = SchedCollector()
-                sched.start()
+        if attachments.make_sched is not None and "sched" in collectors_for(policy.enabled_rules()):
+            notifier.status("compiling and attaching BPF: scheduler stalls (bpf/sched.c)")
+        for priority, line in attachments.sync(policy):
+            if priority <= LOG_WARNING:  # at start-up only problems are said; Status tells the rest
+                log(line, priority)
     except KernelFeatureError as exc:
         log(str(exc), LOG_ERR)
         notifier.status(f"missing kernel feature, not starting: {exc}")
+        attachments.close()
         lifecycle.close()
         return EXIT_OSERR
     _release_compiler_memory()
+    sched = attachments.sched
 
     # with the scheduler program, per-process CPU comes from the kernel and only what ran is read
     model = HostModel(
@@ -1075,13 +1087,12 @@ def run(args: argparse.Namespace) -> int:
         policy_path,
         policy,
         lifecycle=lifecycle,
-        sched=sched,
+        attachments=attachments,
         model=model,
         history=history,
         events=event_writer(log, use_journal=not args.no_journal),
     )
     daemon.state = state
-    daemon.sched_allowed = not args.no_sched
     daemon.state_problem = state_problem
     daemon.history_problem = history_problem
     from .systemd_units import SystemdUnits
@@ -1107,17 +1118,6 @@ def run(args: argparse.Namespace) -> int:
                 LOG_WARNING,
             )
 
-    triggers = None
-    try:
-        from .collector.psi import PsiTriggers
-
-        psi_cfg = policy.settings(PsiSaturation)
-        # a 2 s window is the shortest unprivileged triggers accept (kernel >= 6.5)
-        triggers = PsiTriggers(list(psi_cfg.resources), psi_cfg.some_pct, 2.0)
-        daemon.psi_mode = triggers.mode
-    except Exception as exc:
-        log(f"PSI triggers unavailable, polling every tick: {exc}", LOG_WARNING)
-
     if state is not None:
         from .enforcement import Enforcer, journal_writer
 
@@ -1141,15 +1141,13 @@ def run(args: argparse.Namespace) -> int:
     if metrics is not None:
         daemon.register_health("metrics", metrics)
         log(f"metrics for node_exporter in {metrics.path}")
-    runner = Runner(daemon, args, notifier, triggers, metrics)
+    runner = Runner(daemon, args, notifier, metrics)
     try:
         code = asyncio.run(runner.run())
     finally:
         if args.stats_on_exit:
             runner.dump_stats()
         daemon.close()
-        if triggers is not None:
-            triggers.close()
     return code
 
 

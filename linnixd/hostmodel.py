@@ -161,6 +161,20 @@ class HostModel:
         """True when per-process CPU comes from the kernel and only what ran is read."""
         return self.cpu is not None
 
+    def use_cpu(self, cpu: TaskCpuReader | None) -> None:
+        """Switch the per-process CPU source (bpf/sched.c attached or detached by a reload).
+
+        Both sources start from a fresh baseline: the kernel reader's first read covers the
+        time since attach, and one full /proc scan resets every process's CPU counter, so the
+        next tick's figures cover one interval. Every sample is rebuilt at the next snapshot.
+        """
+        self.cpu = cpu
+        self.scanner.sample_s = SAMPLE_S if cpu is not None else 0.0
+        if cpu is not None:
+            cpu.read()
+        self.scanner.scan()
+        self._pending |= set(self._samples) | set(self.scanner.procs)
+
     def seed(self) -> None:
         """Read /proc and the cgroup tree once, so the first snapshot has CPU deltas."""
         self.resolver.refresh()

@@ -18,8 +18,6 @@ APPLIED_DAEMON_KEYS = frozenset(
         "daemon.history_max",
     }
 )
-# armed in the kernel at start (collector/psi.py PsiTriggers)
-PSI_TRIGGER_KEYS = frozenset({"rules.psi_saturation.resources", "rules.psi_saturation.some_pct"})
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -56,18 +54,16 @@ class ReloadPlan:
         return "; ".join(parts) if parts else "no setting changed"
 
 
-def plan(changed: list[str], *, psi_triggers: bool, sched_needed_missing: bool) -> ReloadPlan:
-    """Which changed settings a reload honours; the rest are named as needing a restart."""
+def plan(changed: list[str]) -> ReloadPlan:
+    """Which changed settings a reload honours; the rest are named as needing a restart.
+
+    Kernel collectors follow the rules on reload (collector/attach.py: bpf/sched.c attached or
+    detached, PSI triggers re-armed with the new resources and threshold), so rules.* is live.
+    """
     out = ReloadPlan()
     for key in changed:
-        if key in PSI_TRIGGER_KEYS and psi_triggers:
-            out.restart.append(f"{key} (PSI triggers are armed at start)")
-        elif key in APPLIED_DAEMON_KEYS or key.startswith(LIVE_PREFIXES) or key == "version":
+        if key in APPLIED_DAEMON_KEYS or key.startswith(LIVE_PREFIXES) or key == "version":
             out.applied.append(key)
         else:
             out.restart.append(f"{key} (read at start only)")
-    if sched_needed_missing:
-        out.restart.append(
-            "the scheduler program bpf/sched.c (loaded at start, for the rules now enabled)"
-        )
     return out

@@ -14,11 +14,12 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, Field
 
+from .constants import MAX_CPU_PCT
+
 PYDANTIC_V2 = int(pydantic.VERSION.split(".")[0]) >= 2
 ValidationError = pydantic.ValidationError
 
 Severity = Literal["info", "notice", "warning", "critical"]
-MAX_CPU_PCT = 100.0 * 8192  # percent of one CPU, so up to Debian's NR_CPUS cores
 
 if PYDANTIC_V2:
 
@@ -74,10 +75,10 @@ def compose(name: str, doc: str, fields: Mapping[str, type[Settings]]) -> type[S
         "__module__": __name__,
         "__annotations__": dict(fields),
     }
-    for key, model in fields.items():
-        namespace[key] = Field(default_factory=model)
-    model: type[Settings] = type(name, (Settings,), namespace)  # built by pydantic's metaclass
-    return model
+    for key, section in fields.items():
+        namespace[key] = Field(default_factory=section)
+    built: type[Settings] = type(name, (Settings,), namespace)  # by pydantic's metaclass
+    return built
 
 
 # ---- field helpers ----------------------------------------------------------------------

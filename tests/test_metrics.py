@@ -205,6 +205,7 @@ def storm_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     problem = bpf_unavailable()
     if problem is not None:
         pytest.skip(problem)
+    from linnixd.collector.attach import Attachments
     from linnixd.collector.lifecycle import LifecycleCollector
     from linnixd.collector.sched import SchedCollector
     from linnixd.daemon import Daemon
@@ -226,17 +227,23 @@ def storm_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     policy = load_policy(str(ROOT / "policy" / "rules.yaml"))
     lifecycle = LifecycleCollector(policy.daemon.short_lived_s)
     lifecycle.start()
-    sched = SchedCollector()
-    sched.start()
+    attachments = Attachments(make_sched=SchedCollector, make_triggers=None)
+    attachments.sync(policy)
+    assert attachments.sched is not None
     model = HostModel(
         max_processes=policy.daemon.max_processes,
         max_cgroups=policy.daemon.max_cgroups,
-        cpu=sched.task_cpu(),
+        cpu=attachments.sched.task_cpu(),
     )
     model.seed()
     history = AlertHistory(str(state / "history.db"))
     daemon = Daemon(
-        "rules.yaml", policy, lifecycle=lifecycle, sched=sched, model=model, history=history
+        "rules.yaml",
+        policy,
+        lifecycle=lifecycle,
+        attachments=attachments,
+        model=model,
+        history=history,
     )
     daemon.enforcer = Enforcer(str(state), units=None, policy=lambda: daemon.policy)
     daemon.sinks.append(QueuedSink(Collect()))

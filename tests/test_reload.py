@@ -29,14 +29,13 @@ def test_changed_keys_and_plan() -> None:
     new = {"daemon": {"tick_s": 1.0, "x": 1}, "rules": {"a": {"b": [2]}}, "extra": {"y": 2}}
     keys = changed_keys(old, new)
     assert keys == ["daemon.tick_s", "extra.y", "rules.a.b"]
-    p = plan(keys, psi_triggers=True, sched_needed_missing=False)
+    p = plan(keys)
     assert p.applied == ["daemon.tick_s", "rules.a.b"]
     assert p.restart == ["extra.y (read at start only)"]
-    p = plan(["rules.psi_saturation.some_pct"], psi_triggers=False, sched_needed_missing=True)
-    assert p.applied == ["rules.psi_saturation.some_pct"]  # polled each tick: live
-    assert p.restart == [
-        "the scheduler program bpf/sched.c (loaded at start, for the rules now enabled)"
-    ]
+    # the reload re-arms PSI triggers and attaches sched.c itself (test_reload_collectors.py)
+    p = plan(["rules.psi_saturation.some_pct", "rules.noisy_neighbour.enabled"])
+    assert p.applied == ["rules.psi_saturation.some_pct", "rules.noisy_neighbour.enabled"]
+    assert p.restart == []
 
 
 def test_reload_applies_caps_history_limits_and_tick_and_names_the_rest(tmp_path: Path) -> None:
@@ -56,7 +55,6 @@ def test_reload_applies_caps_history_limits_and_tick_and_names_the_rest(tmp_path
         history=history,
         events=lambda kind, message, fields: events.append((kind, message, dict(fields))),
     )
-    daemon.psi_mode = "triggers"
     daemon.tick()
     daemon.tick()
     assert model.evicted_processes == 0
@@ -67,15 +65,11 @@ def test_reload_applies_caps_history_limits_and_tick_and_names_the_rest(tmp_path
     assert history.max_count == 10 and history.count() == 10  # pruned at once
     assert daemon.tracker.resolve_after_s == 4.0
     assert daemon.policy.daemon.tick_s == 1.0
-    assert (
-        "applied: daemon.history_max, daemon.max_cgroups, daemon.max_processes, daemon.tick_s, rules.fork_storm.rate_per_s"
-        in message
-    )
     assert message.endswith(
-        "needs a restart: rules.psi_saturation.some_pct (PSI triggers are armed at start)"
+        "applied: daemon.history_max, daemon.max_cgroups, daemon.max_processes, daemon.tick_s, rules.fork_storm.rate_per_s, rules.psi_saturation.some_pct"
     )
     assert events[-1][0] == "policy_reloaded" and events[-1][1] == message
-    assert events[-1][2]["LINNIX_RESTART_NEEDED"] == "rules.psi_saturation.some_pct"
+    assert events[-1][2]["LINNIX_RESTART_NEEDED"] == ""
     daemon.tick()  # the lower cap holds from the next tick on, and the overflow is counted
     assert len(daemon.window[-1].processes) <= 16
     assert model.evicted_processes > 0

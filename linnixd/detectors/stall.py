@@ -43,7 +43,7 @@ def _who(path: str, unit: str | None) -> str:
     return unit or path
 
 
-def _stall_by_pair(snaps: Sequence[Snapshot]) -> dict[str, dict[str, tuple[int, int]]]:
+def stall_by_pair(snaps: Sequence[Snapshot]) -> dict[str, dict[str, tuple[int, int]]]:
     """victim -> culprit -> (stall us, preemptions) summed over the snapshots."""
     out: dict[str, dict[str, tuple[int, int]]] = defaultdict(dict)
     for s in snaps:
@@ -109,7 +109,7 @@ class NoisyNeighbourDetector:
                 h = hists.setdefault(path, [0] * len(rq.hist_log2_us))
                 for i, c in enumerate(rq.hist_log2_us[: len(h)]):
                     h[i] += c
-        pairs = _stall_by_pair(snaps)
+        pairs = stall_by_pair(snaps)
         candidates = []
         for victim, (wait_us, nwaits) in sorted(waits.items()):
             if wait_us < float(cfg.min_wait_ms) * 1000 or wait_us <= 0:
@@ -345,7 +345,7 @@ class CircuitBreakerDetector:
         unit = cgroup_unit(newest, path)
         caused = 0
         victims: dict[str, int] = defaultdict(int)
-        for victim, row in _stall_by_pair(tail).items():
+        for victim, row in stall_by_pair(tail).items():
             us = row.get(path, (0, 0))[0]
             if victim != path and us:  # what it caused others; its own tasks' wait is not that
                 caused += us

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..api import throttle_problem
 from ..constants import ACTION_LEDGER, ENFORCEMENT_STATE, MESSAGE_IDS
 from ..daemonlog import LOG_ERR, LOG_NOTICE, LOG_WARNING, log
 from ..health import Health
@@ -550,7 +551,9 @@ class Enforcer:
 
     async def throttle(self, unit: str, cpu_pct: float, duration_s: float, caller: Caller) -> str:
         """Manual CPUQuota= (linnixctl throttle); guarded, ledgered and reverted like the rest."""
-        why = refusal(unit, self.policy().enforcement.protected_units)
+        why = throttle_problem(cpu_pct, duration_s) or refusal(
+            unit, self.policy().enforcement.protected_units
+        )
         if why is not None:
             raise EnforcementError(why)
         record = await self.apply(

@@ -1,0 +1,80 @@
+"""What linnixctl shows (status, top, stalls), computed from the daemon's state: pure functions, no I/O."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .detectors.base import recent
+from .detectors.cpu import busy
+from .detectors.stall import stall_by_pair
+from .model import Snapshot
+
+
+def _window_stall(
+    window: Sequence[Snapshot], window_s: float
+) -> tuple[dict[str, dict[str, tuple[int, int]]], Counter[str]]:
+    """noisy_neighbour's pairing (victim -> culprit -> (stall us, preemptions)) over its window,
+    and each cgroup's run-queue wait (us) over the same snapshots."""
+    snaps = [s for s in recent(window, window_s) if s.stall is not None]
+    waits: Counter[str] = Counter()
+    for snap in snaps:
+        assert snap.stall is not None
+        for path, rq in snap.stall.runqueue.items():
+            waits[path] += rq.wait_us
+    return stall_by_pair(snaps), waits
+
+
+def top_cgroups(
+    rows: Sequence[Mapping[str, Any]], window: Sequence[Snapshot], window_s: float
+) -> list[dict[str, Any]]:
+    """The model's cgroup rows, each with its processes' CPU (newest tick) and, while sched.c
+    runs, its run-queue wait (newest tick) and the stall it caused and suffered over `window_s`."""
+    out = [dict(row) for row in rows]
+    newest = window[-1] if window else None
+    cpu: Counter[str] = Counter()
+    if newest is not None:
+        for proc in busy(newest):
+            cpu[proc.cgroup] += proc.cpu_pct
+    pairs, _waits = _window_stall(window, window_s)
+    caused: Counter[str] = Counter()
+    suffered: Counter[str] = Counter()
+    for victim, row in pairs.items():
+        for culprit, (us, _preemptions) in row.items():
+            caused[culprit] += us
+            suffered[victim] += us
+    stall = newest.stall if newest is not None else None
+    for row in out:
+        path = str(row.get("path", ""))
+        row["cpu_pct"] = round(cpu.get(path, 0.0), 1)
+        if stall is not None:
+            rq = stall.runqueue.get(path)
+            row["runq_wait_ms"] = round(rq.wait_us / 1000, 1) if rq else 0.0
+            row["stall_caused_ms"] = round(caused.get(path, 0) / 1000, 1)
+            row["stall_suffered_ms"] = round(suffered.get(path, 0) / 1000, 1)
+    return out
+
+
+def stall_table(
+    window: Sequence[Snapshot], window_s: float, limit: int | None
+) -> list[dict[str, Any]]:
+    """Who stalled whom over noisy_neighbour's window, paired as that rule pairs them.
+
+    Rows: victim, culprit, stall_ms, share (of the victim's run-queue wait), window_s; the
+    largest stall first, at most `limit` (None: all).
+    """
+    pairs, waits = _window_stall(window, window_s)
+    rows: list[dict[str, Any]] = [
+        {
+            "victim": victim,
+            "culprit": culprit,
+            "stall_ms": round(us / 1000, 1),
+            "share": round(us / waits[victim], 3) if waits.get(victim) else 0.0,
+            "window_s": window_s,
+        }
+        for victim, row in pairs.items()
+        for culprit, (us, _preemptions) in row.items()
+    ]
+    rows.sort(key=lambda r: float(r["stall_ms"]), reverse=True)
+    return rows[:limit]
