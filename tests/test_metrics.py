@@ -8,6 +8,7 @@ what a real prometheus-node-exporter (started here on 127.0.0.1) serves from the
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -326,12 +327,13 @@ def test_fork_storm_figures_in_the_textfile(storm_daemon: Any) -> None:
         assert not any(k in ("pid", "tgid") for k, _ in labels), name
 
 
-@pytest.mark.bpf
-@pytest.mark.skipif(NODE_EXPORTER is None, reason="prometheus-node-exporter is not installed")
-def test_real_node_exporter_serves_the_textfile(storm_daemon: Any) -> None:
-    daemon = storm_daemon
-    writer = daemon.writer
-    data = render(daemon)
+@pytest.fixture(scope="module")
+def node_exporter_scrape(storm_daemon: Any) -> tuple[bytes, dict[Any, float], str]:
+    """The textfile written, then scraped through a real prometheus-node-exporter on 127.0.0.1."""
+    if NODE_EXPORTER is None:
+        pytest.skip("prometheus-node-exporter is not installed")
+    writer = storm_daemon.writer
+    data = render(storm_daemon)
     assert writer.write(data)
     port = _free_port()
     proc = subprocess.Popen(
@@ -352,15 +354,93 @@ def test_real_node_exporter_serves_the_textfile(storm_daemon: Any) -> None:
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=10)
-    served = samples(body)
+    return data, samples(body), err
+
+
+@pytest.mark.bpf
+def test_real_node_exporter_serves_the_textfile(
+    storm_daemon: Any, node_exporter_scrape: tuple[bytes, dict[Any, float], str]
+) -> None:
+    data, served, err = node_exporter_scrape
     assert value(served, "node_textfile_scrape_error") == 0, err  # no HELP/TYPE or name conflict
     mine = samples(data.decode())
     linnixd_served = {k: v for k, v in served.items() if k[0].startswith("linnixd_")}
     differ = {k: (v, linnixd_served.get(k)) for k, v in mine.items() if linnixd_served.get(k) != v}
     assert not differ and set(linnixd_served) == set(mine), differ
-    assert value(served, "linnixd_events_total") >= daemon.forks_during_storm
+    assert value(served, "linnixd_events_total") >= storm_daemon.forks_during_storm
     assert value(served, "linnixd_alerts_total", rule="fork_storm", severity="warning") >= 1
     assert any(k[0] == "node_pressure_cpu_waiting_seconds_total" for k in served)
+
+
+# PromQL words that are not metric names (functions are followed by "(" and skipped anyway).
+_PROMQL_WORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
+}
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names an expression reads: identifiers that are not functions, keywords or labels."""
+    import re
+
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # strings (label values, regexes)
+    text = re.sub(r"\{[^}]*\}", "", text)  # label matchers
+    text = re.sub(r"\[[^\]]*\]", "", text)  # range selectors ($__rate_interval, 5m)
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)
+    names = set()
+    for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
+        word, rest = m.group(0), text[m.end() :].lstrip()
+        if rest.startswith("(") or word.lower() in _PROMQL_WORDS or re.fullmatch(r"\d.*", word):
+            continue
+        names.add(word)
+    return names
+
+
+def test_promql_name_extraction() -> None:
+    expr = 'histogram_quantile(0.99, sum by (le, instance) (rate(linnixd_tick_duration_seconds_bucket{instance=~"$instance"}[$__rate_interval]))) > 0.5'
+    assert promql_metric_names(expr) == {"linnixd_tick_duration_seconds_bucket"}
+    assert promql_metric_names(
+        'time() - node_textfile_mtime_seconds{file=~".*linnixd.prom"} > 120'
+    ) == {"node_textfile_mtime_seconds"}
+
+
+@pytest.mark.bpf
+def test_dashboard_and_alert_rules_read_only_metrics_that_exist(
+    node_exporter_scrape: tuple[bytes, dict[Any, float], str],
+) -> None:
+    _, served, _ = node_exporter_scrape
+    exported = {name for name, _ in served}
+    dashboard = json.loads((ROOT / "packaging" / "grafana" / "linnixd.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs += [v["query"]["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    rules = yaml.safe_load((ROOT / "packaging" / "prometheus" / "linnixd-rules.yml").read_text())
+    exprs += [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    assert len(exprs) > 20
+    used: set[str] = set()
+    for expr in exprs:
+        names = promql_metric_names(expr.replace("label_values(", "f(").replace(", instance)", ")"))
+        assert names, f"no metric in {expr!r}"
+        missing = names - exported
+        assert not missing, f"{expr!r} reads metrics nobody exports: {sorted(missing)}"
+        used |= names
+    # only linnixd's own series and node_exporter's PSI (and its textfile mtime) are used
+    assert all(n.startswith(("linnixd_", "node_pressure_", "node_textfile_")) for n in used), used
+    assert {
+        "linnixd_incidents_open",
+        "linnixd_alerts_total",
+        "linnixd_stall_caused_seconds_total",
+    } <= used
 
 
 def _free_port() -> int:
