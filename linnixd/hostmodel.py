@@ -453,8 +453,8 @@ class HostModel:
             counters={
                 "evicted_processes": self.evicted_processes,
                 "evicted_cgroups": self.evicted_cgroups,
-                "pressure_descent_reads": self.descent_reads,
-                "pressure_descent_pruned": self.descent_pruned,
+                "descent_reads": self.descent_reads,
+                "descent_pruned": self.descent_pruned,
             },
             gauges={
                 "processes": len(self.scanner.procs),
