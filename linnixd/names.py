@@ -290,8 +290,8 @@ class NameResolver:
         if data is None:
             return None
         ann = _annotations(_json(data))
-        if not any(k.startswith("io.kubernetes.") for k in ann):
-            return None  # a Podman bundle: its names come from containers.json
+        if not (ann.get("io.kubernetes.pod.name") or ann.get("io.kubernetes.container.name")):
+            return None  # not a pod's (Podman's bundles carry io.kubernetes.cri-o.* too)
         return {
             "pod": ann.get("io.kubernetes.pod.name"),
             "namespace": ann.get("io.kubernetes.pod.namespace"),

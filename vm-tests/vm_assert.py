@@ -663,6 +663,14 @@ def stop(proc: subprocess.Popen[str]) -> None:
         proc.wait()
 
 
+def names_diagnosis() -> str:
+    """The newest cpu_spike alerts' cgroups and names, and the daemon's name-lookup counters."""
+    spikes = journal_entries("LINNIX_RULE=cpu_spike", "LINNIX_STATE=firing")[-3:]
+    seen = [(e.get("LINNIX_CGROUP"), e.get("LINNIX_CONTAINER"), e.get("MESSAGE")) for e in spikes]
+    status = json.loads(sh("linnixctl", "status", "--json").stdout or "{}")
+    return f"last cpu_spike alerts {seen}; names {status.get('health', {}).get('names')}"
+
+
 def names(r: Report) -> None:
     """Pods of both kubelet drivers and a Podman container named in real alerts and queries."""
     root_only_json(
@@ -710,7 +718,9 @@ def names(r: Report) -> None:
             and entry.get("LINNIX_IMAGE") == "registry.example/payments/api:1.4.2"
             and "in pod payments/api-7d9f8c6b5-x2x9z (container api) at"
             in entry.get("MESSAGE", ""),
-            f"{ {k: v for k, v in entry.items() if k.startswith(('LINNIX_', 'MESSAGE'))} }",
+            f"{ {k: v for k, v in entry.items() if k.startswith(('LINNIX_', 'MESSAGE'))} }"
+            if entry
+            else names_diagnosis(),
         )
         cp = sh("linnixctl", "top", "--once", "--json", "--namespace", "payments", user=TESTER)
         rows = json.loads(cp.stdout)["cgroups"] if cp.returncode == 0 else []
@@ -738,7 +748,9 @@ def names(r: Report) -> None:
             and entry.get("LINNIX_NAMESPACE") == "shop"
             and entry.get("LINNIX_CONTAINER") == "checkout"
             and "in pod shop/checkout-6c8d (container checkout) at" in entry.get("MESSAGE", ""),
-            f"{ {k: v for k, v in entry.items() if k.startswith(('LINNIX_', 'MESSAGE'))} }",
+            f"{ {k: v for k, v in entry.items() if k.startswith(('LINNIX_', 'MESSAGE'))} }"
+            if entry
+            else names_diagnosis(),
         )
     finally:
         stop(hog)
@@ -805,7 +817,9 @@ def podman_names(r: Report) -> None:
             entry.get("LINNIX_CONTAINER_ID") == cid
             and entry.get("LINNIX_IMAGE") == PODMAN_IMAGE
             and f"in container {PODMAN_NAME} at" in entry.get("MESSAGE", ""),
-            f"cid {cid}; { {k: v for k, v in entry.items() if k.startswith(('LINNIX_', 'MESSAGE'))} }",
+            f"cid {cid}; { {k: v for k, v in entry.items() if k.startswith(('LINNIX_', 'MESSAGE'))} }"
+            if entry
+            else f"cid {cid}; no such alert; {names_diagnosis()}",
         )
     finally:
         sh("podman", "rm", "-f", "-t", "0", PODMAN_NAME, timeout=120)
