@@ -1104,9 +1104,12 @@ def run(args: argparse.Namespace) -> int:
         SystemdUnits("system", timeout_s=UNIT_TIMEOUT_S),
         log=lambda message: log(message, LOG_WARNING),
     )
-    from .names import AlertNamer, NameResolver
+    from .names import AlertNamer, NameResolver, row_names
 
-    daemon.namer = AlertNamer(NameResolver(args.host_root, model.resolver.directory))
+    resolver = NameResolver(args.host_root, model.resolver.directory)
+    daemon.namer = AlertNamer(resolver)
+    # the incident snapshot's cgroup rows carry the same names (looked up for those rows only)
+    daemon.triage.add_cgroup_fields(lambda _snap, path: row_names(resolver.names(path)))
     if args.foreground:
         daemon.sinks.append(QueuedSink(StdoutSink(args.output), on_error=log))
     if not args.no_journal and journald_present():

@@ -270,6 +270,13 @@ def test_alerts_name_pods_in_both_drivers_and_queries_filter_by_them(
             assert [r["path"] for r in top["cgroups"]] == [cgroups["systemd_rel"]]
             assert top["cgroups"][0]["pod"] == "api-7d9f8c6b5-x2x9z"
             assert json.loads(ctl(bus, "top", "--namespace", "nowhere", "--json"))["cgroups"] == []
+            # the incident's snapshot (linnixctl explain) carries the names in its cgroup row
+            explained = json.loads(ctl(bus, "explain", alert["incident"], "--json"))
+            row = explained["snapshot"]["cgroups"][cgroups["systemd_rel"]]
+            assert (row["extra"]["pod"], row["extra"]["container"]) == (
+                "api-7d9f8c6b5-x2x9z",
+                "api",
+            )
         finally:
             hog.stop()
 
