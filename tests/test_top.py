@@ -205,7 +205,7 @@ class Pane:
     def screen(self) -> list[str]:
         return self.tmux("capture-pane", "-p", "-t", "top").splitlines()
 
-    def wait(self, what: str, pred: Any, timeout: float = 30.0) -> list[str]:
+    def wait(self, what: str, pred: Any, timeout: float = 60.0) -> list[str]:
         deadline = time.monotonic() + timeout
         while True:
             lines = self.screen()
