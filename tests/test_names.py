@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -334,17 +337,43 @@ def test_odd_characters_are_cleaned(node: Path) -> None:
     assert names.namespace is None
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads everything")
-def test_unreadable_directory_is_counted(node: Path) -> None:
+@pytest.mark.skipif(os.geteuid() != 0, reason="drops to another user with setpriv")
+def test_unreadable_directory_is_counted() -> None:
+    """Runtime state of root (0700 directories, 0600 files) read by a user without the capability."""
+    node = Path(tempfile.mkdtemp(prefix="linnixd-names-"))  # pytest's own tmp is root-only
     containerd_container(node)
-    tasks = node / "run/containerd/io.containerd.runtime.v2.task"
-    tasks.chmod(0)
+    for d in [node, *node.rglob("*")]:
+        d.chmod(0o700 if d.is_dir() else 0o600)
+    node.chmod(0o755)
+    script = (
+        "import json, sys; from linnixd.names import NameResolver; "
+        f"r = NameResolver({str(node)!r}); n = r.resolve({SYSTEMD_CONTAINER!r}); "
+        "print(json.dumps([n is None, r.counts]))"
+    )
+    cp = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            script,
+        ],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cp.returncode == 0, cp.stderr
+    unnamed, counts = json.loads(cp.stdout)
     try:
-        r = NameResolver(str(node))
-        assert r.resolve(SYSTEMD_CONTAINER) is None
-        assert r.counts["unreadable"] >= 1
+        # each source under the root-only run/ is one counted failure, nothing else went wrong
+        assert unnamed and counts["unreadable"] >= 1 and counts["malformed"] == 0, counts
+        # root (like the unit's CAP_DAC_READ_SEARCH) reads the same files
+        assert NameResolver(str(node)).resolve(SYSTEMD_CONTAINER) is not None
     finally:
-        tasks.chmod(0o755)
+        shutil.rmtree(node)
 
 
 # ---- the cache, against real cgroups ---------------------------------------------------
