@@ -278,10 +278,14 @@ async def cmd_status(args: argparse.Namespace) -> int:
 
 
 def print_alerts(args: argparse.Namespace, rows: list[Any], empty: str) -> int:
-    """One alert per line: a JSON object (--json) or the readable form; say so when there are none."""
+    """One JSON array (--json: a listing is one document; only watch streams) or one readable
+    line per alert; say so when there are none."""
+    if args.json:
+        emit(json.dumps(rows, sort_keys=True))
+        return EXIT_OK
     for row in rows:
-        emit(json.dumps(row, sort_keys=True) if args.json else format_alert(row))
-    if not rows and not args.json:
+        emit(format_alert(row))
+    if not rows:
         print(empty, file=sys.stderr)
     return EXIT_OK
 
@@ -667,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="at most the N newest alerts (default 20, at most 10000)",
     )
     s.add_argument(
-        "--json", action="store_true", help="one JSON object per line (the history record)"
+        "--json", action="store_true", help="one JSON array of alert records, oldest first"
     )
     add_owner_filters(s, "alerts whose culprit or victim is")
     s.set_defaults(run=cmd_alerts)
@@ -697,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--json",
         action="store_true",
-        help="one JSON object per line (with --all: one JSON array)",
+        help="one JSON array (of incident records with --all)",
     )
     s.set_defaults(run=cmd_incidents)
 

@@ -120,18 +120,18 @@ def test_status_alerts_incidents_top_as_json_and_text(
                 *ctl(addr, "alerts", "--json", "--since", "10m"), env=ctl_env()
             )
             assert rc == 0, out
-            assert [json.loads(line)["id"] for line in out.splitlines()] == [
-                "a2",
-                "a3",
-            ]  # oldest first
+            assert len(out.splitlines()) == 1  # one JSON document, not a stream
+            assert [row["id"] for row in json.loads(out)] == ["a2", "a3"]  # oldest first
             rc, out = await run_tool(*ctl(addr, "alerts", "--rule", "fork_storm"), env=ctl_env())
             lines = out.splitlines()
             assert rc == 0 and len(lines) == 2 and "fork_storm firing: fork storm: 801" in lines[0]
             assert "pid=4201 comm=lx-forkstorm unit=foo.service" in lines[0]
             rc, out = await run_tool(*ctl(addr, "incidents", "--json"), env=ctl_env())
-            assert rc == 0 and sorted(
-                json.loads(line)["incident"] for line in out.splitlines()
-            ) == ["i1", "i2", "i3"]
+            assert rc == 0 and sorted(row["incident"] for row in json.loads(out)) == [
+                "i1",
+                "i2",
+                "i3",
+            ]
             rc, out = await run_tool(*ctl(addr, "top", "--limit", "2", "--json"), env=ctl_env())
             top = json.loads(out)
             assert [r["path"] for r in top["cgroups"]] == [

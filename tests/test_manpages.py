@@ -137,7 +137,7 @@ def test_linnixctl_exit_codes_match_the_parser() -> None:
 
 def test_linnixctl_json_shapes_are_documented() -> None:
     text = "\n".join(sections("linnixctl.1")["JSON OUTPUT"])
-    assert "one JSON object per line" in text and "one JSON document" in text
+    assert "one JSON object per line" in text and "exactly one JSON document" in text
     for name, sub in subcommands(ctl.build_parser()).items():
         if any("--json" in a.option_strings for a in sub._actions):
             assert f".B {name}" in text or f".BR {name}" in text or name in text, name

@@ -316,14 +316,8 @@ def test_alerts_name_pods_in_both_drivers_and_queries_filter_by_them(
         watch.stop()
 
     # the history, filtered by the daemon: each namespace gets its own alert only
-    payments = [
-        json.loads(line)
-        for line in ctl(bus, "alerts", "--namespace", "payments", "--json").splitlines()
-    ]
-    shop = [
-        json.loads(line)
-        for line in ctl(bus, "alerts", "--pod", "checkout-*", "--json").splitlines()
-    ]
+    payments = json.loads(ctl(bus, "alerts", "--namespace", "payments", "--json"))
+    shop = json.loads(ctl(bus, "alerts", "--pod", "checkout-*", "--json"))
     # culprit or victim in the namespace (a pod that suffered a neighbour's stall counts too)
     assert payments and all(
         "payments" in (a["namespace"], a["evidence"].get("victim_namespace")) for a in payments
