@@ -272,6 +272,7 @@ class Daemon:
             "daemon": _Own(self),
             "lifecycle": self.lifecycle,
             "sched": self.sched,
+            "psi_triggers": self.attachments.triggers,
             "model": self.model,
             **(self.model.parts() if self.model is not None else {}),
             "history": self.history,

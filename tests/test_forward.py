@@ -581,3 +581,25 @@ def _am_notified(receiver: Receiver, status: str) -> bool:
             if a["labels"].get("incident") == "inc-7" and a["status"] == status:
                 return True
     return False
+
+
+def test_man_page_names_every_option_and_exit_code() -> None:
+    from linnixd.forward import build_parser
+
+    page = (ROOT / "packaging" / "man" / "linnixd-forward.8").read_text().replace("\\-", "-")
+    options = [o for a in build_parser()._actions for o in a.option_strings if o.startswith("--")]
+    missing = [o for o in options if o not in page and o not in ("--help", "--version")]
+    assert not missing, missing
+    for code in ("0", "69", "70", "78"):
+        assert f".B {code}\n" in page, code
+
+
+def test_shipped_example_config_is_valid() -> None:
+    text = (ROOT / "packaging" / "forward.yaml.example").read_text()
+    config = parse_config(text, "forward.yaml.example")
+    assert [(t.name, t.type) for t in config.targets] == [
+        ("am", "alertmanager"),
+        ("chat", "slack"),
+        ("ops", "webhook"),
+    ]
+    assert config.targets[2].secret_file == "/etc/linnixd/hook.secret"

@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -405,6 +406,7 @@ def run(r: Report) -> None:
     enforcement(r)
     operator_tools(r)
     lifecycle_events(r)
+    fleet(r)
 
 
 # ---- operator experience: live top, polkit prompts, completion, versions, man pages --------
@@ -559,6 +561,159 @@ def operator_tools(r: Report) -> None:
 
 STARTED_ID = "415b0639fff34864813a0862512e654a"
 RELOADED_ID = "415287513b5f4d0dabd80cad617de8a7"
+
+
+# ---- beyond one host: node_exporter textfile metrics, linnixd-forward to Alertmanager -----------
+
+TEXTFILE_DIR = Path("/var/lib/prometheus/node-exporter")
+FORWARD_UNIT = "linnixd-forward.service"
+AM_PORT = 19093  # our own Alertmanager; the packaged one (9093) wants a network for its cluster
+
+
+def http_text(url: str, timeout: float = 10.0) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return str(resp.read().decode())
+    except OSError as exc:
+        return f"ERROR {exc}"
+
+
+def prom_value(text: str, series: str) -> float | None:
+    """The value of one exposition line starting with `series ` (exact name and labels)."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return None
+
+
+def fleet(r: Report) -> None:
+    """node_exporter serves linnixd_* from the packaged daemon's textfile; the forwarder delivers."""
+    acl = sh("getfacl", "-p", str(TEXTFILE_DIR))
+    owner = pwd.getpwuid(TEXTFILE_DIR.stat().st_uid).pw_name if TEXTFILE_DIR.exists() else "?"
+    r.check(
+        "postinst lets linnix write node_exporter's textfile dir (ACL), owner unchanged",
+        "user:linnix:rwx" in acl.stdout and owner != "linnix",
+        f"owner {owner}; {out(acl)[:300]}",
+    )
+    r.check(
+        "linnixd keeps PrivateNetwork=yes with the textfile dir writable",
+        prop("PrivateNetwork") == "yes"
+        and "/var/lib/prometheus/node-exporter" in prop("ReadWritePaths"),
+        f"PrivateNetwork={prop('PrivateNetwork')} ReadWritePaths={prop('ReadWritePaths')}",
+    )
+    prom = TEXTFILE_DIR / "linnixd.prom"
+    written = wait_for(prom.exists, 40)
+    st = prom.stat() if written else None
+    r.check(
+        "the daemon writes linnixd.prom (mode 0644, owner linnix)",
+        st is not None
+        and (st.st_mode & 0o777) == 0o644
+        and pwd.getpwuid(st.st_uid).pw_name == "linnix",
+        f"exists {written}; mode {oct(st.st_mode & 0o777) if st else '-'}; "
+        + journal_tail()[-300:],
+    )
+    if sh("systemctl", "is-active", "prometheus-node-exporter").stdout.strip() != "active":
+        sh("systemctl", "start", "prometheus-node-exporter")
+    body = ""
+
+    def scraped() -> bool:
+        nonlocal body
+        body = http_text("http://127.0.0.1:9100/metrics")
+        return "linnixd_build_info" in body
+
+    wait_for(scraped, 60, step=2.0)
+    storms = prom_value(body, 'linnixd_alerts_total{rule="fork_storm",severity="warning"}')
+    events = prom_value(body, "linnixd_events_total")
+    errors = prom_value(body, "node_textfile_scrape_error")
+    r.check(
+        "node_exporter on localhost:9100 serves linnixd_* after the demos",
+        storms is not None and storms >= 1 and (events or 0) > 0 and errors == 0,
+        f"fork_storm alerts {storms}, events {events}, textfile scrape error {errors}; "
+        + " ".join(line for line in body.splitlines() if line.startswith("linnixd_alerts"))[:300],
+    )
+    if events is not None:
+        r.figure(
+            "textfile_series", str(sum(1 for x in body.splitlines() if x.startswith("linnixd_")))
+        )
+
+    # linnixd-forward: shipped disabled, delivers to a real Alertmanager once configured
+    enabled = sh("systemctl", "is-enabled", FORWARD_UNIT).stdout.strip()
+    r.check("linnixd-forward.service is shipped disabled", enabled == "disabled", enabled)
+    data = Path("/run/linnix-vmtest-am")
+    data.mkdir(exist_ok=True)
+    am_config = data / "alertmanager.yml"
+    am_config.write_text("route:\n  receiver: none\nreceivers:\n  - name: none\n")
+    am = subprocess.Popen(
+        [
+            "prometheus-alertmanager",
+            f"--config.file={am_config}",
+            f"--storage.path={data}",
+            f"--web.listen-address=127.0.0.1:{AM_PORT}",
+            "--cluster.listen-address=",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    am_url = f"http://127.0.0.1:{AM_PORT}"
+    try:
+        up = wait_for(lambda: not http_text(am_url + "/-/ready").startswith("ERROR"), 60)
+        if not r.check("a local prometheus-alertmanager answers", up, am_url):
+            return
+        Path("/etc/linnixd/forward.yaml").write_text(
+            f"targets:\n  - {{name: am, type: alertmanager, url: {am_url}}}\n"
+        )
+        os.chmod("/etc/linnixd/forward.yaml", 0o644)
+        cp = sh("systemctl", "start", FORWARD_UNIT)
+        user = sh("systemctl", "show", FORWARD_UNIT, "-p", "User", "--value").stdout.strip()
+        caps = sh(
+            "systemctl", "show", FORWARD_UNIT, "-p", "CapabilityBoundingSet", "--value"
+        ).stdout.strip()
+        r.check(
+            "linnixd-forward starts as its own user without capabilities",
+            cp.returncode == 0
+            and sh("systemctl", "is-active", FORWARD_UNIT).stdout.strip() == "active"
+            and user == "linnixd-forward"
+            and caps == "",
+            f"rc {cp.returncode} user {user!r} caps {caps!r}; "
+            + out(sh("journalctl", "-u", FORWARD_UNIT, "--no-pager", "-n", "5"))[-300:],
+        )
+        demo = sh("linnixctl", "demo", "short-jobs", timeout=120)
+        listed: list[dict[str, object]] = []
+
+        def in_alertmanager() -> bool:
+            text = http_text(am_url + "/api/v2/alerts")
+            listed[:] = json.loads(text) if text.startswith("[") else []
+            return any(
+                isinstance(a.get("labels"), dict)
+                and a["labels"].get("alertname") == "short_lived_jobs"  # type: ignore[index]
+                for a in listed
+            )
+
+        got = wait_for(in_alertmanager, 60)
+        labels = next(
+            (a["labels"] for a in listed if a["labels"].get("alertname") == "short_lived_jobs"),  # type: ignore[index,union-attr]
+            {},
+        )
+        r.check(
+            "linnixd-forward delivers the alert to Alertmanager (API v2)",
+            got and labels.get("source") == "linnixd" and bool(labels.get("host")),  # type: ignore[union-attr]
+            f"demo rc {demo.returncode}; labels {labels}; "
+            + out(sh("journalctl", "-u", FORWARD_UNIT, "--no-pager", "-n", "5"))[-300:],
+        )
+        resolved = wait_for(lambda: not in_alertmanager(), 90, step=2.0)
+        counters_path = Path("/var/lib/linnixd-forward/counters.json")
+        counters = json.loads(counters_path.read_text()) if counters_path.exists() else {}
+        am_counts = counters.get("targets", {}).get("am", {})
+        r.check(
+            "the resolve reaches Alertmanager (the alert leaves its active list)",
+            resolved and am_counts.get("delivered", 0) >= 2 and am_counts.get("queued", 1) == 0,
+            f"counters {am_counts}",
+        )
+    finally:
+        sh("systemctl", "stop", FORWARD_UNIT)
+        Path("/etc/linnixd/forward.yaml").unlink(missing_ok=True)  # the operator's file, not dpkg's
+        am.terminate()
+        am.wait(timeout=30)
 
 
 def lifecycle_events(r: Report) -> None:
@@ -1309,22 +1464,33 @@ def purge(r: Report) -> None:
             "/usr/share/polkit-1/actions/org.linnix.linnixd1.policy",
             POLKIT_RULES,
             "/var/lib/linnixd",
+            "/var/lib/linnixd-forward",
             "/etc/linnixd",
+            "/lib/systemd/system/linnixd-forward.service",
+            "/var/lib/prometheus/node-exporter/linnixd.prom",
         )
         if os.path.lexists(f)
     ]
     r.check(
         "purge leaves no unit, bus policy, polkit action, state or config", not left, f"left {left}"
     )
-    user = (
-        sh("getent", "passwd", "linnix").returncode == 0
-        or sh("getent", "group", "linnix").returncode == 0
+    user = any(
+        sh("getent", db, name).returncode == 0
+        for db in ("passwd", "group")
+        for name in ("linnix", "linnixd-forward")
     )
     r.check(
         "purge leaves no linnix user or group", not user, sh("getent", "passwd", "linnix").stdout
     )
     cp = sh("systemctl", "cat", UNIT)
     r.check("systemd no longer knows linnixd.service", cp.returncode != 0, out(cp)[:200])
+    if TEXTFILE_DIR.exists():
+        acl = sh("getfacl", "-pn", str(TEXTFILE_DIR)).stdout
+        r.check(
+            "purge takes linnix's ACL off node_exporter's textfile dir",
+            "user:linnix" not in acl and not re.search(r"^user:\d+:", acl, re.M),
+            acl[:300],
+        )
 
 
 def main() -> int:

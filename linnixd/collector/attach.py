@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..daemonlog import LOG_NOTICE, LOG_WARNING
 from ..detectors.pressure import PsiSaturation
+from ..health import Health
 from ..model import StallSnapshot
 from ..registry import collectors_for
 from .taskcpu import TaskCpuReader
@@ -34,13 +35,15 @@ class SchedSource(Protocol):
 
     def read(self, resolve: Callable[[int], str | None]) -> StallSnapshot: ...
 
-    def health(self) -> dict[str, int]: ...
+    def health(self) -> Health: ...
 
 
 class TriggerSource(Protocol):
     """Kernel PSI triggers (collector/psi.py PsiTriggers)."""
 
     mode: str
+
+    def health(self) -> Health: ...
 
     def fileno(self) -> int: ...
 
