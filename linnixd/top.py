@@ -139,15 +139,18 @@ def select_rows(
 
 
 def names_of(row: dict[str, Any]) -> str:
-    """The names kept whole after the path: the unit (unless the path ends in it) and the pod."""
+    """The names kept whole after the path: pod and container when the node knows them (the
+    runtime's scope name says less), else the unit unless the path already ends in it."""
     path = str(row.get("path", "?"))
     unit = str(row.get("unit") or "")
     parts = []
-    if unit and path.rsplit("/", 1)[-1] != unit:
-        parts.append(unit)
     if row.get("pod"):
         ns = row.get("namespace")
         parts.append(f"pod {ns}/{row['pod']}" if ns else f"pod {row['pod']}")
+    if row.get("container"):
+        parts.append(f"container {row['container']}")
+    if not parts and unit and unit != path and path.rsplit("/", 1)[-1] != unit:
+        parts.append(unit)
     return f" ({', '.join(parts)})" if parts else ""
 
 
@@ -255,7 +258,7 @@ async def live(fetch: Fetch, view: View, interval_s: float = REFRESH_S) -> int:
         except curses.error:
             pass  # a terminal without cursor control
         rows: list[dict[str, Any]] = []
-        note = ""
+        note = "asking linnixd..."  # until the first answer
         next_fetch = 0.0
         pending: asyncio.Task[list[dict[str, Any]]] | None = None
         dirty = True

@@ -125,9 +125,14 @@ def test_label_shortens_the_middle_only() -> None:
     assert fit_label(row, 12) == "...d.service"
     assert fit_label(row, 9) == "d.service"
     assert fit_label(row, 8) == "d.ser..."
-    other = {"path": "/x.slice/y/z/deep", "unit": "x.slice", "pod": "api-7d9f", "namespace": "shop"}
-    assert fit_label(other, 80) == "/x.slice/y/z/deep (x.slice, pod shop/api-7d9f)"
-    assert fit_label(other, 36).endswith("... (x.slice, pod shop/api-7d9f)")
+    deep = {"path": "/x.slice/y/z/deep", "unit": "x.slice"}
+    assert fit_label(deep, 80) == "/x.slice/y/z/deep (x.slice)"
+    assert fit_label({"path": "/", "unit": "/"}, 80) == "/"
+    # pod and container names replace the runtime's scope name, and stay whole
+    pod = {"path": POD_PATH, "unit": POD_SCOPE, "pod": "api-7d9f", "namespace": "shop"}
+    pod["container"] = "api"
+    assert fit_label(pod, 300) == POD_PATH + " (pod shop/api-7d9f, container api)"
+    assert fit_label(pod, 60) == "/kubepods.slice/kubepo... (pod shop/api-7d9f, container api)"
 
 
 def test_filter_keys_and_quit() -> None:
@@ -249,7 +254,7 @@ def test_live_view_refreshes_sorts_filters_fits_and_quits(
         24,
     )
     try:
-        first = pane.wait("the table", lambda s: any("CGROUP (UNIT)" in line for line in s))
+        first = pane.wait("the rows", lambda s: any("batch.service" in line for line in s))
         # sorted by pressure: all three PSI columns stay, the stall columns give way at 80
         assert first[1].split() == [
             "CPU_PSI%",
