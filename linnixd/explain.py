@@ -62,6 +62,10 @@ def _num(value: Any) -> str:
     return str(value)
 
 
+def _count(n: Any, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n if n is not None else '?'} {noun}s"
+
+
 def _mib(n: Any) -> str:
     return f"{float(n) / MIB:.1f} MiB" if isinstance(n, (int, float)) else "?"
 
@@ -158,7 +162,7 @@ def _culprit_facts(facts: _Facts, s: Mapping[str, Any]) -> None:
         src = f"/proc/{root['pid']}/stat, /proc/{root['pid']}/cmdline, /proc/{root['pid']}/fd at capture"
         facts.add(
             "culprit.process",
-            f"{root.get('comm')}[{root['pid']}] was {root.get('state')} with {root.get('threads')} threads, "
+            f"{root.get('comm')}[{root['pid']}] was {root.get('state')} with {_count(root.get('threads'), 'thread')}, "
             f"{_mib(root.get('rss_bytes'))} resident, {root.get('fds') if root.get('fds') is not None else '?'} open fds; "
             f"command: {root.get('cmdline') or '?'}",
             root.get("rss_bytes"),
@@ -198,8 +202,12 @@ def _culprit_facts(facts: _Facts, s: Mapping[str, Any]) -> None:
         facts.add(
             "culprit.cgroup",
             f"its cgroup {cg}{' (' + row['unit'] + ')' if row.get('unit') else ''} used "
-            f"{_num(row.get('cpu_pct')) if row.get('cpu_pct') is not None else '?'}% of one CPU and "
-            f"{_mib(mem) if mem is not None else '? MiB'} of memory",
+            + (
+                f"{_num(row['cpu_pct'])}% of one CPU and "
+                if row.get("cpu_pct") is not None
+                else "an unknown share of CPU (its cpu.stat was not read) and "
+            )
+            + f"{_mib(mem) if mem is not None else 'an unknown amount'} of memory",
             row.get("cpu_pct"),
             "% of one CPU",
             "cgroup cpu.stat usage_usec, memory.current",
@@ -480,7 +488,7 @@ def _actions(rule: str, s: Mapping[str, Any], evidence: Mapping[str, Any]) -> li
     if pid is not None and root.get("state") not in (None, "gone"):
         out.append(
             {
-                "command": f"ps -o pid,ppid,stat,etime,pcpu,rss,cmd --forest -g {int(pid)}",
+                "command": f"ps -o pid,ppid,stat,etime,pcpu,rss,cmd --forest -p {int(pid)} --ppid {int(pid)}",
                 "why": "its process tree now",
             }
         )
