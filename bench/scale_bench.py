@@ -109,7 +109,7 @@ def run_daemon(mode: str, seconds: float, load: list[str] | None) -> dict[str, A
     ]
     if mode == "scan":
         args.append("--no-sched")
-    err = tempfile.TemporaryFile(mode="w+")
+    err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (read back after the daemon exits)
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, text=True)
     try:
         deadline = time.monotonic() + 180
@@ -198,7 +198,7 @@ def main() -> int:
                     runs[mode].append(run_daemon(mode, args.seconds, load))
         for mode, rs in runs.items():
 
-            def med(key: str) -> float:
+            def med(key: str, rs: list[dict[str, float]] = rs) -> float:
                 return statistics.median(r.get(key, 0.0) for r in rs)
 
             per_m = f"{med('cpu_s_per_m'):.2f}" if load else ""

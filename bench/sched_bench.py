@@ -93,7 +93,7 @@ def main() -> int:
         collector.start()
         stop = threading.Event()
 
-        def reader(c: SchedCollector = collector) -> None:
+        def reader(c: SchedCollector = collector, stop: threading.Event = stop) -> None:
             cpu = c.task_cpu()
             while not stop.wait(args.tick):
                 c.read(lambda cid: None)

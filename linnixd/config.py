@@ -185,7 +185,7 @@ def _short_tag(tag: str) -> str:
 
 def _looks_numeric(node: yaml.Node, value: Any) -> bool:
     """An unquoted YAML 1.2 number that PyYAML (YAML 1.1) left a string, such as 1e3."""
-    plain = isinstance(value, str) and node.style is None
+    plain = isinstance(value, str) and getattr(node, "style", None) is None
     return plain and bool(_YAML12_NUMBER.fullmatch(value))
 
 
@@ -416,6 +416,8 @@ class _PolicyLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         mark = self.peek_event().start_mark
         node = super().compose_node(parent, index)
+        if node is None:
+            return None
         alias = copy.copy(node)  # shallow: shares the children, so an alias bomb stays small
         alias.start_mark = mark
         return alias

@@ -459,8 +459,13 @@ async def cmd_watch(args: argparse.Namespace) -> int:
 
         c.bus.add_message_handler(on_message)
         loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            if not done.done():
+                done.set_result(EXIT_OK)
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: done.done() or done.set_result(EXIT_OK))
+            loop.add_signal_handler(sig, stop)
         disconnect = asyncio.ensure_future(c.bus.wait_for_disconnect())
         await asyncio.wait({done, disconnect}, return_when=asyncio.FIRST_COMPLETED)
         if not done.done():

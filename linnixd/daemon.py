@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from . import __version__, views
 from .collector.attach import Attachments, SchedSource, TriggerSource
@@ -135,9 +135,10 @@ class Daemon:
         started = time.monotonic()
         lt: LifecycleTick | None = None
         if self.lifecycle is not None:
-            lt = self.lifecycle.read()
-            self.totals = self.totals + lt.total
-            self.model.apply(lt)
+            read: LifecycleTick = self.lifecycle.read()
+            self.totals = self.totals + read.total
+            self.model.apply(read)
+            lt = read
         stall: StallSnapshot | None = None
         if self.sched is not None:
             stall = fresh = self.sched.read(self.model.resolve_cgroup)
@@ -284,7 +285,7 @@ class Daemon:
             **{"sink_" + re.sub(r"[^a-z0-9]+", "_", s.name.lower()): s for s in self.sinks},
             **self.health_sources,
             **{
-                f"detector_{name}": d
+                f"detector_{name}": cast(Reporter, d)
                 for name, d in self.detectors.items()
                 if callable(getattr(d, "health", None))
             },
@@ -437,9 +438,10 @@ class Daemon:
             rows = [
                 r for r in rows if filt.owner(self._names_of(r["path"]), owner_of(r["path"]).unit)
             ]
-        key = TOP_SORTS[sort]
-        if key is not None:
-            rows.sort(key=lambda r: float(r.get(key) or 0), reverse=True)
+        column = TOP_SORTS[sort]
+        if column is not None:
+            by = column
+            rows.sort(key=lambda r: float(r.get(by) or 0), reverse=True)
         rows = rows[:limit]
         for row in rows:
             row.update(row_names(self._names_of(row["path"])))
@@ -782,10 +784,8 @@ class Runner:
             if enforcing is not None:
                 enforcing.cancel()
             self.notifier.stopping()
-            if bus is not None and hasattr(bus, "close"):
-                res = bus.close()
-                if asyncio.iscoroutine(res):
-                    await res
+            if bus is not None:
+                bus.close()
         return EXIT_OK
 
     async def _tick_loop(self) -> None:

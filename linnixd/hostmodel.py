@@ -145,7 +145,7 @@ class HostModel:
         self._cg_sampled_at: dict[str, float] = {}
         self._cg_hot: set[str] = set()  # cgroups re-read at the previous tick
         self._pending: set[int] = set()  # pids changed by apply() since the last snapshot
-        self._evicted_procs: set[tuple[int, int]] = set()  # (pid, start) left out by the cap
+        self._evicted_procs: set[tuple[int, float]] = set()  # (pid, start) left out by the cap
         self._evicted_cgroups: set[str] = set()  # paths left out by the cap
         self.evicted_processes = 0
         self.evicted_cgroups = 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,15 +33,15 @@ def top_cgroups(
     runs, its run-queue wait (newest tick) and the stall it caused and suffered over `window_s`."""
     out = [dict(row) for row in rows]
     newest = window[-1] if window else None
-    cpu: Counter[str] = Counter()
+    cpu: dict[str, float] = defaultdict(float)
     if newest is not None:
         for proc in busy(newest):
             cpu[proc.cgroup] += proc.cpu_pct
     pairs, _waits = _window_stall(window, window_s)
     caused: Counter[str] = Counter()
     suffered: Counter[str] = Counter()
-    for victim, row in pairs.items():
-        for culprit, (us, _preemptions) in row.items():
+    for victim, culprits in pairs.items():
+        for culprit, (us, _preemptions) in culprits.items():
             caused[culprit] += us
             suffered[victim] += us
     stall = newest.stall if newest is not None else None

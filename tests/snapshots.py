@@ -71,7 +71,7 @@ def proc(
 
 def psi(some_pct: float, interval: float = TICK, avg10: float = 0.0) -> PsiSample:
     """A pressure sample whose interval-based some_pct is `some_pct`."""
-    stall_us = int(round(some_pct * interval * 1e4))
+    stall_us = round(some_pct * interval * 1e4)
     return PsiSample(avg10 or some_pct, 0.0, stall_us, 0, interval)
 
 

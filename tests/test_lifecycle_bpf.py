@@ -259,7 +259,7 @@ def test_idle_keys_of_dead_parents_are_pruned() -> None:
         pruned = col.pruned_keys
         for _ in range(3):
             col.read()
-        keys = {int(k.value) for k in col._bpf[b"by_parent"].keys()}  # the kernel map itself
+        keys = {int(k.value) for k in col._bpf[b"by_parent"]}  # the kernel map itself
         assert pid not in keys
         assert os.getpid() in keys  # idle too, but alive: kept
         assert col.pruned_keys > pruned
@@ -269,7 +269,7 @@ def test_idle_keys_of_dead_parents_are_pruned() -> None:
 
 def test_missing_source_is_a_kernel_feature_error() -> None:
     col = LifecycleCollector(1.0, src=Path("/nonexistent/lifecycle.c"))
-    with pytest.raises(KernelFeatureError, match="lifecycle.c"):
+    with pytest.raises(KernelFeatureError, match=r"lifecycle\.c"):
         col.start()
     col.close()
 

@@ -99,7 +99,7 @@ def groups() -> Iterator[dict[str, str]]:
     made["mount"] = mount
     made["base"] = base
     yield made
-    for d in list(made.values())[:-2][::-1] + [base]:
+    for d in [*list(made.values())[:-2][::-1], base]:
         if os.path.isdir(d):
             for _ in range(50):
                 try:
@@ -125,7 +125,7 @@ def spawn(cg_dir: str, cpu: int, code: str) -> subprocess.Popen[bytes]:
 def pressure(
     cg_dir: str, prev: tuple[float, int] | None, dt: float
 ) -> tuple[PsiSample, tuple[float, int]]:
-    some_avg, full_avg, some_total, full_total = parse_pressure(
+    some_avg, full_avg, some_total, _full_total = parse_pressure(
         Path(cg_dir + "/cpu.pressure").read_text()
     )
     delta = some_total - prev[1] if prev else 0

@@ -36,11 +36,8 @@ def main() -> None:
         pid1_fds = len(os.listdir("/proc/1/fd"))
     except OSError as exc:
         pid1_fds = -exc.errno
-    status = dict(
-        line.split(":\t", 1)
-        for line in open("/proc/self/status").read().splitlines()
-        if ":\t" in line
-    )
+    with open("/proc/self/status") as fh:
+        status = dict(line.split(":\t", 1) for line in fh.read().splitlines() if ":\t" in line)
     print(
         json.dumps(
             {

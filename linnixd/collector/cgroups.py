@@ -68,9 +68,14 @@ def owner_of(path: str) -> Owner:
             elif part.startswith("libpod-") and i > 0 and parts[i - 1] == "libpod_parent":
                 container = (part, part[len("libpod-") :], "podman")
     if container is not None:
-        name, cid, runtime = container
+        name, cid, container_runtime = container
         return Owner(
-            "container", name, unit=unit, container_id=cid, runtime=runtime, pod_uid=pod_uid
+            "container",
+            name,
+            unit=unit,
+            container_id=cid,
+            runtime=container_runtime,
+            pod_uid=pod_uid,
         )
     if pod_uid is not None:
         return Owner("pod", f"pod{pod_uid}", unit=unit, pod_uid=pod_uid)

@@ -6,7 +6,7 @@ import ctypes as ct
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..health import Health
 from ..model import ExecRecord, ExitRecord, LifecycleCounts, LifecycleTick
@@ -100,8 +100,7 @@ class _KeyedCounts:
             return {}
         self.walks += 1
         now: dict[int, Counts] = {
-            int(k.value): tuple(v.v)
-            for k, v in self.table.items()  # type: ignore[misc]
+            int(k.value): cast(Counts, tuple(v.v)) for k, v in self.table.items()
         }
         out: dict[int, LifecycleCounts] = {}
         for key, val in now.items():

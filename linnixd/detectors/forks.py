@@ -211,13 +211,19 @@ class ShortLivedJobsDetector:
             mine = [r for r in records if r.ppid == pid]
             p = _find_process(snaps, pid)
             if p is not None:
-                path: str | None = p.cgroup
+                parent_cgroup: str | None = p.cgroup
             else:
                 seen = collections.Counter(id_to_path.get(r.cgroup_id) for r in mine)
-                path = seen.most_common(1)[0][0] if seen else None
-            if path is not None:
-                explained.add(path)  # the parent finding names this cgroup's jobs, even if excluded
-            unit = p.unit if p is not None else (cgroup_unit(newest, path) if path else None)
+                parent_cgroup = seen.most_common(1)[0][0] if seen else None
+            if parent_cgroup is not None:
+                explained.add(
+                    parent_cgroup
+                )  # the parent finding names this cgroup's jobs, even if excluded
+            unit = (
+                p.unit
+                if p is not None
+                else (cgroup_unit(newest, parent_cgroup) if parent_cgroup else None)
+            )
             # gone: its own exit record, when it was streamed, still has its name
             comm = p.comm if p is not None else _exited_comm(snaps, pid)
             parent = newest.processes.get(p.ppid) if p is not None else None
@@ -225,7 +231,7 @@ class ShortLivedJobsDetector:
                 kind="process",
                 pid=pid,
                 comm=comm,
-                cgroup=path,
+                cgroup=parent_cgroup,
                 unit=unit,
                 parent_pid=p.ppid if p is not None else None,
                 parent_comm=parent.comm if parent is not None else None,
@@ -235,7 +241,7 @@ class ShortLivedJobsDetector:
             # by pid alone: the same incident whether the parent is still alive or has exited
             # (its start time is gone with it); a reused pid within the cooldown shares it
             key = f"parent:{pid}"
-            where = f" in {unit or path}" if (unit or path) else ""
+            where = f" in {unit or parent_cgroup}" if (unit or parent_cgroup) else ""
             findings.append(
                 self._finding(
                     key, f"parent {comm}[{pid}]{where}", culprit, by_parent[pid], mine, cfg

@@ -64,6 +64,26 @@ def fit(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
     return slope, r2
 
 
+def _rss_reader(p: ProcessSample) -> Reader:
+    """The RSS of process `p` in a snapshot (None where absent or the pid is another process)."""
+
+    def read(s: Snapshot) -> int | None:
+        q = same_process(s, p)
+        return q.rss_bytes if q else None
+
+    return read
+
+
+def _cgroup_memory_reader(path: str) -> Reader:
+    """The memory use of cgroup `path` in a snapshot (None where absent or unreadable)."""
+
+    def read(s: Snapshot) -> int | None:
+        c = s.cgroups.get(path)
+        return c.memory_bytes if c else None
+
+    return read
+
+
 def _first_values(snaps: Sequence[Snapshot], read: Reader) -> list[int]:
     """Up to END_SAMPLES values read from `snaps` in order, stopping as soon as there are enough."""
     out: list[int] = []
@@ -253,11 +273,11 @@ class MemoryLeakDetector:
         while start < len(window) and window[start].ts < newest.ts - window_s - TIME_EPS:
             start += 1
         snaps = window[start:]
-        scope = set(getattr(cfg, "scope", ("process", "cgroup")))
+        scope = set(cfg.scope)
         found: list[Finding] = []
         if "process" in scope:
             for p in _changed_in(snaps, newest):
-                read: Reader = lambda s, p=p: q.rss_bytes if (q := same_process(s, p)) else None  # noqa: E731
+                read = _rss_reader(p)
                 result = self._series_fit(snaps, read, cfg)
                 if result is not None:
                     culprit = process_culprit(p, newest.processes)
@@ -268,7 +288,7 @@ class MemoryLeakDetector:
             for path, cg in newest.cgroups.items():
                 if path == "/" or cg.memory_bytes is None:
                     continue  # the root cgroup is the whole host, not a culprit
-                read = lambda s, path=path: c.memory_bytes if (c := s.cgroups.get(path)) else None  # noqa: E731
+                read = _cgroup_memory_reader(path)
                 result = self._series_fit(snaps, read, cfg)
                 if result is not None:
                     culprit = Culprit(kind="cgroup", cgroup=path, unit=cgroup_unit(newest, path))
@@ -308,7 +328,7 @@ class MemoryLeakDetector:
         if self._last_point is not None and newest.ts - self._last_point < step - TIME_EPS:
             return [f for f in self._slow.values()]
         self._last_point = newest.ts
-        scope = set(getattr(cfg, "scope", ("process", "cgroup")))
+        scope = set(cfg.scope)
         levels: dict[str, tuple[float, Any]] = {}
         if "process" in scope:
             for p in newest.processes.values():
