@@ -3,7 +3,8 @@
 Kubelet's two cgroup drivers are laid out as real cgroups in the real cgroup2 tree (systemd:
 kubepods.slice/.../cri-containerd-<id>.scope; cgroupfs: kubepods/<qos>/pod<uid>/crio-<id>),
 containerd's and CRI-O's files as they write them in a temporary node root (--host-root), and
-a real CPU hog runs in each container cgroup until cpu_spike fires. Needs root (BPF).
+a real CPU hog runs in each container cgroup until a rule blames it (cpu_spike, or on a
+loaded machine psi_saturation or noisy_neighbour). Needs root (BPF).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = "/usr/bin/python3"
 BUS_CONFIG = ROOT / "tests" / "dbus" / "system-bus.conf"
 READY_TIMEOUT_S = 180.0
-ALERT_TIMEOUT_S = 60.0
+ALERT_TIMEOUT_S = 90.0
 
 pytestmark = [pytest.mark.bpf]
 
@@ -213,6 +214,27 @@ class Hog:
         self.proc.communicate(timeout=15)
 
 
+def blaming(daemon: Lines, cgroup: str) -> Callable[[], dict[str, Any] | None]:
+    """The first firing alert whose culprit is in `cgroup`.
+
+    Usually cpu_spike; on a loaded machine the hog may stay under its 50% and the same cgroup
+    is blamed by psi_saturation or noisy_neighbour instead: any rule naming it will do.
+    """
+    return lambda: next(
+        (a for a in daemon.records if a.get("state") == "firing" and a.get("cgroup") == cgroup),
+        None,
+    )
+
+
+def assert_summary_names(alert: dict[str, Any], label: str, hog: Hog) -> None:
+    """The summary says the pod's label where the detector wrote the cgroup or its scope."""
+    summary = alert["summary"]
+    assert label in summary, summary
+    assert alert["cgroup"] not in summary and "cri-containerd-" not in summary, summary
+    if alert["rule"] == "cpu_spike":
+        assert alert["pid"] == hog.pid and f"[{hog.pid}] in {label} at" in summary, summary
+
+
 def test_alerts_name_pods_in_both_drivers_and_queries_filter_by_them(
     daemon: Lines, bus: str, cgroups: dict[str, str]
 ) -> None:
@@ -223,16 +245,9 @@ def test_alerts_name_pods_in_both_drivers_and_queries_filter_by_them(
         hog = Hog(cgroups["systemd"])
         try:
             alert = daemon.wait(
-                lambda: next(
-                    (
-                        a
-                        for a in daemon.records
-                        if a.get("rule") == "cpu_spike" and a.get("pid") == hog.pid
-                    ),
-                    None,
-                ),
+                blaming(daemon, cgroups["systemd_rel"]),
                 ALERT_TIMEOUT_S,
-                "cpu_spike alert for the containerd pod",
+                "alert blaming the containerd pod",
             )
             assert alert["cgroup"] == cgroups["systemd_rel"]
             assert alert["unit"] == f"cri-containerd-{CID}.scope"
@@ -243,20 +258,10 @@ def test_alerts_name_pods_in_both_drivers_and_queries_filter_by_them(
             )
             assert alert["container_id"] == CID
             assert alert["image"] == "registry.example/payments/api:1.4.2"
-            assert (
-                f"[{hog.pid}] in pod payments/api-7d9f8c6b5-x2x9z (container api) at"
-                in alert["summary"]
-            )
+            assert_summary_names(alert, "pod payments/api-7d9f8c6b5-x2x9z (container api)", hog)
             # the D-Bus Alert signal carries the same names
             signalled = watch.wait(
-                lambda: next(
-                    (
-                        a
-                        for a in watch.records
-                        if a.get("rule") == "cpu_spike" and a.get("pid") == hog.pid
-                    ),
-                    None,
-                ),
+                lambda: next((a for a in watch.records if a.get("id") == alert["id"]), None),
                 30,
                 "Alert signal",
             )
@@ -284,16 +289,9 @@ def test_alerts_name_pods_in_both_drivers_and_queries_filter_by_them(
         hog = Hog(cgroups["cgroupfs"])
         try:
             alert = daemon.wait(
-                lambda: next(
-                    (
-                        a
-                        for a in daemon.records
-                        if a.get("rule") == "cpu_spike" and a.get("pid") == hog.pid
-                    ),
-                    None,
-                ),
+                blaming(daemon, cgroups["cgroupfs_rel"]),
                 ALERT_TIMEOUT_S,
-                "cpu_spike alert for the CRI-O pod",
+                "alert blaming the CRI-O pod",
             )
             assert alert["cgroup"] == cgroups["cgroupfs_rel"]
             assert (
@@ -307,9 +305,7 @@ def test_alerts_name_pods_in_both_drivers_and_queries_filter_by_them(
                 "checkout",
                 CRIO_CID,
             )
-            assert (
-                f"[{hog.pid}] in pod shop/checkout-6c8d (container checkout) at" in alert["summary"]
-            )
+            assert_summary_names(alert, "pod shop/checkout-6c8d (container checkout)", hog)
         finally:
             hog.stop()
     finally:
@@ -325,7 +321,19 @@ def test_alerts_name_pods_in_both_drivers_and_queries_filter_by_them(
     assert shop and all(
         "checkout-6c8d" in (a["pod"], a["evidence"].get("victim_pod")) for a in shop
     ), shop
-    assert any(a["rule"] == "cpu_spike" for a in payments)
+    assert any(a["cgroup"] == cgroups["systemd_rel"] for a in payments)
+    # a filter the daemon refuses: one line naming it, exit 64, no traceback
+    bad = subprocess.run(
+        [PYTHON, "-m", "linnixd.ctl", "--bus", bus, "stalls", "--pod", "a\nb"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 64, bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        "linnixctl: filter pod must be a name of at most 253 characters"
+    ]
     status = json.loads(ctl(bus, "status", "--json"))
     assert status["health"]["names"]["named"] >= 2
     assert status["health"]["names"]["malformed"] == 0
