@@ -468,3 +468,23 @@ def test_a_host_wide_incident_is_explained_without_a_process() -> None:
     assert e["headline"].startswith("Pressure saturation: host, since ")
     assert [f["id"] for f in e["facts"]][:2] == ["alert.summary", "evidence.some_pct"]
     assert [a["command"] for a in e["actions"]] == ["linnixctl stalls", "linnixctl top"]
+
+
+def test_explain_after_a_restart_reads_the_history(tree: list[int], tmp_path: Path) -> None:
+    path = str(tmp_path / "h.db")
+    history = AlertHistory(path, max_age_days=10_000)  # the synthetic alerts are from 2023
+    first = Triage(history)
+    alert = alert_for(tree[0])
+    history.store(alert)
+    first.on_alert(alert, window_for(tree))
+    resolved = dataclasses.replace(alert_for(tree[0], state="resolved"), ts=alert.ts + 30)
+    history.store(resolved)
+    first.on_alert(resolved, window_for(tree))
+    history.close()
+    again = Triage(AlertHistory(path, max_age_days=10_000))  # a new daemon: nothing in memory
+    assert again.latest() == "inc1"
+    snapshot, resolution = again.lookup("inc1")  # type: ignore[misc]
+    assert snapshot == first.lookup("inc1")[0]  # type: ignore[index]
+    assert resolution is not None and resolution["duration_s"] == 30.0
+    assert explain(snapshot, resolution)["headline"].endswith("resolved after 30 s")
+    assert again.lookup("nope") is None
