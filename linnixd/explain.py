@@ -402,6 +402,10 @@ def _uncertain(s: Mapping[str, Any]) -> list[str]:
         out.append(f"the culprit's cgroup {c['cgroup']} was not among the sampled cgroups")
     if c.get("pid") is not None and not c.get("in_model"):
         out.append(f"the culprit pid {c['pid']} was no longer in the process table")
+    if tree and tree.get("from_proc") is False:
+        out.append(
+            "its tree is the model's last sample, not read from /proc: many incidents fired in one tick"
+        )
     if tree.get("gone"):
         out.append(f"{tree['gone']} processes of its tree exited before /proc was read")
     if tree.get("truncated"):

@@ -50,6 +50,7 @@ OPEN_TRACKED = 64  # open incidents whose peaks are followed; more are counted, 
 EFFECT_SAMPLES = 1200  # per-tick figures kept per open incident for the before/after of an action
 KEPT_IN_MEMORY = 32  # recent snapshots kept in memory (explain works without a history too)
 UNIT_TIMEOUT_S = 2.0
+TICK_BUDGET_MS = 50.0  # capture time per tick after which trees come from the model, not /proc
 FD_COUNT_MAX = 65536  # fd tables larger than this are reported by size, not listed
 PROC_STATES = {
     "R": "running",
@@ -139,23 +140,30 @@ def _fd_count(base: str) -> int | None:
 
 
 def read_tree(
-    newest: Snapshot, root: int, proc_root: str = "/proc", limit: int = TREE_READ
+    newest: Snapshot,
+    root: int,
+    proc_root: str = "/proc",
+    limit: int = TREE_READ,
+    from_proc: bool = True,
 ) -> dict[str, Any]:
-    """The culprit's tree: the model gives who belongs, /proc gives each member's state now."""
+    """The culprit's tree: the model gives who belongs, /proc gives each member's state now.
+
+    from_proc=False (the tick's capture budget is spent): the model's last samples only.
+    """
     pids, total = subtree(newest.processes, root, limit)
     members = []
     gone = 0
     for pid in pids:
-        row = read_process(pid, proc_root)
+        row = read_process(pid, proc_root) if from_proc else None
         sample = newest.processes.get(pid)
         if row is None:
-            gone += 1
+            gone += from_proc
             if sample is None:
                 continue
             row = {
                 "pid": pid,
                 "comm": sample.comm,
-                "state": "gone",
+                "state": "gone" if from_proc else "not read",
                 "ppid": sample.ppid,
                 "threads": sample.threads,
                 "rss_bytes": sample.rss_bytes,
@@ -169,7 +177,8 @@ def read_tree(
         "root_pid": root,
         "members": members,
         "total": total,
-        "read": len(pids),
+        "read": len(pids) if from_proc else 0,
+        "from_proc": from_proc,
         "gone": gone,
         "truncated": max(0, total - len(pids)),
     }
@@ -598,6 +607,7 @@ class TriageCounters:
     untracked: int = 0  # incidents over OPEN_TRACKED: no peaks or resolve figures
     unit_unknown: int = 0  # systemd did not tell the unit's state
     processes_gone: int = 0  # tree members that exited before /proc was read
+    budget_skips: int = 0  # captures that took the tree from the model: the tick's budget was spent
 
 
 @dataclass
@@ -624,12 +634,15 @@ class Triage:
         *,
         proc_root: str = "/proc",
         unit_timeout_s: float = UNIT_TIMEOUT_S,
+        tick_budget_ms: float = TICK_BUDGET_MS,
         log: Callable[[str], None] = lambda message: None,
     ) -> None:
         self.history = history
         self.units = units
         self.proc_root = proc_root
         self.unit_timeout_s = unit_timeout_s
+        self.tick_budget_ms = tick_budget_ms
+        self._spent_ms = 0.0  # capture time used in the current tick
         self.log = log
         self.counters = TriageCounters()
         self.capture_ms: collections.deque[float] = collections.deque(maxlen=100)
@@ -664,15 +677,20 @@ class Triage:
         newest = window[-1]
         c = alert.culprit
         root = c.root_pid if c.root_pid is not None else c.pid
-        tree = read_tree(newest, root, self.proc_root) if root is not None else None
+        from_proc = self._spent_ms < self.tick_budget_ms
+        tree = None
+        if root is not None:
+            tree = read_tree(newest, root, self.proc_root, from_proc=from_proc)
         if tree is not None:
             self.counters.processes_gone += tree["gone"]
+            self.counters.budget_skips += not from_proc
         snap = build_snapshot(alert, window, tree, self._cgroup_fields)
         unit = snap["culprit"]["unit"]
         snap["unit"] = {"name": unit, "state": "pending" if unit and self.units else "unknown"}
         if unit and not self.units:
             snap["unit"]["error"] = "no systemd client"
         snap["capture_ms"] = _r((time.monotonic() - started) * 1000, 2)
+        self._spent_ms += snap["capture_ms"]
         snap, text = bound(snap)
         self.capture_ms.append(snap.get("capture_ms", 0.0))
         self.counters.captures += 1
@@ -699,6 +717,8 @@ class Triage:
 
     def observe(self, snap: Snapshot, only: str | None = None) -> None:
         """Add one tick's figures to each open incident's peaks (O(open incidents))."""
+        if only is None:
+            self._spent_ms = 0.0  # a new tick: a new capture budget
         for incident, o in self._open.items():
             if only is not None and incident != only:
                 continue

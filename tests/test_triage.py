@@ -488,3 +488,21 @@ def test_explain_after_a_restart_reads_the_history(tree: list[int], tmp_path: Pa
     assert resolution is not None and resolution["duration_s"] == 30.0
     assert explain(snapshot, resolution)["headline"].endswith("resolved after 30 s")
     assert again.lookup("nope") is None
+
+
+def test_many_incidents_in_one_tick_take_trees_from_the_model(tree: list[int]) -> None:
+    window = window_for(tree)
+    triage = Triage(tick_budget_ms=0.0)  # the budget is spent before the first capture
+    triage.observe(window[-1])
+    triage.on_alert(alert_for(tree[0]), window)
+    s, _ = triage.lookup("inc1")  # type: ignore[misc]
+    t = s["tree"]
+    assert t["from_proc"] is False and t["read"] == 0 and t["gone"] == 0
+    assert [m["state"] for m in t["members"]] == ["not read"] * 3
+    assert [m["pid"] for m in t["members"]] == tree and t["members"][0]["cpu_pct"] == 99.0
+    assert triage.counters.budget_skips == 1 and triage.counters.processes_gone == 0
+    assert any("not read from /proc" in u for u in explain(s)["uncertain"])
+    normal = Triage()
+    normal.observe(window[-1])
+    normal.on_alert(alert_for(tree[0]), window)
+    assert normal.lookup("inc1")[0]["tree"]["from_proc"] is True  # type: ignore[index]
