@@ -18,7 +18,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, cast
 
 from . import __version__, views
-from .collector.attach import Attachments, SchedSource, TriggerSource
+from .collector.attach import Attachments, NetSource, SchedSource, TriggerSource
 from .constants import (
     EXIT_CONFIG,
     EXIT_OK,
@@ -32,7 +32,15 @@ from .daemonlog import LOG_ERR, LOG_NOTICE, LOG_WARNING, log
 from .detectors.stall import NoisyNeighbour
 from .health import Health, Reporter, collect, to_status
 from .metrics import StallTotals, TextfileWriter, TickHistogram
-from .model import Alert, Counters, LifecycleCounts, LifecycleTick, Snapshot, StallSnapshot
+from .model import (
+    Alert,
+    Counters,
+    LifecycleCounts,
+    LifecycleTick,
+    NetTick,
+    Snapshot,
+    StallSnapshot,
+)
 from .names import QueryError, alert_matches
 from .registry import RULES, collectors_for
 
@@ -49,6 +57,8 @@ TOP_SORTS: dict[str, str | None] = {
     "suffered": "stall_suffered_ms",
     "cpu": "cpu_pct",
     "memory": "memory_bytes",
+    "connections": "connects_per_s",
+    "retransmits": "retransmits_per_s",
 }
 HISTORY_SCAN = 10_000  # alerts read from the history at most to answer one filtered query
 
@@ -125,6 +135,10 @@ class Daemon:
         return self.attachments.sched
 
     @property
+    def net(self) -> NetSource | None:
+        return self.attachments.net
+
+    @property
     def psi_mode(self) -> str:
         return self.attachments.psi_mode
 
@@ -143,7 +157,10 @@ class Daemon:
         if self.sched is not None:
             stall = fresh = self.sched.read(self.model.resolve_cgroup)
             self.stall_totals.add(fresh)
-        snap: Snapshot = self.model.snapshot(lt, time.monotonic(), time.time(), stall)
+        nt: NetTick | None = None
+        if self.net is not None:
+            nt = self.net.read()
+        snap: Snapshot = self.model.snapshot(lt, time.monotonic(), time.time(), stall, nt)
         if self.ticks > 0:
             if self.window:  # only the newest snapshot keeps every process (Snapshot.slim)
                 self.window[-1] = self.window[-1].slim()
@@ -274,6 +291,7 @@ class Daemon:
             "lifecycle": self.lifecycle,
             "sched": self.sched,
             "psi_triggers": self.attachments.triggers,
+            "net": self.net,
             "model": self.model,
             **(self.model.parts() if self.model is not None else {}),
             "history": self.history,
@@ -337,6 +355,12 @@ class Daemon:
             "enabled_rules": list(self.policy.enabled_rules()),
             "transport": getattr(self.lifecycle, "transport", None),
             "scheduler_attribution": self.sched is not None,
+            "network_attribution": self.net is not None,
+            **(
+                {"network_problem": self.attachments.net_problem}
+                if self.attachments.net_problem
+                else {}
+            ),
             "psi_mode": self.psi_mode,
             "enforcement_enabled": self.enforcement_enabled,
             **({"enforcement": self.enforcer.status()} if self.enforcer is not None else {}),
@@ -880,8 +904,8 @@ class Runner:
 DESCRIPTION = """\
 linnixd watches the kernel (eBPF tracepoints and Pressure Stall Information) and names the
 process, cgroup or systemd unit that makes the host stall: fork storms, crash loops, CPU
-spikes, runaway process trees, memory leaks, fd exhaustion, pressure saturation and noisy
-neighbours. It only reports (stdout, journald, D-Bus); it never acts unless enforcement
+spikes, runaway process trees, memory leaks, fd exhaustion, pressure saturation, noisy
+neighbours, TCP connection churn, retransmits and local port exhaustion. It only reports (stdout, journald, D-Bus); it never acts unless enforcement
 was enabled through polkit.
 """
 
@@ -969,6 +993,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: /; e.g. /host when linnixd runs in a container with the host mounted there)",
     )
     p.add_argument(
+        "--no-net",
+        action="store_true",
+        help="do not attach the TCP connection program (the network rules stay silent)",
+    )
+    p.add_argument(
         "--stats-on-exit",
         action="store_true",
         help='print {"stats": {...}} as JSON on stderr at exit (also on SIGUSR1)',
@@ -1000,6 +1029,9 @@ def _dump_bpf(policy: Any) -> int:
 
     print(LifecycleCollector(policy.daemon.short_lived_s).dump_source())
     print(SchedCollector().dump_source())
+    from .collector.net import NetCollector
+
+    print(NetCollector(policy.daemon.short_lived_s).dump_source())
     return EXIT_OK
 
 
@@ -1030,6 +1062,12 @@ def _psi_triggers(resources: Sequence[str], some_pct: float, window_s: float) ->
     return PsiTriggers(list(resources), some_pct, window_s)
 
 
+def _net_factory() -> NetSource:
+    from .collector.net import NetCollector
+
+    return NetCollector()
+
+
 def run(args: argparse.Namespace) -> int:
     from .collector.bpfload import KernelFeatureError
     from .notify import Notifier
@@ -1058,12 +1096,15 @@ def run(args: argparse.Namespace) -> int:
     attachments = Attachments(
         make_sched=None if args.no_sched else _sched_factory(),
         make_triggers=_psi_triggers,
+        make_net=None if args.no_net else _net_factory,
     )
     try:
         notifier.status("compiling and attaching BPF: process lifecycle (bpf/lifecycle.c)")
         lifecycle.start()
         if attachments.make_sched is not None and "sched" in collectors_for(policy.enabled_rules()):
             notifier.status("compiling and attaching BPF: scheduler stalls (bpf/sched.c)")
+        if attachments.make_net is not None and "net" in collectors_for(policy.enabled_rules()):
+            notifier.status("compiling and attaching BPF: TCP connections (bpf/net.c)")
         for priority, line in attachments.sync(policy):
             if priority <= LOG_WARNING:  # at start-up only problems are said; Status tells the rest
                 log(line, priority)
@@ -1105,6 +1146,10 @@ def run(args: argparse.Namespace) -> int:
         SystemdUnits("system", timeout_s=UNIT_TIMEOUT_S),
         log=lambda message: log(message, LOG_WARNING),
     )
+    if attachments.make_net is not None:
+        from .detectors.net import cgroup_net_fields
+
+        daemon.triage.add_cgroup_fields(cgroup_net_fields)
     from .names import AlertNamer, NameResolver, row_names
 
     resolver = NameResolver(args.host_root, model.resolver.directory)

@@ -24,8 +24,11 @@ from .model import (
     CgroupSample,
     LifecycleCounts,
     LifecycleTick,
+    NetCounts,
+    NetTick,
     ProcessSample,
     PsiSample,
+    RemoteSample,
     Snapshot,
     StallSnapshot,
 )
@@ -51,11 +54,15 @@ class Collected:
     by_cgroup: Mapping[str, LifecycleCounts]
     tick: LifecycleTick | None
     stall: StallSnapshot | None
+    net: NetTick | None = None
+    net_by_cgroup: Mapping[str, NetCounts] | None = None  # net.by_cgroup_id with paths
+    net_remotes: tuple[RemoteSample, ...] = ()
 
 
 def assemble(c: Collected) -> Snapshot:
     """The pure build step: one Snapshot from what a tick collected."""
     tick = c.tick
+    net = c.net
     return Snapshot(
         ts=c.ts,
         wall=c.wall,
@@ -74,6 +81,12 @@ def assemble(c: Collected) -> Snapshot:
         exits=tuple(tick.exits) if tick is not None else (),
         stall=c.stall,
         changed=c.changed,
+        net_total=net.total if net is not None else None,
+        net_by_pid=dict(net.by_tgid) if net is not None else {},
+        net_by_cgroup=dict(c.net_by_cgroup or {}),
+        net_remotes=c.net_remotes,
+        net_ports=tuple(net.ports) if net is not None else (),
+        net_segments=dict(net.segments) if net is not None else {},
     )
 
 
@@ -184,7 +197,7 @@ class HostModel:
         self._pending = set(self.scanner.procs)
         self.psi.system()
         self._refresh_membership(self._pending)
-        self._sample_cgroups(set(self._members), {}, 0.0)
+        self._sample_cgroups(set(self._members), set(), 0.0)
         self._last_reconcile = self.scanner.now()
 
     def apply(self, tick: LifecycleTick) -> None:
@@ -228,6 +241,7 @@ class HostModel:
         ts: float,
         wall: float,
         stall: StallSnapshot | None = None,
+        net: NetTick | None = None,
     ) -> Snapshot:
         """Read what changed, resolve the tick's cgroup ids, and build a Snapshot."""
         changed, system, scan_interval = self._collect_processes()
@@ -246,18 +260,31 @@ class HostModel:
             for cid, counts in tick.by_cgroup_id.items():
                 path = self.resolver.resolve(cid)
                 by_cgroup[path if path is not None else UNRESOLVED] += counts
+        net_by_cgroup: dict[str, NetCounts] = defaultdict(NetCounts)
+        remotes: list[RemoteSample] = []
+        if net is not None:
+            for cid, nc in net.by_cgroup_id.items():
+                path = self.resolver.resolve(cid)
+                net_by_cgroup[path if path is not None else UNRESOLVED] += nc
+            for tgid, cid, remote, connects, retrans in net.remotes:
+                path = self.resolver.resolve(cid)
+                remotes.append(
+                    RemoteSample(
+                        tgid, path if path is not None else UNRESOLVED, remote, connects, retrans
+                    )
+                )
 
         system_pressure = self.psi.system()
         if self.cpu is None:
             active = set(self._members)
         else:
             active = {procs[pid].cgroup for pid in changed if pid in procs}
-            active |= set(by_cgroup)
+            active |= set(by_cgroup) | set(net_by_cgroup)
             if stall is not None:
                 active |= set(stall.runqueue)
             if any(ps.some_pct >= self.pressure_gate_pct for ps in system_pressure.values()):
                 active |= self._pressured(set(self._members))
-        cgroups = self._sample_cgroups(active, by_cgroup, ts)
+        cgroups = self._sample_cgroups(active, set(by_cgroup) | set(net_by_cgroup), ts)
 
         interval = scan_interval if self._last_ts is None else ts - self._last_ts
         self._last_ts = ts
@@ -274,6 +301,9 @@ class HostModel:
                 by_cgroup=by_cgroup,
                 tick=tick,
                 stall=stall,
+                net=net,
+                net_by_cgroup=net_by_cgroup,
+                net_remotes=tuple(remotes),
             )
         )
         self.last = snap
@@ -374,11 +404,11 @@ class HostModel:
                 self._v1_members[new[0]][new[1]] += 1
 
     def _sample_cgroups(
-        self, active: set[str], by_cgroup: Mapping[str, LifecycleCounts], now: float
+        self, active: set[str], counted: set[str], now: float
     ) -> dict[str, CgroupSample]:
-        """Samples of the cgroups worth one (a process or lifecycle counts); only `active` ones re-read."""
+        """Samples of the cgroups worth one (a process or kernel counts); only `active` ones re-read."""
         members = self._members
-        wanted = {p: members.get(p, 0) for p in set(members) | set(by_cgroup)}
+        wanted = {p: members.get(p, 0) for p in set(members) | counted}
         wanted.pop(UNRESOLVED, None)
         if len(wanted) > self.max_cgroups:
             paths = sorted(wanted, key=lambda p: (-wanted[p], p))

@@ -215,6 +215,105 @@ class StallSnapshot:
 
 
 @dataclass(frozen=True)
+class NetCounts:
+    """TCP connection events counted in the kernel (bpf/net.c) for one key over one interval."""
+
+    connects: int = 0  # active opens: connect() moved a socket to SYN_SENT
+    failed: int = 0  # active opens closed before they were established (refused, no port, ...)
+    accepts: int = 0  # accepted connections, counted when their holder became known (its close)
+    closed: int = 0  # connections that reached CLOSE
+    short: int = 0  # ... of which younger than the short-lived threshold
+    retransmits: int = 0  # retransmitted segments
+    active_closed: int = 0  # active opens that reached CLOSE (connects - active_closed = open)
+    time_wait: int = 0  # closes after this side closed first (the path into TIME_WAIT)
+
+    def __add__(self, other: NetCounts) -> NetCounts:
+        return NetCounts(
+            *(a + b for a, b in zip(astuple_counts(self), astuple_counts(other), strict=True))
+        )
+
+
+def astuple_counts(c: NetCounts) -> tuple[int, ...]:
+    return (
+        c.connects,
+        c.failed,
+        c.accepts,
+        c.closed,
+        c.short,
+        c.retransmits,
+        c.active_closed,
+        c.time_wait,
+    )
+
+
+@dataclass(frozen=True)
+class RemoteSample:
+    """Connections and retransmits of one process towards one remote endpoint over one interval."""
+
+    pid: int
+    cgroup: str  # cgroup path of the process when it opened the connection
+    remote: str  # "10.0.0.7:5432" or "[2001:db8::1]:443" (IPv4-mapped IPv6 shown as IPv4)
+    connects: int = 0
+    retransmits: int = 0
+
+
+@dataclass(frozen=True)
+class PortHolder:
+    """A process holding local ports of a network namespace (kernel counts since attach)."""
+
+    pid: int
+    open_connections: int  # its connect()ed sockets not yet closed
+    recent_time_wait: int  # its closes into TIME_WAIT within the last TIME_WAIT length (60 s)
+
+
+@dataclass(frozen=True)
+class PortUsage:
+    """Local ephemeral ports of one network namespace in use, TIME_WAIT included (/proc/PID/net/tcp*)."""
+
+    netns: int  # inode of the network namespace
+    range_lo: int  # net.ipv4.ip_local_port_range of that namespace (or the host's, see source)
+    range_hi: int
+    range_source: str  # "netns" (read inside it) or "host" (it could not be entered)
+    ports_in_use: int  # distinct local ports within the range held by any TCP socket
+    time_wait: int  # of the sockets in the range, those in TIME_WAIT
+    busiest_remote: str  # the remote endpoint most of them connect to
+    busiest_remote_ports: int
+    holders: Sequence[PortHolder] = ()
+
+    @property
+    def range_size(self) -> int:
+        return max(0, self.range_hi - self.range_lo + 1)
+
+
+@dataclass(frozen=True)
+class NetnsSegments:
+    """TCP segments sent and retransmitted in one network namespace over one interval (/proc/PID/net/snmp)."""
+
+    netns: int
+    out_segs: int
+    retrans_segs: int
+
+
+@dataclass(frozen=True)
+class NetTick:
+    """What the network collector hands over each tick: deltas plus monotonic health counters."""
+
+    total: NetCounts  # whole host (attributed or not), this interval
+    by_tgid: Mapping[int, NetCounts]  # this interval, only keys that changed
+    by_cgroup_id: Mapping[int, NetCounts]
+    remotes: Sequence[
+        tuple[int, int, str, int, int]
+    ]  # (tgid, cgroup id, remote, connects, retransmits)
+    ports: Sequence[PortUsage] = ()  # namespaces whose port use was measured this tick
+    segments: Mapping[int, NetnsSegments] = field(default_factory=dict)  # by tgid with retransmits
+    aggregation_overflows: int = 0  # monotonic: map inserts refused (map full)
+    untracked_closes: int = 0  # monotonic: closes of sockets opened before attach
+    unowned_closes: int = 0  # monotonic: accepted sockets closed before their holder was known
+    unattributed_retransmits: int = 0  # monotonic: retransmits on sockets with no known owner
+    other_protocols: int = 0  # monotonic: MPTCP/SCTP state changes, not counted
+
+
+@dataclass(frozen=True)
 class Counters:
     """Monotonic daemon-wide counters, exported as-is (never reset while running)."""
 
@@ -255,6 +354,13 @@ class Snapshot:
     # None: every sample is fresh (the /proc fallback, synthetic snapshots). A process not in
     # `changed` used no CPU in the interval and its sample is the same object as before.
     changed: frozenset[int] | None = None
+    # TCP connections (bpf/net.c, only when a network rule is enabled), this interval.
+    net_total: NetCounts | None = None
+    net_by_pid: Mapping[int, NetCounts] = field(default_factory=dict)  # only pids with events
+    net_by_cgroup: Mapping[str, NetCounts] = field(default_factory=dict)
+    net_remotes: Sequence[RemoteSample] = ()
+    net_ports: Sequence[PortUsage] = ()  # network namespaces whose port use was measured
+    net_segments: Mapping[int, NetnsSegments] = field(default_factory=dict)  # by pid
 
     def slim(self) -> Snapshot:
         """This snapshot as an older member of the window: only the processes it changed.

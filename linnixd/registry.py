@@ -18,6 +18,7 @@ from .detectors.cpu import CpuSpikeDetector, RunawayTreeDetector
 from .detectors.fds import FdExhaustionDetector
 from .detectors.forks import ForkStormDetector, ShortLivedJobsDetector
 from .detectors.memory import MemoryLeakDetector
+from .detectors.net import ConnectionChurnDetector, PortExhaustionDetector, TcpRetransmitsDetector
 from .detectors.pressure import PsiSaturationDetector
 from .detectors.stall import CircuitBreakerDetector, NoisyNeighbourDetector
 from .settings import RuleSettings
@@ -51,6 +52,9 @@ RULES: tuple[Rule, ...] = (
     _rule(PsiSaturationDetector()),
     _rule(NoisyNeighbourDetector()),
     _rule(CircuitBreakerDetector()),
+    _rule(ConnectionChurnDetector()),
+    _rule(TcpRetransmitsDetector()),
+    _rule(PortExhaustionDetector()),
 )
 
 RULE_NAMES: tuple[str, ...] = tuple(r.name for r in RULES)

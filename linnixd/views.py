@@ -8,8 +8,11 @@ from typing import Any
 
 from .detectors.base import recent
 from .detectors.cpu import busy
+from .detectors.net import net_rates
 from .detectors.stall import stall_by_pair
 from .model import Snapshot
+
+NET_RATE_S = 2.0  # per-cgroup TCP connection and retransmit rates in top cover this long
 
 
 def _window_stall(
@@ -30,7 +33,8 @@ def top_cgroups(
     rows: Sequence[Mapping[str, Any]], window: Sequence[Snapshot], window_s: float
 ) -> list[dict[str, Any]]:
     """The model's cgroup rows, each with its processes' CPU (newest tick) and, while sched.c
-    runs, its run-queue wait (newest tick) and the stall it caused and suffered over `window_s`."""
+    runs, its run-queue wait (newest tick) and the stall it caused and suffered over `window_s`;
+    while bpf/net.c runs, its TCP connections and retransmits per second."""
     out = [dict(row) for row in rows]
     newest = window[-1] if window else None
     cpu: dict[str, float] = defaultdict(float)
@@ -45,9 +49,19 @@ def top_cgroups(
             caused[culprit] += us
             suffered[victim] += us
     stall = newest.stall if newest is not None else None
+    # while bpf/net.c runs: TCP connections/s and retransmits/s over the last NET_RATE_S
+    rates = (
+        net_rates(recent(window, NET_RATE_S))
+        if newest is not None and newest.net_total is not None
+        else None
+    )
     for row in out:
         path = str(row.get("path", ""))
         row["cpu_pct"] = round(cpu.get(path, 0.0), 1)
+        if rates is not None:
+            r = rates.get(path, {})
+            row["connects_per_s"] = r.get("connects_per_s", 0.0)
+            row["retransmits_per_s"] = r.get("retransmits_per_s", 0.0)
         if stall is not None:
             rq = stall.runqueue.get(path)
             row["runq_wait_ms"] = round(rq.wait_us / 1000, 1) if rq else 0.0

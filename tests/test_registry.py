@@ -50,13 +50,15 @@ def test_each_rule_declares_settings_and_collectors() -> None:
 
 
 def test_collectors_follow_the_enabled_rules() -> None:
-    assert collectors_for(RULE_NAMES) == {"lifecycle", "sched", "psi_triggers"}
+    assert collectors_for(RULE_NAMES) == {"lifecycle", "sched", "psi_triggers", "net"}
     assert collectors_for(["noisy_neighbour"]) == {"sched"}
     assert collectors_for(["cpu_spike", "fork_storm"]) == {"sched", "lifecycle"}
     assert collectors_for(["memory_leak", "fd_exhaustion"]) == frozenset()
     assert collectors_for(["psi_saturation", "no_such_rule"]) == {"psi_triggers"}
     sched_rules = {r.name for r in RULES if "sched" in r.needs}
     assert sched_rules == {"cpu_spike", "runaway_tree", "noisy_neighbour", "circuit_breaker"}
+    net_rules = {r.name for r in RULES if "net" in r.needs}
+    assert net_rules == {"connection_churn", "tcp_retransmits", "port_exhaustion"}
 
 
 def test_shipped_policy_lists_every_rule_with_its_defaults() -> None:

@@ -6,13 +6,14 @@ import ctypes as ct
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from ..health import Health
 from ..model import ExecRecord, ExitRecord, LifecycleCounts, LifecycleTick
 from ..paths import bpf_dir
 from .bpfload import KernelFeatureError, compile_program, preflight, ringbuf_supported, source_text
 from .cgroups import cgroup2_mount
+from .keyed import KeyedCounters
 
 TRACEPOINTS = (
     "task/task_newtask",
@@ -79,71 +80,8 @@ def _delta(now: Counts, prev: Counts) -> LifecycleCounts:
     return LifecycleCounts(*(a - b for a, b in zip(now, prev, strict=True)))
 
 
-class _KeyedCounts:
-    """Monotonic per-key counters of one kernel hash: deltas per read, stale keys pruned.
-
-    Every event that bumps a keyed counter also bumps the program's totals, so read(moved=False)
-    skips the map walk (2 syscalls and a ctypes round per key) when the totals stood still.
-    """
-
-    def __init__(self, table: Any, prune_after: int) -> None:
-        self.table = table
-        self.prune_after = prune_after
-        self.prev: dict[int, Counts] = {}
-        self.changed_at: dict[int, int] = {}  # key -> the read at which it last changed
-        self.reads = 0
-        self.walks = 0  # reads that walked the map (monotonic)
-
-    def read(self, moved: bool = True) -> dict[int, LifecycleCounts]:
-        self.reads += 1
-        if not moved:
-            return {}
-        self.walks += 1
-        now: dict[int, Counts] = {
-            int(k.value): cast(Counts, tuple(v.v)) for k, v in self.table.items()
-        }
-        out: dict[int, LifecycleCounts] = {}
-        for key, val in now.items():
-            old = self.prev.get(key, ZERO)
-            if val != old:
-                out[key] = _delta(val, old)
-                self.changed_at[key] = self.reads
-        for gone in self.prev.keys() - now.keys():
-            self.changed_at.pop(gone, None)
-        self.prev = now
-        return out
-
-    def idle(self, key: int) -> int:
-        """Reads since the key last changed."""
-        return self.reads - self.changed_at.get(key, self.reads)
-
-    def prune(self, alive: Callable[[list[int]], set[int]]) -> int:
-        """Delete keys idle for prune_after reads whose owner no longer exists; returns how many.
-
-        A key is re-read just before its delete; an increment landing between that read and
-        the delete (an exit whose creator died long ago, or a reused pid) is the one loss window.
-        """
-        limit = self.reads - self.prune_after
-        stale = [k for k, at in self.changed_at.items() if at <= limit]
-        if not stale:
-            return 0
-        living = alive(stale)
-        removed = 0
-        for key in stale:
-            self.changed_at[key] = self.reads  # alive or not, look again after prune_after reads
-            if key in living:
-                continue
-            ckey = self.table.Key(key)
-            try:
-                if tuple(self.table[ckey].v) != self.prev.get(key):
-                    continue
-                del self.table[ckey]
-            except KeyError:
-                pass  # already gone
-            self.prev.pop(key, None)
-            self.changed_at.pop(key, None)
-            removed += 1
-        return removed
+def _counts(values: tuple[int, ...]) -> LifecycleCounts:
+    return LifecycleCounts(*values)
 
 
 def _live_tgids(keys: list[int]) -> set[int]:
@@ -184,8 +122,8 @@ class LifecycleCollector:
         self.src = src or bpf_dir() / "lifecycle.c"
         self._bpf: Any = None
         self._transport: str | None = None
-        self._parents: _KeyedCounts | None = None
-        self._cgroups: _KeyedCounts | None = None
+        self._parents: KeyedCounters[LifecycleCounts] | None = None
+        self._cgroups: KeyedCounters[LifecycleCounts] | None = None
         self._prev_total: Counts = ZERO
         self._moved_last = True
         self._execs: list[ExecRecord] = []
@@ -256,8 +194,8 @@ class LifecycleCollector:
         self._prev_total = ZERO  # a fresh program counts from zero, also after close() + start()
         self._moved_last = True
         self._health = [0] * NHEALTH
-        self._parents = _KeyedCounts(self._bpf[b"by_parent"], self.prune_after_ticks)
-        self._cgroups = _KeyedCounts(self._bpf[b"by_cgroup"], self.prune_after_ticks)
+        self._parents = KeyedCounters(self._bpf[b"by_parent"], self.prune_after_ticks, _counts)
+        self._cgroups = KeyedCounters(self._bpf[b"by_cgroup"], self.prune_after_ticks, _counts)
 
     def set_short_lived(self, seconds: float) -> None:
         """Change the short-lived threshold; takes effect in the kernel at once, no recompile."""
@@ -309,8 +247,8 @@ class LifecycleCollector:
         moved = total_now != self._prev_total
         walk = moved or self._moved_last
         self._moved_last = moved
-        by_parent = self._parents.read(walk)
-        by_cgroup = self._cgroups.read(walk)
+        by_parent: dict[int, LifecycleCounts] = self._parents.read(walk)  # type: ignore[assignment]
+        by_cgroup: dict[int, LifecycleCounts] = self._cgroups.read(walk)  # type: ignore[assignment]
         self._health = self._health_counters()
         # Records are consumed after the counters are read: a record may run one tick ahead of
         # its counter, never behind it.

@@ -19,9 +19,9 @@ S = TypeVar("S", bound=RuleSettings, contravariant=True)
 
 # What a rule can ask the daemon to attach (linnixd/registry.py derives the set from the rules):
 # "lifecycle" bpf/lifecycle.c (forks, execs, exits), "sched" bpf/sched.c (who ran, who waited
-# behind whom), "psi_triggers" kernel PSI triggers that wake the tick. /proc and cgroup files
-# are always read.
-COLLECTORS = ("lifecycle", "sched", "psi_triggers")
+# behind whom), "psi_triggers" kernel PSI triggers that wake the tick, "net" bpf/net.c (TCP
+# connections, retransmits, port use). /proc and cgroup files are always read.
+COLLECTORS = ("lifecycle", "sched", "psi_triggers", "net")
 
 
 class Detector(Protocol[S]):
