@@ -53,6 +53,14 @@ EVIDENCE: dict[str, tuple[str, str, str]] = {
     "cpu_util_pct": ("host CPU busy", "%", "/proc/stat"),
     "stall_caused_ms": ("stall caused to other cgroups", "ms", SCHED_SRC),
     "tree_cpu_pct": ("CPU of the culprit's tree", "% of one CPU", STAT_SRC + " utime+stime"),
+    "rss_now_mb": ("resident memory now", "MiB", STAT_SRC + " rss"),
+    "memory_now_mb": ("cgroup memory now", "MiB", "memory.current"),
+    "pct": ("share of the limit in use", "%", "/proc/PID/fd and limits, or file-nr/file-max"),
+    "longest_lifetime_s": ("longest lifetime among them", "s", LIFECYCLE_SRC),
+    "stall_ms": ("stall time in the sustain window", "ms", "PSI total= (pressure files)"),
+    "cpu_pressure_some_pct": ("victim's CPU pressure (some)", "%", "the victim's cpu.pressure"),
+    "threshold_pct": ("the rule's threshold", "%", "the policy (linnixd-policy(5))"),
+    "threshold_per_s": ("the rule's threshold", "/s", "the policy (linnixd-policy(5))"),
 }
 
 
