@@ -166,31 +166,65 @@ def _nearest_sampled_ancestor(path: str, sampled: Mapping[str, Any]) -> str | No
     return None
 
 
-def own_cpu_us(snaps: Sequence[Snapshot], paths: Iterable[str] | None = None) -> dict[str, float]:
+def fresh_processes(snap: Snapshot) -> list[ProcessSample]:
+    """Samples rebuilt in the snapshot's interval: only they carry CPU figures for it."""
+    procs = snap.processes
+    if snap.changed is None:
+        return list(procs.values())
+    return [p for pid in snap.changed if (p := procs.get(pid)) is not None]
+
+
+OwnCpuCache = dict[tuple[int, float], dict[str, float]]
+
+
+def _own_cpu_one(s: Snapshot) -> dict[str, float]:
+    """Own CPU microseconds of every cgroup in one snapshot's interval."""
+    usage = {p: cg.cpu_usage_us for p, cg in s.cgroups.items() if cg.cpu_usage_us is not None}
+    own: dict[str, float] = {p: float(u) for p, u in usage.items()}
+    for p, used in usage.items():
+        parent = _nearest_sampled_ancestor(p, usage)
+        if parent is not None:
+            own[parent] -= used
+    out = {p: max(0.0, v) for p, v in own.items()}
+    # cgroups without a cpu.stat delta here (first sample, synthetic): their processes' CPU
+    for proc in fresh_processes(s):
+        if proc.cgroup not in usage and proc.cpu_pct > 0:
+            out[proc.cgroup] = out.get(proc.cgroup, 0.0) + proc.cpu_pct * s.interval_s * 1e4
+    return out
+
+
+def own_cpu_us(
+    snaps: Sequence[Snapshot],
+    paths: Iterable[str] | None = None,
+    cache: OwnCpuCache | None = None,
+) -> dict[str, float]:
     """CPU microseconds each cgroup's own tasks used over `snaps` (children's time taken out).
 
     cpu.stat's usage is hierarchical (the root's is the whole host), so a cgroup's own time is
     its usage less that of the sampled cgroups nearest below it. A snapshot without cpu.stat
     figures (synthetic, or a host that lacks them) falls back to the cgroup's processes' CPU.
-    `paths` limits the result (None: every cgroup seen).
+    `paths` limits the result (None: every cgroup seen). `cache` (kept by the caller across
+    ticks) holds each snapshot's figures, so a tick computes only its newest snapshot; entries
+    of snapshots no longer in `snaps` are dropped.
     """
     wanted = set(paths) if paths is not None else None
     out: dict[str, float] = defaultdict(float)
+    keys = []
     for s in snaps:
-        usage = {p: cg.cpu_usage_us for p, cg in s.cgroups.items() if cg.cpu_usage_us is not None}
-        own: dict[str, float] = {
-            p: float(u) for p, u in usage.items() if wanted is None or p in wanted
-        }
-        for p, used in usage.items():
-            parent = _nearest_sampled_ancestor(p, usage)
-            if parent is not None and parent in own:
-                own[parent] -= used
-        for p, mine in own.items():
-            out[p] += max(0.0, mine)
-        # cgroups without a cpu.stat delta here (first sample, synthetic): their processes' CPU
-        for proc in s.processes.values():
-            if proc.cgroup not in usage and (wanted is None or proc.cgroup in wanted):
-                out[proc.cgroup] += proc.cpu_pct * s.interval_s * 1e4
+        key = (id(s.cgroups), s.ts)  # a slimmed snapshot shares its cgroups with the full one
+        keys.append(key)
+        one = cache.get(key) if cache is not None else None
+        if one is None:
+            one = _own_cpu_one(s)
+            if cache is not None:
+                cache[key] = one
+        for p, us in one.items():
+            if wanted is None or p in wanted:
+                out[p] += us
+    if cache is not None:
+        live = set(keys)
+        for key in [k for k in cache if k not in live]:
+            del cache[key]
     return dict(out)
 
 

@@ -102,15 +102,36 @@ def _median(values: Sequence[float]) -> float:
     return float(values[mid]) if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
-def _changed_in(snaps: Sequence[Snapshot], newest: Snapshot) -> list[ProcessSample]:
-    """Live processes whose sample changed somewhere in `snaps`: only they can have grown."""
-    pids: set[int] = set()
-    for s in snaps:
+def _grown_in(snaps: Sequence[Snapshot], newest: Snapshot, min_rise: float) -> list[ProcessSample]:
+    """Live processes whose RSS now is at least `min_rise` bytes above their lowest in `snaps`.
+
+    One pass over the samples the window holds (older snapshots keep only what changed), so
+    the per-process series is read only for the few that could be leaking.
+    """
+    lowest: dict[tuple[int, float], int] = {}
+    changed: set[int] | None = set()
+    for s in snaps[:-1]:
         if s.changed is None:
-            return list(newest.processes.values())
-        pids |= s.changed
+            changed = None
+        elif changed is not None:
+            changed |= s.changed
+        for p in s.processes.values():
+            key = (p.pid, p.start_time)
+            low = lowest.get(key)
+            if low is None or p.rss_bytes < low:
+                lowest[key] = p.rss_bytes
+    if newest.changed is None:
+        changed = None
+    elif changed is not None:
+        changed |= newest.changed
     procs = newest.processes
-    return [p for pid in pids if (p := procs.get(pid)) is not None]
+    live = procs.values() if changed is None else [procs[p] for p in changed if p in procs]
+    out = []
+    for p in live:
+        low = lowest.get((p.pid, p.start_time))
+        if low is not None and p.rss_bytes - low >= min_rise:
+            out.append(p)
+    return out
 
 
 def _judge(
@@ -276,9 +297,9 @@ class MemoryLeakDetector:
         scope = set(cfg.scope)
         found: list[Finding] = []
         if "process" in scope:
-            for p in _changed_in(snaps, newest):
-                read = _rss_reader(p)
-                result = self._series_fit(snaps, read, cfg)
+            min_rise = PREFILTER_SHARE * float(cfg.min_growth_mb) * MIB
+            for p in _grown_in(snaps, newest, min_rise):
+                result = self._series_fit(snaps, _rss_reader(p), cfg)
                 if result is not None:
                     culprit = process_culprit(p, newest.processes)
                     found.append(
@@ -288,8 +309,7 @@ class MemoryLeakDetector:
             for path, cg in newest.cgroups.items():
                 if path == "/" or cg.memory_bytes is None:
                     continue  # the root cgroup is the whole host, not a culprit
-                read = _cgroup_memory_reader(path)
-                result = self._series_fit(snaps, read, cfg)
+                result = self._series_fit(snaps, _cgroup_memory_reader(path), cfg)
                 if result is not None:
                     culprit = Culprit(kind="cgroup", cgroup=path, unit=cgroup_unit(newest, path))
                     found.append(

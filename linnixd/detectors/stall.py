@@ -16,8 +16,10 @@ from ..model import Culprit, Finding, ProcessSample, PsiSample, Snapshot
 from ..settings import Field, RuleSettings, Severity, cooldown, percent, seconds, top_n
 from .base import (
     Exclusions,
+    OwnCpuCache,
     cgroup_unit,
     covered_s,
+    fresh_processes,
     log2_percentile_us,
     own_cpu_us,
     process_culprit,
@@ -92,6 +94,9 @@ class NoisyNeighbourDetector:
     settings = NoisyNeighbour
     needs = frozenset({"sched"})
 
+    def __init__(self) -> None:
+        self._own_cpu: OwnCpuCache = {}  # own CPU per snapshot, reused while it is in the window
+
     def evaluate(self, window: Sequence[Snapshot], cfg: NoisyNeighbour) -> list[Finding]:
         snaps = [s for s in recent(window, float(cfg.window_s)) if s.stall is not None]
         if not snaps:
@@ -126,7 +131,7 @@ class NoisyNeighbourDetector:
         wanted = {v for v, *_ in candidates}
         for v, *_ in candidates:
             wanted |= set(pairs.get(v, {}))
-        run = own_cpu_us(snaps, wanted)
+        run = own_cpu_us(snaps, wanted, self._own_cpu)
         findings: list[Finding] = []
         contended: dict[frozenset[str], Finding] = {}  # reported once per pair, if no one is blamed
         for victim, wait_us, nwaits, psi, mean_some in candidates:
@@ -313,6 +318,9 @@ class CircuitBreakerDetector:
     settings = CircuitBreaker
     needs = frozenset({"sched"})
 
+    def __init__(self) -> None:
+        self._own_cpu: OwnCpuCache = {}
+
     def evaluate(self, window: Sequence[Snapshot], cfg: CircuitBreaker) -> list[Finding]:
         tail = sustained_tail(window, float(cfg.sustain_s))
         if tail is None:
@@ -329,7 +337,7 @@ class CircuitBreakerDetector:
         newest = tail[-1]
         seconds = covered_s(tail)
         busy_us = sum(s.cpu_util_pct * s.ncpu * s.interval_s * 1e4 for s in tail)
-        by_cgroup = own_cpu_us(tail)
+        by_cgroup = own_cpu_us(tail, cache=self._own_cpu)
         ranked = sorted(by_cgroup.items(), key=lambda kv: -kv[1])
         path, cg_us = next(
             (
@@ -410,7 +418,7 @@ def _top_tree(
         return None, 0.0, 0
     cpu: dict[tuple[int, float], float] = defaultdict(float)
     for s in tail:
-        for p in s.processes.values():
+        for p in fresh_processes(s):
             if p.cgroup == path:
                 cpu[(p.pid, p.start_time)] += p.cpu_pct * s.interval_s * 1e4
     children: dict[int, list[int]] = defaultdict(list)
