@@ -1,7 +1,8 @@
 """Network workloads for the tests and bench/net_bench.py (loopback TCP, stdlib only).
 
     netload.py serve PORT                     accept and close, forever (prints "listening")
-    netload.py churn PORT RATE SECONDS        connect+close at about RATE/s; prints "done N"
+    netload.py churn PORT RATE SECONDS        connect+close at about RATE/s (0: flat out);
+                                              prints "done N"
     netload.py hold PORT                      listen on PORT too, connect to it until no local
                                               port is left; prints "holding N"; then sleeps
     netload.py stream PORT SECONDS FLOWS      listen on PORT, FLOWS connections to it sending
@@ -47,15 +48,17 @@ def _drain(conn: socket.socket) -> None:
 
 
 def churn(port: int, rate: float, seconds: float) -> None:
+    """About `rate` connections/s for `seconds`; rate 0: as many as it can."""
     done = 0
     start = time.monotonic()
     while (now := time.monotonic()) - start < seconds:
-        target = int((now - start) * rate)
+        target = int((now - start) * rate) if rate > 0 else done + 100
         while done < target:
             s = socket.create_connection(("127.0.0.1", port))
             s.close()
             done += 1
-        time.sleep(0.001)
+        if rate > 0:
+            time.sleep(0.001)
     print(f"done {done}", flush=True)
 
 
