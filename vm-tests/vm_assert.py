@@ -407,6 +407,62 @@ def run(r: Report) -> None:
     operator_tools(r)
     lifecycle_events(r)
     fleet(r)
+    leak_projection(r)
+
+
+# ---- memory_leak's projection against a real memory.max ----------------------------------
+
+LEAK_UNIT = "linnix-leak.service"
+LEAK_RATE_MB_S = 8.0
+LEAK_MAX_MB = 400
+
+
+def oom_kills(unit: str) -> int:
+    m = re.search(r"^oom_kill (\d+)$", unit_file_text(unit, "memory.events"), re.M)
+    return int(m.group(1)) if m else 0
+
+
+def leak_projection(r: Report) -> None:
+    """A process leaking 8 MB/s under MemoryMax=400M: the alert's eta_s against memory.max is
+    within 20% of the time the kernel really took to OOM-kill it."""
+    ok = start_unit(
+        LEAK_UNIT.removesuffix(".service"),
+        [
+            "-p",
+            f"MemoryMax={LEAK_MAX_MB}M",
+            "-p",
+            "MemorySwapMax=0",
+            "linnixctl",
+            "demo",
+            "memory-leak",
+            "--rate",
+            f"{LEAK_RATE_MB_S:g}",
+            "--duration",
+            "300",
+        ],
+    )
+    if not r.check("leak demo starts under MemoryMax=400M", ok, LEAK_UNIT):
+        return
+    entry = wait_entry(90, "LINNIX_RULE=memory_leak", f"LINNIX_UNIT={LEAK_UNIT}")
+    oomed = wait_for(lambda: oom_kills(LEAK_UNIT) > 0, 120, step=0.2)
+    t_oom = time.time()
+    sh("systemctl", "stop", LEAK_UNIT)
+    ev = json.loads(entry.get("LINNIX_EVIDENCE", "{}")) if entry else {}
+    t_alert = int(entry.get("__REALTIME_TIMESTAMP", "0")) / 1e6 if entry else 0.0
+    real = t_oom - t_alert
+    eta = ev.get("eta_s")
+    r.figure("leak_eta_s_vs_real_s", f"{eta} vs {real:.1f}")
+    r.check(
+        "memory_leak projects against the unit's memory.max",
+        ev.get("limit_kind") == "memory.max" and ev.get("limit_mb") == float(LEAK_MAX_MB),
+        f"entry {bool(entry)}, evidence {ev}",
+    )
+    r.check(
+        "memory_leak eta_s within 20% of the real time to the OOM kill",
+        bool(entry) and oomed and isinstance(eta, (int, float)) and abs(eta - real) <= 0.2 * real,
+        f"eta_s {eta}, real {real:.1f} s (alert at {t_alert:.1f}, oom_kill seen at {t_oom:.1f}), "
+        f"rate {ev.get('slope_mb_per_min')} MB/min, headroom {ev.get('headroom_mb')} MB",
+    )
 
 
 # ---- operator experience: live top, polkit prompts, completion, versions, man pages --------
