@@ -257,3 +257,29 @@ def test_memory_leak_exclusion_by_comm() -> None:
     assert (
         LEAK.evaluate(rss_window(ramp), rule_cfg("memory_leak", exclude={"comms": ["leak*"]})) == []
     )
+
+
+def test_bad_input_mid_window() -> None:
+    cfg = rule_cfg("memory_leak")
+    base = rss_window(fast, n=30, cg_memory=lambda i: 848 * MIB + fast(i))
+    # the cgroup vanishes mid-window: no crash, the process is still judged, no cgroup limit used
+    gone = [s if i < 20 else dataclasses.replace(s, cgroups={}) for i, s in enumerate(base)]
+    [f] = MemoryLeakDetector().evaluate(limited(gone, memory_max_bytes=2048 * MIB), cfg)
+    assert f.culprit.pid == 4321 and f.evidence["limit_kind"] is None
+    # the limit changes mid-window: the projection uses the limit in force now
+    changed = limited(base[:20], memory_max_bytes=4096 * MIB) + limited(
+        base[20:], memory_max_bytes=2048 * MIB
+    )
+    [f] = MemoryLeakDetector().evaluate(changed, cfg)
+    assert (f.evidence["limit_kind"], f.evidence["limit_mb"]) == ("memory.max", 2048.0)
+    # the process exits mid-window (its pid is then reused by a small process): no finding
+    reused = [
+        s
+        if i < 25
+        else dataclasses.replace(
+            s, processes={4321: proc(4321, 1, "other", rss=5 * MIB, start=999.0)}
+        )
+        for i, s in enumerate(base)
+    ]
+    det = MemoryLeakDetector()
+    assert [f for f in det.evaluate(reused, cfg) if f.culprit.kind == "process"] == []
