@@ -408,6 +408,150 @@ def run(r: Report) -> None:
     lifecycle_events(r)
     fleet(r)
     leak_projection(r)
+    network(r)
+
+
+# ---- network rules: bpf/net.c on the VM's kernel, churn and retransmits by real traffic ---
+
+# connect+close to its own listener at RATE/s for SECONDS (comm lx-vmchurn); prints "done port"
+NET_CHURN = """
+import ctypes, socket, sys, threading, time
+ctypes.CDLL(None).prctl(15, b"lx-vmchurn", 0, 0, 0)
+rate, seconds = float(sys.argv[1]), float(sys.argv[2])
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(4096)
+def serve():
+    while True:
+        c, _ = srv.accept()
+        c.close()
+threading.Thread(target=serve, daemon=True).start()
+port, done, start = srv.getsockname()[1], 0, time.monotonic()
+while time.monotonic() - start < seconds:
+    while done < int((time.monotonic() - start) * rate):
+        socket.create_connection(("127.0.0.1", port)).close()
+        done += 1
+    time.sleep(0.001)
+print(done, port, flush=True)
+"""
+
+# 16 flows to its own listener on port 7000, 1 KiB every 2 ms each, for SECONDS (lx-vmstream)
+NET_STREAM = """
+import ctypes, socket, sys, threading, time
+ctypes.CDLL(None).prctl(15, b"lx-vmstream", 0, 0, 0)
+srv = socket.socket()
+srv.bind(("127.0.0.1", 7000))
+srv.listen(64)
+def drain(c):
+    while c.recv(65536):
+        pass
+def serve():
+    while True:
+        threading.Thread(target=drain, args=(srv.accept()[0],), daemon=True).start()
+threading.Thread(target=serve, daemon=True).start()
+conns = [socket.create_connection(("127.0.0.1", 7000)) for _ in range(16)]
+for c in conns:
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    c.setblocking(False)
+start = time.monotonic()
+while time.monotonic() - start < float(sys.argv[1]):
+    for c in conns:
+        try:
+            c.send(b"x" * 1024)
+        except BlockingIOError:
+            pass
+    time.sleep(0.002)
+"""
+LOSS_RULES = """table inet lxloss {
+ chain in {
+  type filter hook input priority 0; policy accept;
+  tcp dport 7000 tcp flags & syn == 0 numgen random mod 100 < 8 counter drop
+ }
+}
+"""
+
+
+def net_status() -> dict[str, object]:
+    return json.loads(sh("linnixctl", "status", "--json").stdout or "{}")
+
+
+def network(r: Report) -> None:
+    """bpf/net.c passes this kernel's verifier under the unit's capabilities and names culprits."""
+    wait_for(is_active, READY_TIMEOUT_S)
+    status = net_status()
+    health = status.get("health", {})
+    net = health.get("net", {}) if isinstance(health, dict) else {}
+    if not r.check(
+        "bpf/net.c attached by the unit (the kernel's verifier accepts it)",
+        status.get("network_attribution") is True and "network_problem" not in status,
+        f"network_attribution {status.get('network_attribution')}, "
+        f"problem {status.get('network_problem')}",
+    ):
+        return
+    before = int(net.get("connects", 0)) if isinstance(net, dict) else 0
+    churn = subprocess.Popen(
+        ["python3", "-c", NET_CHURN, "600", "15"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        churn_out = churn.communicate(timeout=120)[0].split()
+    except subprocess.TimeoutExpired:
+        churn.kill()
+        churn_out = churn.communicate()[0].split()
+    done = int(churn_out[0]) if churn_out else 0
+    r.figure("vm_churn_connections_per_s", f"{done / 15:.0f}")
+    time.sleep(2)  # two ticks: the last closes are read
+    after_status = net_status().get("health", {})
+    after_net = after_status.get("net", {}) if isinstance(after_status, dict) else {}
+    after = int(after_net.get("connects", 0)) if isinstance(after_net, dict) else 0
+    r.check(
+        "the kernel counted every connection the churn made",
+        done > 0 and after - before >= done,
+        f"churn made {done}, connects counter {before} -> {after}",
+    )
+    alerts = [
+        e
+        for e in journal_entries("LINNIX_RULE=connection_churn", "LINNIX_STATE=firing")
+        if e.get("LINNIX_PID") == str(churn.pid)
+    ]
+    if done / 15 >= 300:  # the rule's 200/s in every tick: only a run that kept above it counts
+        r.check(
+            "connection_churn names the churning process",
+            bool(alerts) and alerts[-1].get("LINNIX_COMM") == "lx-vmchurn",
+            f"{len(alerts)} alerts for pid {churn.pid}; {alerts[-1:] if alerts else ''}",
+        )
+
+    ns = "lxvmloss"
+    sh("ip", "netns", "add", ns)
+    try:
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        loss = subprocess.run(
+            ["ip", "netns", "exec", ns, "nft", "-f", "-"],
+            input=LOSS_RULES,
+            capture_output=True,
+            text=True,
+        )
+        if not r.check(
+            "nftables drops a share of one flow in a netns", loss.returncode == 0, loss.stderr
+        ):
+            return
+        stream = subprocess.Popen(["ip", "netns", "exec", ns, "python3", "-c", NET_STREAM, "40"])
+        try:
+            entry = wait_entry(
+                45, "LINNIX_RULE=tcp_retransmits", "LINNIX_STATE=firing", f"LINNIX_PID={stream.pid}"
+            )
+        finally:
+            stream.kill()
+            stream.wait()
+        evidence = json.loads(entry.get("LINNIX_EVIDENCE", "{}") or "{}")
+        r.check(
+            "tcp_retransmits names the process and the remote endpoint",
+            entry.get("LINNIX_COMM") == "lx-vmstream"
+            and evidence.get("top_remote") == "127.0.0.1:7000"
+            and float(evidence.get("retransmits_per_s", 0)) > 20,
+            f"{entry.get('MESSAGE', entry)}",
+        )
+    finally:
+        sh("ip", "netns", "del", ns)
 
 
 # ---- memory_leak's projection against a real memory.max ----------------------------------

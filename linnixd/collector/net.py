@@ -65,10 +65,27 @@ def format_endpoint(family: int, addr: bytes, port: int) -> str:
 
 
 def _netns_of(pid: int) -> int | None:
+    """An id of pid's network namespace: the namespace's inode, or, where reading it needs
+    ptrace rights the daemon lacks (another user's process), the inode of its /proc/PID/net/tcp
+    (one per namespace, readable by anyone); None when the process is gone."""
     try:
         return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except PermissionError:
+        pass
     except OSError:
         return None
+    try:
+        return os.stat(f"/proc/{pid}/net/tcp").st_ino
+    except OSError:
+        return None
+
+
+def _same_netns_as_ours(pid: int) -> bool:
+    """True when pid shares the daemon's network namespace (compared without ptrace rights)."""
+    try:
+        return os.stat("/proc/self/net/tcp").st_ino == os.stat(f"/proc/{pid}/net/tcp").st_ino
+    except OSError:
+        return False
 
 
 def _read_range(path: str) -> tuple[int, int]:
@@ -84,8 +101,7 @@ def netns_port_range(pid: int) -> tuple[int, int, str]:
     enters pid's namespace (setns needs CAP_SYS_ADMIN) and reads it there; the daemon's other
     threads never change namespace. Without the privilege the host's range stands in.
     """
-    own, theirs = _netns_of(os.getpid()), _netns_of(pid)
-    if own is not None and own == theirs:
+    if _same_netns_as_ours(pid):
         lo, hi = _read_range(HOST_RANGE)
         return lo, hi, "netns"
     result: list[tuple[int, int]] = []
