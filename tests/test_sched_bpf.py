@@ -19,7 +19,9 @@ from linnixd.collector.psi import parse_pressure
 from linnixd.collector.sched import NSLOTS, NSTATS, SchedCollector, _Deltas, switch_state_flags
 from linnixd.detectors.stall import NoisyNeighbourDetector
 from linnixd.hostmodel import HostModel
+from linnixd.incidents import IncidentTracker
 from linnixd.model import (
+    Alert,
     PsiSample,
     Snapshot,
     StallEdge,
@@ -172,9 +174,26 @@ def run_experiment(
 def every_tick(snaps: Sequence[Snapshot], cfg: Any) -> list[Any]:
     """noisy_neighbour findings at every tick, as the daemon evaluates its growing window."""
     out = []
+    detector = NoisyNeighbourDetector()
     for i in range(1, len(snaps) + 1):
-        out += NoisyNeighbourDetector().evaluate(snaps[:i], cfg)
+        out += detector.evaluate(snaps[:i], cfg)
     return out
+
+
+def alerts_of(snaps: Sequence[Snapshot], cfg: Any, paths: set[str]) -> list[Alert]:
+    """The firing alerts the incident tracker makes of those findings (about `paths` only)."""
+    detector = NoisyNeighbourDetector()
+    tracker = IncidentTracker(resolve_after_s=2.0)
+    fired = []
+    for i in range(1, len(snaps) + 1):
+        found = [f for f in detector.evaluate(snaps[:i], cfg) if f.evidence["victim"] in paths]
+        now = snaps[i - 1]
+        fired += [
+            a
+            for a in tracker.update(found, now.ts, now.wall, {"noisy_neighbour": 300.0})
+            if a.state == "firing"
+        ]
+    return fired
 
 
 def edge_sum(stalls: list[StallSnapshot], victim: str, culprit: str) -> int:
@@ -226,6 +245,11 @@ def test_culprit_gets_the_victims_stall(collector: SchedCollector, groups: dict[
         sum(e.preemptions for s in stalls for e in s.edges if {e.victim, e.culprit} == {v, c}) > 0
     )
     cfg = foreign_excluded(groups, snaps)
+    fired = alerts_of(snaps, cfg, {v, c, b})
+    # exactly one alert: culprit -> victim; never victim -> culprit, never the bystander
+    assert [(a.culprit.cgroup, a.evidence["victim"]) for a in fired] == [(c, v)], [
+        a.summary for a in fired
+    ]
     findings = [f for f in every_tick(snaps, cfg) if f.evidence["victim"] in (v, c)]
     for f in findings:
         print(f.summary)
@@ -255,7 +279,11 @@ def test_two_equal_hogs_blame_neither(collector: SchedCollector, groups: dict[st
     wait_us, _ = wait_sum(stalls, v)
     print(f"victim wait {wait_us} us, behind the other hog {edge_sum(stalls, v, c)} us")
     assert edge_sum(stalls, v, c) >= 100_000  # they really contended on the CPU
-    findings = every_tick(snaps, foreign_excluded(groups, snaps))
+    cfg = foreign_excluded(groups, snaps)
+    fired = alerts_of(snaps, cfg, {v, c})
+    assert [a for a in fired if a.culprit.cgroup in (v, c)] == []
+    assert len(fired) <= 1  # contention, if reported, once for the pair
+    findings = every_tick(snaps, cfg)
     ours = [f for f in findings if f.evidence["victim"] in (v, c)]
     for f in ours:
         print(f.summary)
