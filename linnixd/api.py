@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .constants import MAX_ACTION_S, MAX_CPU_PCT
@@ -66,7 +66,12 @@ class DaemonCore(Protocol):
 
     def reload_policy(self) -> str: ...
 
-    def add_alert_listener(self, fn: Callable[[Alert], None]) -> None: ...
+    def subscribe(
+        self,
+        *,
+        alerts: Callable[[Alert], None] | None = None,
+        actions: Callable[[str, Mapping[str, str]], None] | None = None,
+    ) -> None: ...
 
 
 # ---- argument rules ---------------------------------------------------------------------
@@ -227,14 +232,10 @@ class Api:
         self,
         *,
         alerts: Callable[[Alert], None] | None = None,
-        actions: Callable[[str, dict[str, str]], None] | None = None,
+        actions: Callable[[str, Mapping[str, str]], None] | None = None,
     ) -> None:
         """Call `alerts` with every alert, `actions` with every ActionTaken/ActionReverted event."""
-        if alerts is not None:
-            self.core.add_alert_listener(alerts)
-        enforcer = self._maybe_enforcer()
-        if actions is not None and enforcer is not None:
-            enforcer.listeners.append(actions)
+        self.core.subscribe(alerts=alerts, actions=actions)
 
     # changes (each behind its own polkit action in the transport)
 

@@ -37,7 +37,7 @@ import asyncio
 import contextvars
 import inspect
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from xml.sax.saxutils import escape
@@ -336,7 +336,7 @@ class BusService:
             counters={"internal_errors": self.internal_errors, "send_failures": self.send_failures}
         )
 
-    def send_action(self, name: str, event: dict[str, str]) -> None:
+    def send_action(self, name: str, event: Mapping[str, str]) -> None:
         """Enforcer listener: ActionTaken / ActionReverted(unit, action, before, after, rule, incident)."""
         if self._closed or name not in ACTION_SIGNALS:
             return

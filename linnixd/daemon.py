@@ -22,16 +22,14 @@ from .collector.attach import Attachments, NetSource, SchedSource, TriggerSource
 from .constants import (
     EXIT_CONFIG,
     EXIT_OK,
-    EXIT_OSERR,
     EXIT_SOFTWARE,
-    EXIT_UNAVAILABLE,
     HISTORY_DB,
     STATE_DIR,
 )
 from .daemonlog import LOG_ERR, LOG_NOTICE, LOG_WARNING, log
 from .detectors.stall import NoisyNeighbour
 from .health import Health, Reporter, collect, to_status
-from .metrics import StallTotals, TextfileWriter, TickHistogram
+from .metrics import StallTotals, TickHistogram
 from .model import (
     Alert,
     Counters,
@@ -42,12 +40,26 @@ from .model import (
     StallSnapshot,
 )
 from .names import QueryError, alert_matches
-from .registry import RULES, collectors_for
+from .parts import History, LifecycleSource, Notifier, Sink, StateInfo, Triage
+from .registry import RULES
+from .subscriptions import ActionListener, AlertListener, Subscriptions
 
 if TYPE_CHECKING:
+    from .compose import Assembly, Service
     from .config import Policy
+    from .enforcement import Enforcer
+    from .hostmodel import HostModel
+    from .names import AlertNamer
 
-Listener = Callable[[Alert], None]
+
+class CurrentPolicy:
+    """The policy in force: the daemon swaps it on reload; the enforcer reads it at each action."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+
+    def get(self) -> Policy:
+        return self.policy
 
 
 # Query(cgroups) sort orders (linnixctl top's): the row field each sorts on (None: the model's pressure order).
@@ -76,22 +88,34 @@ class Daemon:
     def __init__(
         self,
         policy_path: str,
-        policy: Any,
+        policy: Policy,
         *,
-        lifecycle: Any = None,
+        current: CurrentPolicy | None = None,
+        lifecycle: LifecycleSource | None = None,
         attachments: Attachments | None = None,
-        model: Any = None,
-        history: Any = None,
+        model: HostModel | None = None,
+        history: History | None = None,
         events: Callable[[str, str, Mapping[str, str]], None] | None = None,
+        triage: Triage | None = None,
+        namer: AlertNamer | None = None,
+        enforcer: Enforcer | None = None,
+        sinks: Sequence[Sink] = (),
+        notifier: Notifier | None = None,
+        state: StateInfo | None = None,
+        state_problem: str = "",
+        history_problem: str = "",
     ) -> None:
+        """Every part is handed in (compose.build makes them); None where it is not in use."""
         from .incidents import IncidentTracker
 
         self.version = __version__
         self.policy_path = policy_path
-        self.policy = policy
+        # the policy in force: shared with the enforcer, which reads it at each action
+        self.current = current or CurrentPolicy(policy)
+        self.current.policy = policy
         self.started_at = time.time()
-        self.enforcer: Any = None  # enforcement.Enforcer, when there is a state directory
-        self.triage: Any = None  # triage.Triage: a snapshot per incident, for explain()
+        self.enforcer = enforcer  # enforcement, when there is a state directory
+        self.triage = triage  # a snapshot per incident, for explain()
         self.lifecycle = lifecycle
         # bpf/sched.c and PSI triggers, attached while an enabled rule needs them
         self.attachments = attachments or Attachments(make_sched=None, make_triggers=None)
@@ -100,14 +124,16 @@ class Daemon:
         self.history = history
         # daemon_started / policy_reloaded entries (journald with MESSAGE_ID, else a log line)
         self.events = events or (lambda _kind, message, _fields: log(message))
-        self.namer: Any = None  # names.AlertNamer: pod, namespace, container on alerts and rows
+        self.namer = namer  # pod, namespace, container on alerts and rows
         # own instances: a detector may keep state across ticks (memory_leak's slow series)
         self.detectors = {rule.name: type(rule.detector)() for rule in RULES}
         self.tracker = IncidentTracker(resolve_after_s=max(2.0, 4 * policy.daemon.tick_s))
         self.window: collections.deque[Snapshot] = collections.deque(maxlen=window_length(policy))
-        self.sinks: list[Any] = []
-        self.notifier: Any = None  # sd_notify, set by the Runner: reloads say RELOADING=1
-        self._listeners: list[Listener] = []
+        self.sinks: list[Sink] = list(sinks)
+        self.notifier = notifier  # sd_notify: reloads say RELOADING=1
+        self.subscriptions = Subscriptions()  # who hears alerts and actions (subscribe())
+        if enforcer is not None:
+            enforcer.listeners.append(self.subscriptions.action)
         self.totals = LifecycleCounts()
         self.alert_count = 0
         self.ticks = 0
@@ -118,12 +144,11 @@ class Daemon:
         self.tick_costs: collections.deque[float] = collections.deque(
             maxlen=1200
         )  # seconds, newest last
-        self.state: Any = None  # statedir.StateDir, when a state directory is in use
-        self.state_problem = ""  # why the state directory was refused
-        self.history_problem = ""  # why the alert history is unavailable
+        self.state = state  # the state directory, when one is in use
+        self.state_problem = state_problem  # why the state directory was refused
+        self.history_problem = history_problem  # why the alert history is unavailable
         self.history_write_failures = 0
         self._history_failing = False
-        self.listener_errors = 0
         self.alerts_fired: collections.Counter[tuple[str, str]] = collections.Counter()
         self.tick_histogram = TickHistogram()
         self.stall_totals = StallTotals(policy.daemon.metrics_top_k)
@@ -147,20 +172,23 @@ class Daemon:
     def tick(self) -> Snapshot:
         """Read every collector once, update the model, run the detectors, emit alerts."""
         started = time.monotonic()
+        model = self.model
+        if model is None:
+            raise RuntimeError("a daemon without a host model cannot tick")
         lt: LifecycleTick | None = None
         if self.lifecycle is not None:
             read: LifecycleTick = self.lifecycle.read()
             self.totals = self.totals + read.total
-            self.model.apply(read)
+            model.apply(read)
             lt = read
         stall: StallSnapshot | None = None
         if self.sched is not None:
-            stall = fresh = self.sched.read(self.model.resolve_cgroup)
+            stall = fresh = self.sched.read(model.resolve_cgroup)
             self.stall_totals.add(fresh)
         nt: NetTick | None = None
         if self.net is not None:
             nt = self.net.read()
-        snap: Snapshot = self.model.snapshot(lt, time.monotonic(), time.time(), stall, nt)
+        snap: Snapshot = model.snapshot(lt, time.monotonic(), time.time(), stall, nt)
         if self.ticks > 0:
             if self.window:  # only the newest snapshot keeps every process (Snapshot.slim)
                 self.window[-1] = self.window[-1].slim()
@@ -237,12 +265,7 @@ class Daemon:
             self.triage.on_alert(alert, self.window)
         for sink in self.sinks:
             sink.put(alert)
-        for listener in self._listeners:
-            try:
-                listener(alert)
-            except Exception as exc:
-                self.listener_errors += 1
-                self._report_once(f"listener {listener!r}", f"alert listener failed: {exc!r}")
+        self.subscriptions.alert(alert)
         return alert
 
     def _report_once(self, key: str, message: str) -> None:
@@ -252,8 +275,19 @@ class Daemon:
 
     # ---- the API the bus and linnixctl adapt ---------------------------------------------
 
-    def add_alert_listener(self, fn: Listener) -> None:
-        self._listeners.append(fn)
+    @property
+    def policy(self) -> Policy:
+        return self.current.policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        self.current.policy = policy
+
+    def subscribe(
+        self, *, alerts: AlertListener | None = None, actions: ActionListener | None = None
+    ) -> None:
+        """The one way to hear alerts (after history and sinks) and enforcement actions."""
+        self.subscriptions.subscribe(alerts=alerts, actions=actions)
 
     @property
     def enforcement_enabled(self) -> bool:
@@ -278,7 +312,7 @@ class Daemon:
                 "alerts": self.alert_count,
                 "detector_errors": self.detector_errors,
                 "tick_errors": self.tick_errors,
-                "listener_errors": self.listener_errors,
+                "listener_errors": self.subscriptions.failures,
                 "history_write_failures": self.history_write_failures,
             },
             gauges={"started_at_seconds": self.started_at},
@@ -730,25 +764,20 @@ def _vm_kb(field: str) -> int:
 
 
 class Runner:
-    """Drives a Daemon on asyncio: ticks, PSI triggers, signals, sd_notify, the bus."""
+    """Drives a built daemon in time: its services around the tick loop, signals, PSI wake-ups,
+    sd_notify and the watchdog. Everything it drives was made by compose.build()."""
 
-    def __init__(
-        self,
-        daemon: Daemon,
-        args: argparse.Namespace,
-        notifier: Any,
-        metrics: TextfileWriter | None = None,
-    ):
-        self.daemon = daemon
-        self.args = args
+    def __init__(self, assembly: Assembly, notifier: Notifier) -> None:
+        self.daemon = assembly.daemon
+        self.assembly = assembly
         self.notifier = notifier
         self.triggers: TriggerSource | None = None  # the PSI triggers whose fd the loop watches
-        self.metrics = metrics
-        daemon.notifier = notifier
         self.stop_event: asyncio.Event | None = None
         self.wake_event: asyncio.Event | None = None
 
     async def run(self) -> int:
+        from .compose import StartupError
+
         loop = asyncio.get_running_loop()
         self.stop_event = asyncio.Event()
         self.wake_event = asyncio.Event()
@@ -759,16 +788,16 @@ class Runner:
         self._watch_triggers()
         self.daemon.collectors_changed.append(self._watch_triggers)
 
-        bus = None
-        if self.args.bus != "none":
-            from .bus import serve
-
-            try:
-                bus = await serve(self.daemon, self.args.bus)
-            except Exception as exc:
-                log(f"cannot serve on the {self.args.bus} bus: {exc}", LOG_ERR)
-                return EXIT_UNAVAILABLE
-            self.daemon.register_health("bus", bus)
+        started: list[Service] = []
+        try:
+            for service in self.assembly.services:
+                await service.start()
+                started.append(service)
+        except StartupError as exc:
+            log(str(exc), LOG_ERR)
+            for service in reversed(started):
+                service.stop()
+            return exc.code
 
         d = self.daemon
         rules = list(d.policy.enabled_rules())
@@ -782,7 +811,7 @@ class Runner:
         d.events(
             "daemon_started",
             f"ready: pid {os.getpid()}, policy {d.policy_path}, {len(rules)} rules, "
-            f"transport {transport}, psi {d.psi_mode}, bus {self.args.bus}",
+            f"transport {transport}, psi {d.psi_mode}, bus {self.assembly.bus}",
             {
                 "LINNIX_POLICY": d.policy_path,
                 "LINNIX_RULES": " ".join(rules),
@@ -791,25 +820,13 @@ class Runner:
             },
         )
         watchdog = asyncio.ensure_future(self._watchdog())
-        exporting = asyncio.ensure_future(self._metrics_loop()) if self.metrics else None
-        enforcing = (
-            asyncio.ensure_future(self.daemon.enforcer.run())
-            if self.daemon.enforcer is not None
-            else None
-        )
         try:
             await self._tick_loop()
         finally:
             watchdog.cancel()
-            if exporting is not None:
-                exporting.cancel()
-            if self.metrics is not None:
-                self.metrics.remove()
-            if enforcing is not None:
-                enforcing.cancel()
             self.notifier.stopping()
-            if bus is not None:
-                bus.close()
+            for service in reversed(started):
+                service.stop()
         return EXIT_OK
 
     async def _tick_loop(self) -> None:
@@ -836,22 +853,6 @@ class Runner:
                 fut.cancel()
             if self.wake_event.is_set():
                 next_at = loop.time()
-
-    async def _metrics_loop(self) -> None:
-        """Rewrite the textfile every metrics_interval_s: rendered on the loop, written off it."""
-        assert self.metrics is not None
-        from .metrics import render
-
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                data = render(self.daemon)
-            except Exception as exc:  # a rendering bug must not stop the daemon; counted
-                self.metrics.write_errors += 1
-                self.daemon._report_once("metrics render", f"metrics rendering failed: {exc!r}")
-            else:
-                await loop.run_in_executor(None, self.metrics.write, data)
-            await asyncio.sleep(self.daemon.policy.daemon.metrics_interval_s)
 
     def _on_pressure(self) -> None:
         """A kernel PSI trigger fired: tick now instead of waiting for the next tick."""
@@ -1035,168 +1036,29 @@ def _dump_bpf(policy: Any) -> int:
     return EXIT_OK
 
 
-def _metrics_writer(args: argparse.Namespace, policy: Any) -> TextfileWriter | None:
-    """--metrics-dir, else the policy's metrics_dir when it exists (not with --foreground)."""
-    if args.metrics_dir is not None:
-        if args.metrics_dir in ("", "none"):
-            return None
-        return TextfileWriter(args.metrics_dir, log)
-    directory = policy.daemon.metrics_dir
-    if args.foreground or not directory or not os.path.isdir(directory):
-        return None
-    return TextfileWriter(directory, log)
-
-
-def _sched_factory() -> Callable[[], SchedSource] | None:
-    """SchedCollector, or None where bcc's Python module is missing."""
-    try:
-        from .collector.sched import SchedCollector
-    except ImportError:
-        return None
-    return SchedCollector
-
-
-def _psi_triggers(resources: Sequence[str], some_pct: float, window_s: float) -> TriggerSource:
-    from .collector.psi import PsiTriggers
-
-    return PsiTriggers(list(resources), some_pct, window_s)
-
-
-def _net_factory() -> NetSource:
-    from .collector.net import NetCollector
-
-    return NetCollector()
-
-
 def run(args: argparse.Namespace) -> int:
-    from .collector.bpfload import KernelFeatureError
-    from .notify import Notifier
+    from .compose import StartupError, build
+    from .notify import Notifier as SdNotifier
     from .paths import default_policy
 
-    notifier = Notifier()
+    notifier = SdNotifier()
     policy_path = str(args.policy or default_policy())
     notifier.status(f"loading policy {policy_path}")
     policy = _load_policy_or_exit(policy_path, notifier)
     if args.dump_bpf:
         return _dump_bpf(policy)
-    if args.bus is None:
-        args.bus = "none" if args.foreground else "system"
-    state_dir = args.state_dir or (None if args.foreground else STATE_DIR)
-
-    from .collector.lifecycle import LifecycleCollector
-    from .hostmodel import HostModel
-    from .sinks import QueuedSink
-    from .sinks.journal import JournalSink, event_writer, journald_present
-    from .sinks.stdout import StdoutSink
-
-    state, state_problem = open_state_dir(state_dir)
-    history, history_problem = open_history(state, policy) if state is not None else (None, "")
-
-    lifecycle = LifecycleCollector(policy.daemon.short_lived_s)
-    attachments = Attachments(
-        make_sched=None if args.no_sched else _sched_factory(),
-        make_triggers=_psi_triggers,
-        make_net=None if args.no_net else _net_factory,
-    )
     try:
-        notifier.status("compiling and attaching BPF: process lifecycle (bpf/lifecycle.c)")
-        lifecycle.start()
-        if attachments.make_sched is not None and "sched" in collectors_for(policy.enabled_rules()):
-            notifier.status("compiling and attaching BPF: scheduler stalls (bpf/sched.c)")
-        if attachments.make_net is not None and "net" in collectors_for(policy.enabled_rules()):
-            notifier.status("compiling and attaching BPF: TCP connections (bpf/net.c)")
-        for priority, line in attachments.sync(policy):
-            if priority <= LOG_WARNING:  # at start-up only problems are said; Status tells the rest
-                log(line, priority)
-    except KernelFeatureError as exc:
+        assembly = build(args, policy_path, policy, notifier)
+    except StartupError as exc:
         log(str(exc), LOG_ERR)
-        notifier.status(f"missing kernel feature, not starting: {exc}")
-        attachments.close()
-        lifecycle.close()
-        return EXIT_OSERR
-    _release_compiler_memory()
-    sched = attachments.sched
-
-    # with the scheduler program, per-process CPU comes from the kernel and only what ran is read
-    model = HostModel(
-        max_processes=policy.daemon.max_processes,
-        max_cgroups=policy.daemon.max_cgroups,
-        cpu=sched.task_cpu() if sched is not None else None,
-    )
-    notifier.status("reading the process table")
-    model.seed()
-    daemon = Daemon(
-        policy_path,
-        policy,
-        lifecycle=lifecycle,
-        attachments=attachments,
-        model=model,
-        history=history,
-        events=event_writer(log, use_journal=not args.no_journal),
-    )
-    daemon.state = state
-    daemon.state_problem = state_problem
-    daemon.history_problem = history_problem
-    from .systemd_units import SystemdUnits
-    from .triage import UNIT_TIMEOUT_S, Triage
-
-    # a snapshot per incident; the culprit unit's state comes from systemd with a short timeout
-    daemon.triage = Triage(
-        history,
-        SystemdUnits("system", timeout_s=UNIT_TIMEOUT_S),
-        log=lambda message: log(message, LOG_WARNING),
-    )
-    if attachments.make_net is not None:
-        from .detectors.net import cgroup_net_fields
-
-        daemon.triage.add_cgroup_fields(cgroup_net_fields)
-    from .names import AlertNamer, NameResolver, row_names
-
-    resolver = NameResolver(args.host_root, model.resolver.directory)
-    daemon.namer = AlertNamer(resolver)
-    # the incident snapshot's cgroup rows carry the same names (looked up for those rows only)
-    daemon.triage.add_cgroup_fields(lambda _snap, path: row_names(resolver.names(path)))
-    if args.foreground:
-        daemon.sinks.append(QueuedSink(StdoutSink(args.output), on_error=log))
-    if not args.no_journal and journald_present():
-        try:
-            daemon.sinks.append(QueuedSink(JournalSink(), on_error=log))
-        except ImportError:
-            log(
-                "journald is running but python3-systemd is missing: alerts are not journaled",
-                LOG_WARNING,
-            )
-
-    if state is not None:
-        from .enforcement import Enforcer, journal_writer
-
-        # systemd is on the system bus whatever bus linnixd serves on
-        daemon.enforcer = Enforcer(
-            state,
-            SystemdUnits("system"),
-            lambda: daemon.policy,
-            journal=journal_writer(),
-            start_time_of=daemon.start_time_of,
-        )
-        daemon.add_alert_listener(daemon.enforcer.on_alert)
-        daemon.enforcer.listeners.append(daemon.triage.on_action)
-        if daemon.enforcer.enabled:
-            log(
-                f"enforcement is enabled{' (dry run)' if daemon.enforcer.dry_run else ''} (state in {state_dir})",
-                LOG_NOTICE,
-            )
-
-    metrics = _metrics_writer(args, policy)
-    if metrics is not None:
-        daemon.register_health("metrics", metrics)
-        log(f"metrics for node_exporter in {metrics.path}")
-    runner = Runner(daemon, args, notifier, metrics)
+        return exc.code
+    runner = Runner(assembly, notifier)
     try:
         code = asyncio.run(runner.run())
     finally:
         if args.stats_on_exit:
             runner.dump_stats()
-        daemon.close()
+        assembly.daemon.close()
     return code
 
 

@@ -522,5 +522,10 @@ class HostModel:
         )
         return rows[:limit]
 
+    def start_time_of(self, pid: int) -> float | None:
+        """The start time (s since boot) the newest snapshot saw for pid: what a kill must match."""
+        proc = self.last.processes.get(pid) if self.last is not None else None
+        return proc.start_time if proc is not None else None
+
     def resolve_cgroup(self, cgroup_id: int) -> str | None:
         return self.resolver.resolve(cgroup_id)

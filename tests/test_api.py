@@ -69,8 +69,11 @@ class Core:
             raise PolicyError(self.reload_problems)
         return "reloaded"
 
-    def add_alert_listener(self, fn: Any) -> None:
-        self.calls.append(("listener", fn))
+    def subscribe(self, *, alerts: Any = None, actions: Any = None) -> None:
+        self.calls.append(("subscribe", (alerts, actions)))
+        enforcer = getattr(self, "enforcer", None)
+        if actions is not None and enforcer is not None:
+            enforcer.listeners.append(actions)
 
 
 def refused(kind: str, fn: Any, *args: Any) -> str:

@@ -187,8 +187,11 @@ class CoreDouble:
         for fn in self._listeners:
             fn(alert)
 
-    def add_alert_listener(self, fn: Callable[[Alert], None]) -> None:
-        self._listeners.append(fn)
+    def subscribe(
+        self, *, alerts: Callable[[Alert], None] | None = None, actions: Any = None
+    ) -> None:
+        if alerts is not None:
+            self._listeners.append(alerts)
 
     def counters(self) -> Counters:
         return Counters(events=self.events, dropped_events=3, alerts=self.alerts)

@@ -271,8 +271,9 @@ class Core:
     def enforcement_enabled(self) -> bool:
         return bool(self.enforcer.enabled)
 
-    def add_alert_listener(self, fn: Any) -> None:
-        pass
+    def subscribe(self, *, alerts: Any = None, actions: Any = None) -> None:
+        if actions is not None:
+            self.enforcer.listeners.append(actions)
 
     def counters(self) -> Any:
         return self._counters
