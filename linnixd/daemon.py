@@ -14,7 +14,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, cast
 
 from . import __version__, views
@@ -28,7 +27,7 @@ from .constants import (
 )
 from .daemonlog import LOG_ERR, LOG_NOTICE, LOG_WARNING, log
 from .detectors.stall import NoisyNeighbour
-from .health import Health, Reporter, collect, to_status
+from .health import Health, Reporter, collect
 from .metrics import StallTotals, TickHistogram
 from .model import (
     Alert,
@@ -379,37 +378,34 @@ class Daemon:
         )
 
     def status(self) -> dict[str, Any]:
-        newest = self.window[-1] if self.window else None
+        """The Status answer (views.status over what the daemon knows now)."""
         report = self.health()
-        return {
-            "version": self.version,
-            "started_at": self.started_at,
-            "policy_path": self.policy_path,
-            "tick_s": self.policy.daemon.tick_s,
-            "enabled_rules": list(self.policy.enabled_rules()),
-            "transport": getattr(self.lifecycle, "transport", None),
-            "scheduler_attribution": self.sched is not None,
-            "network_attribution": self.net is not None,
-            **(
-                {"network_problem": self.attachments.net_problem}
-                if self.attachments.net_problem
-                else {}
-            ),
-            "psi_mode": self.psi_mode,
-            "enforcement_enabled": self.enforcement_enabled,
-            **({"enforcement": self.enforcer.status()} if self.enforcer is not None else {}),
-            "counters": asdict(self.counters(report)),
-            "health": to_status(report),
-            "totals": asdict(self.totals),
-            "open_incidents": len(self.tracker.open_incidents()),
-            "processes": len(newest.processes) if newest else 0,
-            "cgroups": len(newest.cgroups) if newest else 0,
-            "ticks": self.ticks,
-            "tick_cost_ms": round(self.last_tick_cost_s * 1000, 2),
-            "detector_errors": self.detector_errors,
-            "tick_errors": self.tick_errors,
-            "state": self.state_status(),
-        }
+        return views.status(
+            views.StatusFacts(
+                version=self.version,
+                started_at=self.started_at,
+                policy_path=self.policy_path,
+                tick_s=self.policy.daemon.tick_s,
+                enabled_rules=list(self.policy.enabled_rules()),
+                transport=getattr(self.lifecycle, "transport", None),
+                scheduler_attribution=self.sched is not None,
+                network_attribution=self.net is not None,
+                network_problem=self.attachments.net_problem,
+                psi_mode=self.psi_mode,
+                enforcement_enabled=self.enforcement_enabled,
+                enforcement=self.enforcer.status() if self.enforcer is not None else None,
+                counters=self.counters(report),
+                report=report,
+                totals=self.totals,
+                open_incidents=len(self.tracker.open_incidents()),
+                newest=self.window[-1] if self.window else None,
+                ticks=self.ticks,
+                tick_cost_s=self.last_tick_cost_s,
+                detector_errors=self.detector_errors,
+                tick_errors=self.tick_errors,
+                state=self.state_status(),
+            )
+        )
 
     def state_status(self) -> dict[str, Any]:
         """The state directory and the alert history: refusals, failures and why."""

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from .detectors.base import recent
 from .detectors.cpu import busy
 from .detectors.net import net_rates
 from .detectors.stall import stall_by_pair
-from .model import Snapshot
+from .health import Health, to_status
+from .model import Counters, LifecycleCounts, Snapshot
 
 NET_RATE_S = 2.0  # per-cgroup TCP connection and retransmit rates in top cover this long
 
@@ -92,3 +94,60 @@ def stall_table(
     ]
     rows.sort(key=lambda r: float(r["stall_ms"]), reverse=True)
     return rows[:limit]
+
+
+@dataclass(frozen=True)
+class StatusFacts:
+    """What the daemon knows at one moment, gathered by Daemon.status() for `status()`."""
+
+    version: str
+    started_at: float
+    policy_path: str
+    tick_s: float
+    enabled_rules: Sequence[str]
+    transport: str | None
+    scheduler_attribution: bool
+    network_attribution: bool
+    network_problem: str
+    psi_mode: str
+    enforcement_enabled: bool
+    enforcement: Mapping[str, Any] | None  # the enforcer's own status, when there is one
+    counters: Counters
+    report: Mapping[str, Health]  # every component's health, by name
+    totals: LifecycleCounts
+    open_incidents: int
+    newest: Snapshot | None
+    ticks: int
+    tick_cost_s: float
+    detector_errors: int
+    tick_errors: int
+    state: Mapping[str, Any]
+
+
+def status(f: StatusFacts) -> dict[str, Any]:
+    """The Status answer (linnixctl status): one JSON-ready object."""
+    return {
+        "version": f.version,
+        "started_at": f.started_at,
+        "policy_path": f.policy_path,
+        "tick_s": f.tick_s,
+        "enabled_rules": list(f.enabled_rules),
+        "transport": f.transport,
+        "scheduler_attribution": f.scheduler_attribution,
+        "network_attribution": f.network_attribution,
+        **({"network_problem": f.network_problem} if f.network_problem else {}),
+        "psi_mode": f.psi_mode,
+        "enforcement_enabled": f.enforcement_enabled,
+        **({"enforcement": dict(f.enforcement)} if f.enforcement is not None else {}),
+        "counters": asdict(f.counters),
+        "health": to_status(f.report),
+        "totals": asdict(f.totals),
+        "open_incidents": f.open_incidents,
+        "processes": len(f.newest.processes) if f.newest else 0,
+        "cgroups": len(f.newest.cgroups) if f.newest else 0,
+        "ticks": f.ticks,
+        "tick_cost_ms": round(f.tick_cost_s * 1000, 2),
+        "detector_errors": f.detector_errors,
+        "tick_errors": f.tick_errors,
+        "state": dict(f.state),
+    }

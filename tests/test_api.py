@@ -231,3 +231,43 @@ def test_top_cgroups_adds_cpu_run_queue_wait_and_stall_caused_and_suffered() -> 
         "cpu_pct": 150.0,
     }
     assert "cpu_pct" not in rows[0]  # the model's rows are not changed
+
+
+def test_status_view_reports_what_the_daemon_knows() -> None:
+    from linnixd.health import Health
+    from linnixd.model import LifecycleCounts
+
+    newest = dataclasses.replace(snap(3, [proc(1), proc(2)]), cgroups={})
+    facts = views.StatusFacts(
+        version="0.1.0",
+        started_at=10.0,
+        policy_path="/etc/linnixd/rules.yaml",
+        tick_s=0.5,
+        enabled_rules=("fork_storm",),
+        transport="ringbuf",
+        scheduler_attribution=True,
+        network_attribution=False,
+        network_problem="",
+        psi_mode="triggers",
+        enforcement_enabled=False,
+        enforcement=None,
+        counters=Counters(events=7, alerts=1),
+        report={"lifecycle": Health(counters={"events": 7}, gauges={"tracked": 2})},
+        totals=LifecycleCounts(forks=3),
+        open_incidents=1,
+        newest=newest,
+        ticks=4,
+        tick_cost_s=0.012345,
+        detector_errors=0,
+        tick_errors=0,
+        state={"history": "off"},
+    )
+    out = views.status(facts)
+    assert out["enabled_rules"] == ["fork_storm"] and out["psi_mode"] == "triggers"
+    assert out["counters"]["events"] == 7 and out["totals"]["forks"] == 3
+    assert out["health"] == {"lifecycle": {"events": 7, "tracked": 2}}
+    assert (out["processes"], out["cgroups"], out["tick_cost_ms"]) == (2, 0, 12.35)
+    assert "enforcement" not in out and "network_problem" not in out
+    bad_net = views.status(dataclasses.replace(facts, network_problem="bpf/net.c: no BTF"))
+    assert bad_net["network_problem"] == "bpf/net.c: no BTF"
+    assert views.status(dataclasses.replace(facts, newest=None))["processes"] == 0

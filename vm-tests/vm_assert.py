@@ -964,6 +964,18 @@ def lifecycle_events(r: Report) -> None:
             and "not_a_section" in tail,
             f"StatusText {text!r}; journal {tail[-300:]!r}",
         )
+        errors = [
+            e
+            for e in journal_entries("-p", "err")
+            if "invalid policy, not starting" in str(e.get("MESSAGE", ""))
+        ]
+        r.check(
+            "daemon log lines carry their syslog priority (journalctl -p err shows the refusal)",
+            bool(errors)
+            and all(e.get("PRIORITY") == "3" for e in errors)
+            and all(str(e.get("MESSAGE", "")).startswith("linnixd: ") for e in errors),
+            str([(e.get("PRIORITY"), str(e.get("MESSAGE", ""))[:80]) for e in errors][:3]),
+        )
     finally:
         policy.write_text(good)
         sh("systemctl", "reset-failed", UNIT)
