@@ -292,14 +292,6 @@ class Daemon:
     def enforcement_enabled(self) -> bool:
         return self.enforcer is not None and bool(self.enforcer.enabled)
 
-    def start_time_of(self, pid: int) -> float | None:
-        """The start time (s since boot) the newest snapshot saw for pid: what a kill must match."""
-        proc = self.window[-1].processes.get(pid) if self.window else None
-        return proc.start_time if proc is not None else None
-
-    def add_history(self, history: Any) -> None:
-        self.history = history
-
     def register_health(self, name: str, part: Reporter) -> None:
         """A part built outside the daemon (the bus, the metrics writer) reports with the rest."""
         self.health_sources[name] = part

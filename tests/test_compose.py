@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from linnixd.collector.procfs import CLK_TCK
 from linnixd.compose import BusEndpoint, EnforcerLoop, build
 from linnixd.config import load_policy
 from linnixd.constants import EXIT_UNAVAILABLE
@@ -108,6 +110,13 @@ def test_build_wires_every_part_and_a_missing_bus_is_exit_69(tmp_path: Path) -> 
         assert "compiling and attaching BPF: process lifecycle (bpf/lifecycle.c)" in (
             line.removeprefix("STATUS=") for line in notes.lines
         )
+        # the enforcer's kill guard reads start times from the host model's newest snapshot
+        daemon.tick()
+        with open("/proc/self/stat") as fh:
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        assert daemon.model is not None
+        assert daemon.model.start_time_of(os.getpid()) == start_ticks / CLK_TCK
+        assert daemon.model.start_time_of(2**22 + 1) is None  # above pid_max: never a process
         code = asyncio.run(Runner(assembly, notes).run())
         assert code == EXIT_UNAVAILABLE
         assert "READY=1" not in notes.lines  # never said ready without its bus
