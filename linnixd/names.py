@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import functools
 import json
 import os
 import re
@@ -33,7 +34,7 @@ from typing import Any
 
 from .collector.cgroups import owner_of
 from .health import Health
-from .model import Alert, Names
+from .model import Alert, Names, Owner
 
 MAX_FILE_BYTES = 1 << 20  # a runtime file bigger than this is not read (counted as too_large)
 MAX_STATE_BYTES = 16 << 20  # containers.json holds every container of the node
@@ -60,6 +61,12 @@ _ID = re.compile(r"^[0-9a-f]{64}\Z")
 _UID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 _CONTAINER_LOG = re.compile(r"^(?P<pod>[^_]+)_(?P<ns>[^_]+)_(?P<c>.+)-(?P<id>[0-9a-f]{64})\.log\Z")
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+@functools.lru_cache(maxsize=8192)
+def _owner(cgroup: str) -> Owner:
+    """owner_of() is pure: a live top asks about the same few hundred paths every second."""
+    return owner_of(cgroup)
 
 
 def clean(value: Any) -> str | None:
@@ -175,7 +182,7 @@ class NameResolver:
 
     def names(self, cgroup: str) -> Names | None:
         """Names of the owner of cgroup `cgroup` (path below the cgroup2 mount), None when none known."""
-        owner = owner_of(cgroup)
+        owner = _owner(cgroup)
         if owner.container_id is None and owner.pod_uid is None:
             return None  # a unit, a session, the root: nothing to look up
         self.counts["lookups"] += 1
@@ -212,7 +219,7 @@ class NameResolver:
 
     def resolve(self, cgroup: str) -> Names | None:
         """Read the files for one cgroup now (no cache): None when it is no pod or container."""
-        owner = owner_of(cgroup)
+        owner = _owner(cgroup)
         cid = owner.container_id if owner.container_id and _ID.match(owner.container_id) else None
         if cid is None and owner.pod_uid is None:
             return None
@@ -540,7 +547,7 @@ def relabel(summary: str, known: Mapping[str, Names]) -> str:
         if label is None:
             continue
         labels[path] = label
-        owner = owner_of(path)
+        owner = _owner(path)
         unit = owner.unit
         # only a unit that is this container's or pod's own (its id is in the name) stands for it
         marks = [m for m in (names.container_id, owner.pod_uid) if m]
