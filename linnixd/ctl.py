@@ -615,7 +615,15 @@ def _positive(text: str) -> int:
     return value
 
 
-TOP_SORTS = ("pressure", "caused", "suffered", "cpu", "memory")  # linnixd.top.SORTS, without curses
+TOP_SORTS = (
+    "pressure",
+    "caused",
+    "suffered",
+    "cpu",
+    "memory",
+    "connections",
+    "retransmits",
+)  # linnixd.top.SORTS, without curses
 
 
 def add_owner_filters(s: argparse.ArgumentParser, what: str, unit: bool = True) -> None:

@@ -45,10 +45,16 @@ COLUMNS: tuple[Column, ...] = (
         "stall_suffered_ms", "SUFFERED_MS", 11, meaning="CPU wait others caused it (stall window)"
     ),
     Column("runq_wait_ms", "RUNQ_MS", 8, meaning="its run-queue wait in the last tick"),
+    Column("connects_per_s", "CONN/S", 7, meaning="TCP connections it opened per second (2 s)"),
+    Column(
+        "retransmits_per_s", "RETX/S", 7, meaning="TCP segments it retransmitted per second (2 s)"
+    ),
 )
 _BY_KEY = {c.key: c for c in COLUMNS}
 # narrow terminals drop these first; the columns of the current sort are never dropped
 DROP_ORDER = (
+    "retransmits_per_s",
+    "connects_per_s",
     "runq_wait_ms",
     "memory_some_pct",
     "io_some_pct",
@@ -79,6 +85,8 @@ SORTS: dict[str, Sort] = {
         Sort("suffered", "s", ("stall_suffered_ms",)),
         Sort("cpu", "u", ("cpu_pct",)),
         Sort("memory", "m", ("memory_bytes",)),
+        Sort("connections", "n", ("connects_per_s",)),
+        Sort("retransmits", "r", ("retransmits_per_s",)),
     )
 }
 SORT_TITLES = {
@@ -87,8 +95,10 @@ SORT_TITLES = {
     "suffered": "stall suffered",
     "cpu": "CPU",
     "memory": "memory",
+    "connections": "TCP connections",
+    "retransmits": "TCP retransmits",
 }
-HELP = "p pressure  c caused  s suffered  u CPU  m memory  / filter unit  q quit"
+HELP = "p pressure  c caused  s suffered  u CPU  m memory  n conn  r retx  / filter unit  q quit"
 
 
 def _num(value: Any) -> float:

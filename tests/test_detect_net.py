@@ -132,3 +132,13 @@ def test_port_exhaustion_below_the_threshold_and_measurement_ages_out() -> None:
 def test_net_rates_per_cgroup() -> None:
     rates = net_rates(series(4, churn_snap))
     assert rates[APP] == {"connects_per_s": 500 / TICK, "retransmits_per_s": 0.0}
+
+
+def test_top_rows_carry_connection_and_retransmit_rates_only_with_bpf_net() -> None:
+    from linnixd.views import top_cgroups
+
+    window = [replace(churn_snap(i), net_total=NetCounts(connects=500)) for i in range(6)]
+    (row,) = top_cgroups([{"path": APP}], window, 10.0)
+    assert row["connects_per_s"] == 1000.0 and row["retransmits_per_s"] == 0.0
+    (plain,) = top_cgroups([{"path": APP}], [snap(i) for i in range(6)], 10.0)
+    assert "connects_per_s" not in plain  # not attached: top shows "-", not a false 0

@@ -21,7 +21,7 @@ from .base import (
 
 NET = frozenset({"net"})  # bpf/net.c: attached only while one of these rules is enabled
 UNKNOWN_COMM = "unknown"  # a process that exited before the host model saw it
-PORT_LOOKBACK_S = 3.0  # port use is measured about once a second: the newest figure this recent
+PORT_LOOKBACK_S = 5.0  # port use near the limit is measured every 2 s: the newest this recent
 
 
 def _find_process(snaps: Sequence[Snapshot], pid: int) -> ProcessSample | None:
