@@ -913,6 +913,12 @@ see also: linnixctl(1), linnixd-policy(5), journalctl(1)
 """
 
 
+def _directory(text: str) -> str:
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="linnixd",
@@ -977,6 +983,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--host-root",
         default="/",
+        type=_directory,
         metavar="DIR",
         help="where the node's /run, /var/lib and /var/log are, for pod and container names "
         "(default: /; e.g. /host when linnixd runs in a container with the host mounted there)",

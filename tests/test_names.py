@@ -556,3 +556,17 @@ def test_journald_and_dbus_carry_the_names(node: Path) -> None:
     ) == ("api-7d9f8c6b5-x2x9z", "payments", "api", CID, "registry.example/payments/api:1.4.2")
     assert fields["MESSAGE"].startswith("noisy_neighbour firing: pod payments/api-7d9f8c6b5-x2x9z")
     assert decode_alert(encode_alert(named)) == named
+
+
+def test_host_root_must_be_a_directory(tmp_path: Path) -> None:
+    cp = subprocess.run(
+        ["/usr/bin/python3", "-m", "linnixd", "--host-root", str(tmp_path / "nope"), "--version"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cp.returncode == 2
+    assert cp.stderr.splitlines()[-1] == (
+        f"linnixd: error: argument --host-root: '{tmp_path / 'nope'}' is not a directory"
+    )
