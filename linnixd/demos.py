@@ -211,7 +211,12 @@ def _ncpu() -> int:
 
 
 def _spin_children(n: int, comm: str, duration: float) -> list[int]:
-    """Fork n children that busy-loop for `duration` s; their pids."""
+    """Fork n children that busy-loop for `duration` s; their pids.
+
+    Each child opens a session of its own, as independent jobs would: its own scheduler
+    autogroup, so the tree loads the host as n tasks, not as one. They still die with the
+    leader (PR_SET_PDEATHSIG), which dies with the supervisor.
+    """
     leader = os.getpid()
     kids = []
     for _ in range(n):
@@ -220,6 +225,7 @@ def _spin_children(n: int, comm: str, duration: float) -> list[int]:
             code = EXIT_FAILURE
             try:
                 _die_with_parent(leader)
+                os.setsid()
                 _set_comm(comm)
                 deadline = time.monotonic() + duration
                 while time.monotonic() < deadline:

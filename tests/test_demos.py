@@ -366,3 +366,22 @@ def test_supervisor_killed_outright_takes_the_workload_with_it() -> None:
     while any(alive(p) for p in group) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(p) for p in group), group
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_spinners_in_their_own_sessions_die_with_the_demo(sig: signal.Signals) -> None:
+    demo = Running("circuit-breaker", "--duration", "30")
+    time.sleep(1.0)
+    kids = children(demo.pid)
+    assert kids and all(os.getsid(k) == k for k in kids)  # each its own session
+    if sig == signal.SIGKILL:
+        demo.proc.kill()  # no cleanup code runs: PR_SET_PDEATHSIG must do it, leader then kids
+        demo.proc.communicate()
+    else:
+        demo.proc.send_signal(sig)
+        rc, _, _ = demo.finish(timeout=5)
+        assert rc == 128 + sig
+    deadline = time.monotonic() + 3
+    while any(alive(p) for p in [demo.pid, *kids]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in [demo.pid, *kids])
