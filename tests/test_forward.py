@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import os
 import shutil
 import signal
 import socket
@@ -26,6 +27,10 @@ import yaml
 
 from linnixd.forward import (
     ConfigError,
+    ForwardConfig,
+    Spool,
+    Target,
+    TargetWorker,
     am_alert,
     parse_config,
     signature,
@@ -539,7 +544,9 @@ def test_real_alertmanager_lists_the_alert_and_resolves_it(
     daemon_side: DaemonSide, receiver: Receiver, alertmanager: str, tmp_path: Path
 ) -> None:
     cfg = write_config(
-        tmp_path / "forward.yaml", [{"name": "am", "type": "alertmanager", "url": alertmanager}]
+        tmp_path / "forward.yaml",
+        [{"name": "am", "type": "alertmanager", "url": alertmanager}],
+        resend_s=5,
     )
     fwd = ForwarderProc(daemon_side.address, cfg, tmp_path / "state")
     try:
@@ -564,6 +571,8 @@ def test_real_alertmanager_lists_the_alert_and_resolves_it(
         assert mine["status"]["state"] == "active"
         # Alertmanager notifies its own receiver: firing first
         receiver.wait_for(lambda: _am_notified(receiver, "firing"))
+        # while it is open the firing alert is said again (Alertmanager would expire it)
+        wait_until(lambda: fwd.counters()["targets"]["am"]["resent"] >= 1, what="a re-send")
         daemon_side.emit(make_alert(7, "resolved", incident="inc-7"))
         receiver.wait_for(lambda: _am_notified(receiver, "resolved"))
         wait_until(lambda: not has_alert(), what="the alert to leave the active list")
@@ -603,3 +612,30 @@ def test_shipped_example_config_is_valid() -> None:
         ("ops", "webhook"),
     ]
     assert config.targets[2].secret_file == "/etc/linnixd/hook.secret"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tiny tmpfs: needs root")
+def test_a_full_disk_under_the_spool_is_counted_and_the_rest_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(full)], check=True)
+    logged: list[str] = []
+    try:
+        target = Target(name="ops", type="webhook", url="http://127.0.0.1:9/x")
+        spool = Spool(full / "ops", 1000)
+        worker = TargetWorker(target, ForwardConfig(targets=(target,)), spool, {}, lambda: None)
+        monkeypatch.setattr(
+            "linnixd.forward.log", lambda message, priority=6: logged.append(message)
+        )
+        big = {**make_alert(1).to_dict(), "summary": "x" * 3000}
+        for n in range(12):
+            worker.enqueue({**big, "id": f"a{n}"}, None)
+        kept = len(spool)
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+    assert 0 < kept < 12
+    assert worker.counters.received == kept
+    assert worker.counters.spool_errors == 12 - kept
+    assert any("cannot write the spool" in m and "No space left on device" in m for m in logged)

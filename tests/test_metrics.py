@@ -145,6 +145,21 @@ def test_missing_or_read_only_directory_is_counted_and_said_once(tmp_path: Path)
     assert logged[-1].endswith("again")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a read-only tmpfs: needs root")
+def test_read_only_directory_is_counted_and_said(tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], check=True)
+    try:
+        logged: list[str] = []
+        writer = TextfileWriter(str(ro), logged.append)
+        assert not writer.write(b"x 1\n")
+        assert writer.health().counters == {"writes": 0, "write_errors": 1}
+        assert logged == [f"cannot write metrics to {ro}/{FILE_NAME}: Read-only file system"]
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
 def test_a_failing_component_is_reported_not_raised() -> None:
     class Broken:
         def health(self) -> Health:
