@@ -455,7 +455,10 @@ class BusService:
         task.add_done_callback(self._tasks.discard)
 
     async def _run_authorized(self, export: Export, msg: Message) -> None:
-        allowed, why = await self.check_authorization(msg.sender, export.action)
+        # polkit may ask for a password only when the caller allowed it (linnixctl
+        # --no-ask-password does not), as systemd's own methods decide
+        interactive = bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
+        allowed, why = await self.check_authorization(msg.sender, export.action, interactive)
         if self._closed:
             return
         if not allowed:
@@ -497,7 +500,9 @@ class BusService:
         except Exception as exc:
             return self._error_reply(export, msg, exc)
 
-    async def check_authorization(self, sender: str | None, action: str) -> tuple[bool, str]:
+    async def check_authorization(
+        self, sender: str | None, action: str, interactive: bool = True
+    ) -> tuple[bool, str]:
         """polkit CheckAuthorization for the caller's unique name; any failure or timeout denies."""
         if not sender or not sender.startswith(":"):
             return False, "the caller has no unique bus name"
@@ -512,7 +517,7 @@ class BusService:
                 ["system-bus-name", {"name": Variant("s", sender)}],
                 action,
                 {},
-                POLKIT_ALLOW_USER_INTERACTION,
+                POLKIT_ALLOW_USER_INTERACTION if interactive else 0,
                 cancel_id,
             ],
         )
@@ -531,12 +536,11 @@ class BusService:
             return False, "polkit sent a malformed answer"
         if is_authorized is True:
             return True, ""
-        return (
-            False,
-            "authentication is required and no agent answered"
-            if is_challenge
-            else "denied by polkit",
-        )
+        if not is_challenge:
+            return False, "denied by polkit"
+        if not interactive:
+            return False, "authentication is required and the caller did not allow interaction"
+        return False, "authentication is required and no agent answered"
 
     def _cancel_check(self, cancel_id: str) -> None:
         self._send(

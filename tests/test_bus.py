@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from dbus_next import Message, MessageType, Variant
 from dbus_next.aio import MessageBus
+from dbus_next.constants import MessageFlag
 
 import linnixd
 from linnixd.bus import BusService, serve
@@ -258,6 +259,7 @@ async def call(
     signature: str = "",
     body: list[Any] | None = None,
     interface: str = MANAGER_INTERFACE,
+    flags: MessageFlag = MessageFlag.NONE,
 ) -> Message:
     return await asyncio.wait_for(
         bus.call(
@@ -268,6 +270,7 @@ async def call(
                 member=member,
                 signature=signature,
                 body=body or [],
+                flags=flags,
             )
         ),
         30,
@@ -499,7 +502,15 @@ async def _monitor_checks(address: str) -> tuple[MessageBus, list[Message]]:
     """A monitor connection that records every CheckAuthorization call on the bus."""
     mon = await client(address)
     seen: list[Message] = []
-    mon.add_message_handler(lambda m: seen.append(m) if m.member == "CheckAuthorization" else None)
+
+    def observe(m: Message) -> bool:
+        if m.message_type != MessageType.METHOD_CALL:
+            return False  # replies to our own calls (BecomeMonitor) go on to dbus_next
+        if m.member == "CheckAuthorization":
+            seen.append(m)
+        return True  # a monitored call is handled here: a monitor that answers is dropped
+
+    mon.add_message_handler(observe)
     reply = await mon.call(
         Message(
             destination="org.freedesktop.DBus",
@@ -526,16 +537,18 @@ def test_reload_allowed_by_polkit_runs_for_the_callers_name(
         assert reply.message_type == MessageType.METHOD_RETURN, reply.body
         assert reply.body[0] == f"policy {core.policy_path} reloaded"
         assert core.reloads == 1
+        # a caller that allows interactive authorization lets polkit ask (linnixctl's default)
+        reply = await call(bus, "ReloadPolicy", flags=MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
+        assert reply.message_type == MessageType.METHOD_RETURN and core.reloads == 2
         await asyncio.sleep(0.2)
         mon.disconnect()
-        with contextlib.suppress(
-            EOFError
-        ):  # a monitor's connection ends with EOF from the bus side
-            await mon.wait_for_disconnect()
-        assert len(seen) == 1
+        with contextlib.suppress(EOFError, TimeoutError):  # the monitor's end is not the point
+            await asyncio.wait_for(mon.wait_for_disconnect(), 5)
+        assert len(seen) == 2, [m.body[3] for m in seen]
         subject, action, _details, flags, _cancel = seen[0].body
         assert subject[0] == "system-bus-name" and subject[1]["name"].value == bus.unique_name
-        assert (action, flags) == (POLKIT_RELOAD, 1)
+        assert (action, flags) == (POLKIT_RELOAD, 0)  # no interaction the caller did not allow
+        assert seen[1].body[3] == 1  # AllowUserInteraction
 
     run(lambda: with_service(private_bus.address, core, body))
 
