@@ -204,3 +204,24 @@ def test_pages_render_without_warnings(page: str) -> None:
         timeout=60,
     )
     assert out.returncode == 0 and not out.stderr.strip(), out.stderr
+
+
+def test_versions_agree_everywhere() -> None:
+    """`linnixctl --version`, `linnixd --version`, the man pages and the package say one version."""
+    import linnixd
+
+    root = MAN.parent.parent
+    for module, name in (("linnixd.ctl", "linnixctl"), ("linnixd", "linnixd")):
+        out = subprocess.run(
+            ["/usr/bin/python3", "-m", module, "--version"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=root,
+        )
+        assert out.returncode == 0 and out.stdout == f"{name} {linnixd.__version__}\n", out
+    changelog = (root / "packaging" / "debian" / "changelog").read_text().splitlines()[0]
+    assert changelog.startswith(f"linnixd ({linnixd.__version__})"), changelog
+    for page in ("linnixctl.1", "linnixd.8", "linnixd-policy.5"):
+        header = (MAN / page).read_text().splitlines()[0]
+        assert f'"linnixd {linnixd.__version__}"' in header, (page, header)
