@@ -26,7 +26,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,12 +35,14 @@ from typing import Any
 from . import __version__
 from .constants import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE
 from .daemonlog import LOG_ERR, LOG_INFO, LOG_NOTICE, LOG_WARNING, stream_is_journal
+from .metrics import TextfileWriter, render_families
 
 DEFAULT_CONFIG = "/etc/linnixd/forward.yaml"
 DEFAULT_STATE_DIR = "/var/lib/linnixd-forward"
 TARGET_TYPES = ("alertmanager", "slack", "webhook")
 SIGNATURE_HEADER = "X-Linnix-Signature"
 SEEN_FILE = "seen.json"
+METRICS_FILE = "linnixd_forward.prom"
 COUNTERS_FILE = "counters.json"
 SEEN_KEPT = 5000  # alert ids remembered so a catch-up never sends one twice
 CATCH_UP_LIMIT = 1000  # RecentAlerts asks for at most this many (the daemon's own cap)
@@ -84,10 +86,22 @@ class ForwardConfig:
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 300.0
     host: str = field(default_factory=socket.gethostname)
+    # node_exporter's textfile directory: linnixd_forward.prom, when it exists ("" = off)
+    metrics_dir: str = "/var/lib/prometheus/node-exporter"
+    metrics_interval_s: float = 15.0
 
 
 _TARGET_KEYS = {f.name for f in Target.__dataclass_fields__.values()}
-_TOP_KEYS = {"targets", "spool_max", "resend_s", "backoff_initial_s", "backoff_max_s", "host"}
+_TOP_KEYS = {
+    "targets",
+    "spool_max",
+    "resend_s",
+    "backoff_initial_s",
+    "backoff_max_s",
+    "host",
+    "metrics_dir",
+    "metrics_interval_s",
+}
 
 
 def _check_url(url: str, where: str) -> str | None:
@@ -127,11 +141,19 @@ def parse_config(text: str, path: str) -> ForwardConfig:
         ("resend_s", 5, 86_400),
         ("backoff_initial_s", 0.01, 3600),
         ("backoff_max_s", 0.01, 86_400),
+        ("metrics_interval_s", 1, 3600),
     ):
         if key in raw:
             value = _number(raw[key], f"{path}: {key}", lo, hi, problems)
             if value is not None:
                 top[key] = int(value) if key == "spool_max" else value
+    if "metrics_dir" in raw:
+        if isinstance(raw["metrics_dir"], str) and (
+            raw["metrics_dir"] == "" or raw["metrics_dir"].startswith("/")
+        ):
+            top["metrics_dir"] = raw["metrics_dir"]
+        else:
+            problems.append(f'{path}: metrics_dir: must be an absolute path or "" (off)')
     if "host" in raw:
         if isinstance(raw["host"], str) and raw["host"].strip():
             top["host"] = raw["host"].strip()
@@ -557,6 +579,11 @@ class Forwarder:
         self.caught_up = 0
         self.bad_signals = 0
         self.state_errors = 0
+        self.metrics: TextfileWriter | None = None
+        if config.metrics_dir and os.path.isdir(config.metrics_dir):
+            self.metrics = TextfileWriter(
+                config.metrics_dir, lambda m: log(m, LOG_WARNING), METRICS_FILE
+            )
         self._load_seen()
         self.workers = [
             TargetWorker(
@@ -641,6 +668,41 @@ class Forwarder:
 
     def save_counters(self) -> None:
         self._write_json(COUNTERS_FILE, self.counters())
+
+    def metric_families(self) -> Iterator[Any]:
+        """The counters as Prometheus families: linnixd_forward_*{target}."""
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+        c = self.counters()
+        for name in ("received", "duplicates", "caught_up", "bad_signals", "state_errors"):
+            yield CounterMetricFamily(
+                f"linnixd_forward_{name}_total", f"linnixd-forward {name}", value=c[name]
+            )
+        yield GaugeMetricFamily(
+            "linnixd_forward_open_incidents", "Incidents firing now", value=c["open_incidents"]
+        )
+        for name in TargetCounters.__dataclass_fields__:
+            family = CounterMetricFamily(
+                f"linnixd_forward_{name}_total", f"Per target: {name}", labels=["target"]
+            )
+            for target, counts in sorted(c["targets"].items()):
+                family.add_metric([target], counts[name])
+            yield family
+        queued = GaugeMetricFamily(
+            "linnixd_forward_queued", "Alerts in the spool, not yet accepted", labels=["target"]
+        )
+        for target, counts in sorted(c["targets"].items()):
+            queued.add_metric([target], counts["queued"])
+        yield queued
+        if self.metrics is not None:
+            for name, value in self.metrics.health().counters.items():
+                yield CounterMetricFamily(
+                    f"linnixd_forward_metrics_{name}_total", f"textfile {name}", value=value
+                )
+
+    def write_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.write(render_families(self.metric_families))
 
 
 # ---- the bus side ------------------------------------------------------------------------------
@@ -745,6 +807,14 @@ async def serve(fwd: Forwarder, bus_spec: str, ready: Callable[[], None] | None 
     fwd.save_counters()
     workers = [asyncio.ensure_future(w.run()) for w in fwd.workers]
 
+    async def export() -> None:
+        while True:
+            await loop.run_in_executor(None, fwd.write_metrics)
+            await asyncio.sleep(fwd.config.metrics_interval_s)
+
+    if fwd.metrics is not None:
+        workers.append(asyncio.ensure_future(export()))
+
     def request_stop() -> None:
         if not stop.done():
             stop.set_result(EXIT_OK)
@@ -761,6 +831,8 @@ async def serve(fwd: Forwarder, bus_spec: str, ready: Callable[[], None] | None 
     for task in [*workers, *pending]:
         task.cancel()
     fwd.save_counters()
+    if fwd.metrics is not None:
+        fwd.metrics.remove()
     if not stop.done():
         log(f"lost {client.bus_label(bus_spec)}; the spool keeps what was not sent", LOG_ERR)
         return EXIT_UNAVAILABLE
@@ -821,8 +893,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_config:
         print(f"{args.config}: {len(config.targets)} targets, valid")
         return EXIT_OK
+    from .notify import Notifier
+
+    notifier = Notifier()
     if not config.targets:
         log(f"no targets in {args.config}: nothing is forwarded", LOG_NOTICE)
+        notifier.ready()  # a clean "nothing to do" for Type=notify, not a failed start
         return EXIT_OK
     try:
         fwd = Forwarder(config, args.state_dir)
@@ -830,9 +906,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"cannot use the state directory {args.state_dir}: {exc.strerror or exc}", LOG_ERR)
         return EXIT_UNAVAILABLE
     try:
-        from .notify import Notifier
-
-        notifier = Notifier()
         return asyncio.run(serve(fwd, args.bus, ready=notifier.ready))
     except KeyboardInterrupt:
         return EXIT_OK

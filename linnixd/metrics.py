@@ -225,6 +225,18 @@ def render(src: MetricsSource) -> bytes:
     return bytes(generate_latest(collector))
 
 
+def render_families(families: Callable[[], Iterator[Metric]]) -> bytes:
+    """The text exposition of the families a callable yields (for linnixd-forward's own file)."""
+    from prometheus_client.exposition import generate_latest
+
+    class _Families:
+        def collect(self) -> Iterator[Metric]:
+            return families()
+
+    collector: Any = _Families()
+    return bytes(generate_latest(collector))
+
+
 def metric_names(text: str) -> set[str]:
     """Family names in an exposition text (for the dashboard and rule checks)."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -235,9 +247,11 @@ def metric_names(text: str) -> set[str]:
 class TextfileWriter:
     """Writes DIR/linnixd.prom atomically; a failed write is counted and journaled, never raised."""
 
-    def __init__(self, directory: str, log: Callable[[str], None]) -> None:
+    def __init__(
+        self, directory: str, log: Callable[[str], None], file_name: str = FILE_NAME
+    ) -> None:
         self.directory = directory
-        self.path = os.path.join(directory, FILE_NAME)
+        self.path = os.path.join(directory, file_name)
         self.writes = 0
         self.write_errors = 0
         self._log = log

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from linnixd.forward import (
     ConfigError,
@@ -82,7 +83,8 @@ colour: blue
         parse_config(text, "/etc/linnixd/forward.yaml")
     f = "/etc/linnixd/forward.yaml"
     assert err.value.problems == [
-        f"{f}: colour: unknown key (known: backoff_initial_s, backoff_max_s, host, resend_s, spool_max, targets)",
+        f"{f}: colour: unknown key (known: backoff_initial_s, backoff_max_s, host, metrics_dir, "
+        "metrics_interval_s, resend_s, spool_max, targets)",
         f"{f}: spool_max: must be a number from 1 to 1e+07, got -1",
         f"{f}: targets[0]: url: 'ftp://x' is not an http:// or https:// URL",
         f"{f}: targets[1]: name: 'am' is used twice",
@@ -321,7 +323,14 @@ def receiver() -> Iterator[Receiver]:
 
 
 def write_config(path: Path, targets: list[dict[str, Any]], **top: Any) -> Path:
-    cfg = {"host": HOST, "backoff_initial_s": 0.2, "backoff_max_s": 1.0, **top, "targets": targets}
+    cfg = {
+        "host": HOST,
+        "backoff_initial_s": 0.2,
+        "backoff_max_s": 1.0,
+        "metrics_dir": "",  # not the host's node_exporter directory
+        **top,
+        "targets": targets,
+    }
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -354,6 +363,8 @@ def test_webhook_is_signed_and_slack_gets_text(
             },
             {"name": "chat", "type": "slack", "url_file": str(url_file)},
         ],
+        metrics_dir=str(tmp_path),
+        metrics_interval_s=1,
     )
     fwd = ForwarderProc(daemon_side.address, cfg, tmp_path / "state")
     try:
@@ -369,8 +380,29 @@ def test_webhook_is_signed_and_slack_gets_text(
             ),
             what="delivered counters",
         )
+        prom = tmp_path / "linnixd_forward.prom"
+
+        def exported() -> dict[Any, float]:
+            text = prom.read_text() if prom.exists() else ""
+            return {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(text)
+                for s in f.samples
+            }
+
+        wait_until(
+            lambda: exported().get(("linnixd_forward_delivered_total", (("target", "ops"),))) == 1,
+            what="linnixd_forward.prom",
+        )
+        metrics = exported()
+        assert oct(prom.stat().st_mode & 0o777) == "0o644"
     finally:
         assert fwd.stop() == 0
+    assert not prom.exists()  # removed at a clean stop
+    assert metrics[("linnixd_forward_delivered_total", (("target", "chat"),))] == 1
+    assert metrics[("linnixd_forward_queued", (("target", "ops"),))] == 0
+    assert metrics[("linnixd_forward_received_total", ())] == 1
+    assert metrics[("linnixd_forward_spool_full_total", (("target", "ops"),))] == 0
     hook = receiver.accepted("/hook")[0]
     body = hook["body"]
     expected = hmac.new(b"s3cret-key", body, hashlib.sha256).hexdigest()

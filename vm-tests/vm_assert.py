@@ -792,7 +792,9 @@ def fleet(r: Report) -> None:
     owner = pwd.getpwuid(TEXTFILE_DIR.stat().st_uid).pw_name if TEXTFILE_DIR.exists() else "?"
     r.check(
         "postinst lets linnix write node_exporter's textfile dir (ACL), owner unchanged",
-        "user:linnix:rwx" in acl.stdout and owner != "linnix",
+        "user:linnix:rwx" in acl.stdout
+        and "user:linnixd-forward:rwx" in acl.stdout
+        and owner != "linnix",
         f"owner {owner}; {out(acl)[:300]}",
     )
     r.check(
@@ -908,6 +910,19 @@ def fleet(r: Report) -> None:
             "the resolve reaches Alertmanager (the alert leaves its active list)",
             resolved and am_counts.get("delivered", 0) >= 2 and am_counts.get("queued", 1) == 0,
             f"counters {am_counts}",
+        )
+        delivered: float | None = None
+
+        def forward_exported() -> bool:
+            nonlocal delivered
+            text = http_text("http://127.0.0.1:9100/metrics")
+            delivered = prom_value(text, 'linnixd_forward_delivered_total{target="am"}')
+            return delivered is not None and delivered >= 2
+
+        r.check(
+            "node_exporter serves linnixd-forward's counters (linnixd_forward.prom)",
+            wait_for(forward_exported, 40, step=2.0),
+            f"linnixd_forward_delivered_total{{target=am}} = {delivered}",
         )
     finally:
         sh("systemctl", "stop", FORWARD_UNIT)
