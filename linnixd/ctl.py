@@ -359,7 +359,10 @@ async def cmd_top(args: argparse.Namespace) -> int:
             return list(await c.call_json("TopCgroups", "u", [top.FETCH_ROWS]))
 
         if not (args.once or args.json) and sys.stdin.isatty() and sys.stdout.isatty():
-            return await top.live(fetch, top.View(sort=args.sort, unit_filter=args.unit))
+            try:
+                return await top.live(fetch, top.View(sort=args.sort, unit_filter=args.unit))
+            except top.NoTerminal as exc:
+                print(f"linnixctl: no live view ({exc}), printing once", file=sys.stderr)
         cgroups = await fetch()
         if where:
             stalls = await c.call_json("Query", "sa{ss}su", ["stalls", where, "", args.limit])

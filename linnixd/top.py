@@ -255,9 +255,16 @@ def print_once(
 Fetch = Callable[[], Awaitable[list[dict[str, Any]]]]
 
 
+class NoTerminal(Exception):
+    """curses cannot drive this terminal: the caller prints once instead."""
+
+
 async def live(fetch: Fetch, view: View, interval_s: float = REFRESH_S) -> int:
     """Run the curses view until q; a failed fetch keeps the last rows and says why."""
-    screen = curses.initscr()
+    try:
+        screen = curses.initscr()
+    except curses.error as exc:  # TERM names no terminal curses knows
+        raise NoTerminal(" ".join(str(exc).splitlines())) from None
     try:
         curses.noecho()
         curses.cbreak()

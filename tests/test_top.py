@@ -192,12 +192,14 @@ def private_bus() -> Iterator[PrivateBus]:
 class Pane:
     """linnixctl in a detached tmux session of a given size, on its own tmux server socket."""
 
-    def __init__(self, socket: Path, argv: list[str], width: int, height: int) -> None:
+    def __init__(
+        self, socket: Path, argv: list[str], width: int, height: int, term: str = "xterm-256color"
+    ) -> None:
         self.base = ["tmux", "-S", str(socket)]
         self.status = socket.with_name("exit-status")
-        env = f"PYTHONPATH={ROOT} TERM=xterm-256color"
-        # the shell records linnixctl's exit status, then the session ends
-        command = f"cd {ROOT} && env {env} {' '.join(argv)}; echo $? > {self.status}"
+        env = f"PYTHONPATH={ROOT} TERM={term}"
+        # the shell records linnixctl's exit status, then waits so the screen can be read
+        command = f"cd {ROOT} && env {env} {' '.join(argv)}; echo $? > {self.status}; sleep 30"
         self.tmux("new-session", "-d", "-x", str(width), "-y", str(height), "-s", "top", command)
 
     def tmux(self, *args: str) -> str:
@@ -369,3 +371,30 @@ def test_network_columns_sort_and_show_a_dash_without_bpf_net() -> None:
     cells = {line.split()[-1]: line.split() for line in screen[2:4]}
     assert cells["/system.slice/api.service"][at : at + 2] == ["950.0", "3.5"]
     assert cells["/system.slice/cron.service"][at : at + 2] == ["-", "-"]
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (.ci/setup-host installs it)")
+def test_a_terminal_curses_does_not_know_gets_the_tables_once(
+    private_bus: PrivateBus, tmp_path: Path
+) -> None:
+    core = ChangingCore(tmp_path)
+    served = Served(core, private_bus.address)
+    pane = Pane(
+        tmp_path / "tmux.sock",
+        [PYTHON, "-m", "linnixd.ctl", "--bus", private_bus.address, "top"],
+        120,
+        30,
+        term="no-such-terminal",
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while pane.dead() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert pane.dead() == "0", pane.screen()
+        screen = pane.screen()
+        assert any(line.startswith("linnixctl: no live view (") for line in screen), screen
+        assert any(line.endswith("/system.slice/batch.service") for line in screen), screen
+        assert not any("Traceback" in line for line in screen)
+    finally:
+        pane.kill()
+        served.close()
