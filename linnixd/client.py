@@ -8,7 +8,7 @@ outgoing calls (polkit, the bus daemon) go through here, so "connect", "wait at 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dbus_next import BusType, Message, MessageType
@@ -66,10 +66,21 @@ def bus_options(bus: str) -> dict[str, Any]:
     return {"bus_address": bus}
 
 
-async def connect(bus: str, timeout_s: float | None = None) -> MessageBus:
-    """A connected MessageBus for "system", "session" or an address; BusUnreachable otherwise."""
+async def connect(
+    bus: str,
+    timeout_s: float | None = None,
+    *,
+    setup: Callable[[MessageBus], Any] | None = None,
+) -> MessageBus:
+    """A connected MessageBus for "system", "session" or an address; BusUnreachable otherwise.
+
+    `setup` sees the connection before it connects (the daemon installs its bounded writer).
+    """
     try:
-        return await asyncio.wait_for(MessageBus(**bus_options(bus)).connect(), timeout_s)
+        connection = MessageBus(**bus_options(bus))
+        if setup is not None:
+            setup(connection)
+        return await asyncio.wait_for(connection.connect(), timeout_s)
     except TimeoutError:
         raise BusUnreachable(f"{bus_label(bus)} did not answer", timed_out=True) from None
     except Exception as exc:
