@@ -27,7 +27,7 @@ from dbus_next import Message, MessageType
 
 from .daemonlog import LOG_ERR, LOG_NOTICE, LOG_WARNING, log
 
-MAX_QUEUED_BYTES = 64 << 20  # two bus-sized messages (the bus refuses one above 32 MiB)
+MAX_QUEUED_BYTES = 32 << 20  # one bus-sized message (the bus refuses one above 32 MiB)
 BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)  # then 8 s between tries
 GIVE_UP_S = 60.0  # no bus for this long: exit so that systemd restarts the daemon
 PEER_INTERFACE = "org.freedesktop.DBus.Peer"
