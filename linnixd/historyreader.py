@@ -117,7 +117,8 @@ class HistoryReader:
         return db
 
     def _query(self, since: float, rule: str, limit: int, before: tuple[float, int] | None) -> Page:
-        where, args = ["ts >= ?"], [since]
+        where: list[str] = ["ts >= ?"]
+        args: list[Any] = [since]
         if rule:
             where.append("rule = ?")
             args.append(rule)
