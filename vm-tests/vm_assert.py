@@ -696,7 +696,7 @@ def operator_tools(r: Report) -> None:
     sh(*TMUX, "send-keys", "-t", "top", "p")
     screen = tmux_wait(
         "top",
-        lambda s: "sort: pressure" in s and s.splitlines()[0].split()[2:3] != [first_clock],
+        lambda s: "sort: pressure" in s and s.split("\n", 1)[0].split()[2:3] != [first_clock],
     )
     r.check(
         "linnixctl top refreshes and sorts by pressure on p",
