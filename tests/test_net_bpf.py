@@ -302,3 +302,34 @@ def test_ipv6_connections_and_unattributed_closes_are_counted() -> None:
     assert (os.getpid(), f"[::1]:{port}") in {(r[0], r[2]) for r in tick.remotes}
     assert tick.untracked_closes >= 2  # the two sockets of the early connection
     assert col.open_connections().get(os.getpid(), 0) == 0
+
+
+def test_a_full_socket_map_is_counted_and_never_misattributes() -> None:
+    """More open connections than the owner map holds: the extra ones are counted as overflow
+    and their closes as untracked; what is attributed is exactly what this process did."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(256)
+    port = srv.getsockname()[1]
+    col = NetCollector(sock_entries=16)
+    col.start()
+    try:
+        col.read()
+        pairs = []
+        for _ in range(40):
+            c = socket.create_connection(("127.0.0.1", port))
+            pairs.append((c, srv.accept()[0]))
+        for c, a in pairs:
+            c.close()
+            a.close()
+        time.sleep(0.3)
+        tick = col.read()
+        health = col.health().counters
+    finally:
+        col.close()
+        srv.close()
+    mine = tick.by_tgid[os.getpid()]
+    assert mine.connects == 40  # counted at connect(), whether or not the owner fit in the map
+    assert health["aggregation_overflows"] >= 40 - 16
+    assert mine.active_closed <= 16 and health["untracked_closes"] >= 40 - 16
+    assert mine.active_closed + mine.accepts <= 16  # only sockets that had an entry
