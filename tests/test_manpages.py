@@ -194,7 +194,9 @@ def test_policy_page_covers_the_schema() -> None:
     assert not missing, f"enforcement: undocumented {missing}"
 
 
-@pytest.mark.parametrize("page", ["linnixctl.1", "linnixd.8", "linnixd-policy.5"])
+@pytest.mark.parametrize(
+    "page", ["linnixctl.1", "linnixd.8", "linnixd-policy.5", "linnixd-forward.8"]
+)
 def test_pages_render_without_warnings(page: str) -> None:
     """groff's own check (man --warnings): no unknown macros, no broken escapes."""
     out = subprocess.run(
@@ -222,6 +224,15 @@ def test_versions_agree_everywhere() -> None:
         assert out.returncode == 0 and out.stdout == f"{name} {linnixd.__version__}\n", out
     changelog = (root / "packaging" / "debian" / "changelog").read_text().splitlines()[0]
     assert changelog.startswith(f"linnixd ({linnixd.__version__})"), changelog
-    for page in ("linnixctl.1", "linnixd.8", "linnixd-policy.5"):
+    for page in ("linnixctl.1", "linnixd.8", "linnixd-policy.5", "linnixd-forward.8"):
         header = (MAN / page).read_text().splitlines()[0]
         assert f'"linnixd {linnixd.__version__}"' in header, (page, header)
+
+
+def test_linnixd_forward_page_names_every_option_and_exit_code() -> None:
+    from linnixd import forward
+
+    options = "\n".join(sections("linnixd-forward.8")["OPTIONS"])
+    missing = [w for w in documented(forward.build_parser()) if w not in options]
+    assert not missing, f"linnixd-forward options not in linnixd-forward(8) OPTIONS: {missing}"
+    assert sorted(man_exit_codes("linnixd-forward.8")) == sorted(exit_codes(forward.EPILOG))
