@@ -478,13 +478,17 @@ class AlertNamer:
         return apply_names(alert, known)
 
 
+# Evidence keys naming another cgroup of the story (a stall's victim, a contention's other side).
+PARTIES = ("victim", "contender")
+
+
 def _cgroups_in(alert: Alert) -> list[str]:
     """The cgroups an alert names: its culprit's, the victim's, and those in evidence rows."""
     out: list[str] = []
     if alert.culprit.cgroup:
         out.append(alert.culprit.cgroup)
     ev = alert.evidence
-    for key in ("victim", "cgroup"):
+    for key in ("victim", "contender", "cgroup"):
         if isinstance(ev.get(key), str):
             out.append(ev[key])
     for value in ev.values():
@@ -520,9 +524,10 @@ def apply_names(alert: Alert, known: Mapping[str, Names]) -> Alert:
             image=own.image,
         )
     evidence = dict(alert.evidence)
-    victim = evidence.get("victim")
-    if isinstance(victim, str):
-        evidence.update(row_names(known.get(victim), "victim_"))
+    for party in PARTIES:
+        path = evidence.get(party)
+        if isinstance(path, str):
+            evidence.update(row_names(known.get(path), f"{party}_"))
     for key, value in list(evidence.items()):
         if isinstance(value, list):
             evidence[key] = [
@@ -626,7 +631,7 @@ def _unit_matches(unit: str, pattern: str) -> bool:
 
 
 def alert_matches(alert: Alert, filt: RowFilter) -> bool:
-    """True when the alert's culprit, or its victim, passes the filter (rule included)."""
+    """True when the alert's culprit, its victim or its contender passes the filter (and rule)."""
     if filt.rule is not None and alert.rule != filt.rule:
         return False
     c = alert.culprit
@@ -634,12 +639,15 @@ def alert_matches(alert: Alert, filt: RowFilter) -> bool:
     if filt.owner(own, c.unit):
         return True
     ev = alert.evidence
-    victim = Names(
-        pod=ev.get("victim_pod"),
-        namespace=ev.get("victim_namespace"),
-        container=ev.get("victim_container"),
-    )
-    unit = ev.get("victim_unit")
-    return isinstance(ev.get("victim"), str) and filt.owner(
-        victim, unit if isinstance(unit, str) else None
-    )
+    for party in PARTIES:
+        if not isinstance(ev.get(party), str):
+            continue
+        names = Names(
+            pod=ev.get(f"{party}_pod"),
+            namespace=ev.get(f"{party}_namespace"),
+            container=ev.get(f"{party}_container"),
+        )
+        unit = ev.get(f"{party}_unit")
+        if filt.owner(names, unit if isinstance(unit, str) else None):
+            return True
+    return False

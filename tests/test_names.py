@@ -570,3 +570,30 @@ def test_host_root_must_be_a_directory(tmp_path: Path) -> None:
     assert cp.stderr.splitlines()[-1] == (
         f"linnixd: error: argument --host-root: '{tmp_path / 'nope'}' is not a directory"
     )
+
+
+def test_contention_names_both_sides(node: Path) -> None:
+    containerd_container(node)
+    crio_container(node)
+    api = f"/kubepods.slice/cri-containerd-{CID}.scope"
+    alert = Alert(
+        id="a",
+        incident="contention",
+        rule="noisy_neighbour",
+        severity="info",
+        state="firing",
+        ts=1.0,
+        summary=f"{CGROUPFS_CRIO} and cri-containerd-{CID}.scope contend for CPU (...)",
+        culprit=Culprit(kind="system"),
+        evidence={"victim": CGROUPFS_CRIO, "contender": api, "explained_by": "contention"},
+    )
+    named = AlertNamer(NameResolver(str(node))).name(alert)
+    assert named.summary == (
+        "pod shop/checkout-6c8d (container checkout) and "
+        "pod payments/api-7d9f8c6b5-x2x9z (container api) contend for CPU (...)"
+    )
+    assert (named.evidence["victim_pod"], named.evidence["contender_pod"]) == (
+        "checkout-6c8d",
+        "api-7d9f8c6b5-x2x9z",
+    )
+    assert alert_matches(named, RowFilter(namespace="payments"))  # the contender's side
