@@ -8,12 +8,14 @@ and linnixctl check a throttle with.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .constants import MAX_ACTION_S, MAX_CPU_PCT
+from .historyreader import BadCursor, HistoryBusy, Page
 from .model import Alert, Counters
 
 if TYPE_CHECKING:
@@ -29,6 +31,7 @@ INVALID_ARGS = "invalid-args"
 NO_SUCH_INCIDENT = "no-such-incident"
 POLICY_INVALID = "policy-invalid"
 FAILED = "failed"
+BUSY = "busy"  # too many slow reads at once: refused now, try again
 
 
 class ApiError(Exception):
@@ -152,6 +155,33 @@ class Api:
             since=check_since(since), rule=check_rule(rule), limit=check_limit(limit, MAX_ALERTS)
         )
         return [a.to_dict() for a in alerts]
+
+    async def recent_alerts_page(
+        self, since: float, rule: str, limit: int, cursor: str = "", caller: str = ""
+    ) -> Page:
+        """recent_alerts off the tick loop (historyreader): a JSON array under a byte budget, paged.
+
+        BUSY when too many history reads run already; without a reader (tests, no state
+        directory) the query runs here, under the same row budget.
+        """
+        since, rule, limit = check_since(since), check_rule(rule), check_limit(limit, MAX_ALERTS)
+        reader = getattr(self.core, "history_reader", None)
+        if reader is None:
+            if cursor:
+                raise ApiError(
+                    INVALID_ARGS, "this daemon has no paged history: cursor must be empty"
+                )
+            rows = self.recent_alerts(since, rule, limit)
+            return Page(json.dumps(rows, sort_keys=True, default=str), len(rows), False, "")
+        try:
+            page: Page = await reader.recent(since, rule, limit, caller=caller, cursor=cursor)
+        except HistoryBusy as exc:
+            raise ApiError(BUSY, str(exc)) from None
+        except BadCursor as exc:
+            raise ApiError(INVALID_ARGS, str(exc)) from None
+        except Exception as exc:  # the history file went away, the disk failed: one line
+            raise ApiError(FAILED, f"alert history read failed: {exc}") from None
+        return page
 
     def open_incidents(self) -> list[dict[str, Any]]:
         """The firing alerts of incidents not yet resolved."""

@@ -3,7 +3,10 @@
 Interface org.linnix.linnixd1.Manager on /org/linnix/linnixd1 (stable signatures):
 
     Status() -> s                                  JSON object (Api.status())
-    RecentAlerts(d since, s rule, u limit) -> s    JSON array of Alert.to_dict(), newest first
+    RecentAlerts(d since, s rule, u limit) -> s    JSON array of Alert.to_dict(), newest first (at
+                                                   most 8 MiB: fewer rows when the budget is reached)
+    RecentAlertsPage(d since, s rule, u limit, s cursor) -> s  JSON {alerts, truncated, cursor}: the
+                                                   same rows; pass cursor back for the next page
     OpenIncidents() -> s                           JSON array of Alert.to_dict()
     Explain(s incident) -> s                       JSON {headline, facts, suffered, uncertain, actions,
                                                    snapshot, resolution}; "latest" = the newest incident;
@@ -29,6 +32,10 @@ encode. Every call is dispatched here from the raw message (bus.add_message_hand
 ServiceInterface hides the caller. Methods are exported with @exported; a method that is not
 also marked @read_only is authorized through polkit for the caller's unique name before it
 runs, so a forgotten marker means "authorization required", never "open".
+
+History reads run in a worker thread (historyreader.py) with a busy limit (Error.Busy), the
+connection has a bounded writer and is kept up by a supervisor (busconnection.py), Peer is
+answered on every path, and no error text echoes more than a short prefix of caller input.
 """
 
 from __future__ import annotations
@@ -47,7 +54,17 @@ from dbus_next.aio import MessageBus
 from dbus_next.constants import MessageFlag, NameFlag, RequestNameReply
 
 from . import client
-from .api import FAILED, INVALID_ARGS, NO_SUCH_INCIDENT, POLICY_INVALID, Api, ApiError, DaemonCore
+from .api import (
+    BUSY,
+    FAILED,
+    INVALID_ARGS,
+    NO_SUCH_INCIDENT,
+    POLICY_INVALID,
+    Api,
+    ApiError,
+    DaemonCore,
+)
+from .busconnection import BoundedWriter, BusSupervisor, harden, machine_id, peer_reply
 from .constants import POLKIT_ACT, POLKIT_ENFORCEMENT, POLKIT_RELOAD
 from .daemonlog import LOG_ERR, LOG_WARNING, log
 from .health import Health
@@ -61,6 +78,7 @@ from .wire import (
     DBUS_INTERFACE,
     DBUS_NAME,
     DBUS_PATH,
+    ERROR_BUSY,
     ERROR_FAILED,
     ERROR_INVALID_ARGS,
     ERROR_NO_SUCH_INCIDENT,
@@ -82,6 +100,7 @@ API_ERRORS = {
     NO_SUCH_INCIDENT: ERROR_NO_SUCH_INCIDENT,
     POLICY_INVALID: ERROR_POLICY,
     FAILED: ERROR_FAILED,
+    BUSY: ERROR_BUSY,
 }
 # (D-Bus name, signature, key in Api.properties()); all read-only
 PROPERTIES = (
@@ -201,12 +220,17 @@ class BusService:
         self._last_props: dict[str, Any] = {}
         self._props_task: asyncio.Task[Any] | None = None
         self._disconnect_task: asyncio.Task[Any] | None = None
+        self.machine_id: str | None = None
+        self.supervised = False
 
     # ---- lifecycle ----------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, subscribe: bool = True) -> None:
+        """Serve on the connection; `subscribe=False` when a supervisor relays alerts (once)."""
+        self.machine_id = machine_id()
         self.bus.add_message_handler(self._on_message)
-        self.api.subscribe(alerts=self.send_alert, actions=self.send_action)
+        if subscribe:
+            self.api.subscribe(alerts=self.send_alert, actions=self.send_action)
         reply = await self.bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
             raise RuntimeError(f"the bus name {BUS_NAME} is taken: is another linnixd running?")
@@ -225,7 +249,11 @@ class BusService:
             self._closed = True
             if self._props_task is not None:
                 self._props_task.cancel()
-            log(f"lost the bus connection{reason}; alerts still go to the other sinks", LOG_WARNING)
+            if not self.supervised:  # a supervisor says so itself, and reconnects
+                log(
+                    f"lost the bus connection{reason}; alerts still go to the other sinks",
+                    LOG_WARNING,
+                )
 
     def close(self) -> None:
         self._closed = True
@@ -245,9 +273,18 @@ class BusService:
 
     @read_only
     @exported("RecentAlerts", (("since", "d"), ("rule", "s"), ("limit", "u")))
-    def RecentAlerts(self, since: float, rule: str, limit: int) -> str:
+    async def RecentAlerts(self, since: float, rule: str, limit: int) -> str:
         """Alerts from the history with ts >= since (epoch s), of rule ("" = any), newest first, as JSON."""
-        return to_json(self.api.recent_alerts(since, rule, limit))
+        page = await self.api.recent_alerts_page(since, rule, limit, "", _CALLER.get())
+        return page.json
+
+    @read_only
+    @exported("RecentAlertsPage", (("since", "d"), ("rule", "s"), ("limit", "u"), ("cursor", "s")))
+    async def RecentAlertsPage(self, since: float, rule: str, limit: int, cursor: str) -> str:
+        """RecentAlerts in pages: {alerts, truncated, cursor}; pass cursor back for older alerts."""
+        page = await self.api.recent_alerts_page(since, rule, limit, cursor, _CALLER.get())
+        tail = to_json({"truncated": page.truncated, "cursor": page.cursor})
+        return '{"alerts": ' + page.json + ", " + tail[1:]  # the rows are JSON already
 
     @read_only
     @exported("OpenIncidents")
@@ -332,8 +369,19 @@ class BusService:
         return Caller(bus_name=sender, uid=values[0], pid=values[1])
 
     def health(self) -> Health:
+        writer = getattr(self.bus, "_writer", None)
+        w = writer.health() if isinstance(writer, BoundedWriter) else {}
         return Health(
-            counters={"internal_errors": self.internal_errors, "send_failures": self.send_failures}
+            counters={
+                "internal_errors": self.internal_errors,
+                "send_failures": self.send_failures,
+                "dropped_messages": w.get("dropped_messages", 0),
+                "would_block": w.get("would_block", 0),
+            },
+            gauges={
+                "queued_bytes": w.get("queued_bytes", 0),
+                "peak_queued_bytes": w.get("peak_queued_bytes", 0),
+            },
         )
 
     def send_action(self, name: str, event: Mapping[str, str]) -> None:
@@ -414,6 +462,10 @@ class BusService:
         """Handles every method call to our object; returns False for the rest (dbus-next answers)."""
         if msg.message_type != MessageType.METHOD_CALL:
             return False
+        peer = peer_reply(msg, self.machine_id)  # any path; dbus-next's own GetMachineId fails
+        if peer is not None:
+            self._send(peer)
+            return True
         if msg.path != OBJECT_PATH:
             if (
                 msg.interface == INTROSPECTABLE_INTERFACE
@@ -447,8 +499,15 @@ class BusService:
                 f"{export.name} takes ({export.in_signature}), got ({msg.signature})",
             )
             return
-        if export.read_only:
+        if export.read_only and not inspect.iscoroutinefunction(export.fn):
             self._send(self._run(export, msg))
+            return
+        if (
+            export.read_only
+        ):  # a slow read (history): awaited off the dispatch, never queued unbounded
+            task = asyncio.ensure_future(self._run_read(export, msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
             return
         task = asyncio.ensure_future(self._run_authorized(export, msg))
         self._tasks.add(task)
@@ -469,6 +528,11 @@ class BusService:
             )
             return
         self._send(await self._run_async(export, msg))
+
+    async def _run_read(self, export: Export, msg: Message) -> None:
+        reply = await self._run_async(export, msg)
+        if not self._closed:
+            self._send(reply)
 
     async def _run_async(self, export: Export, msg: Message) -> Message:
         """_run for methods that may await (enforcement talks to systemd); the caller is in _CALLER."""
@@ -560,13 +624,15 @@ class BusService:
         if msg.member == "Get" and msg.signature == "ss":
             iface, name = msg.body
             if iface not in (MANAGER_INTERFACE, "") or name not in props:
-                self._error(msg, DBUS_UNKNOWN_PROPERTY, f"no property {iface}.{name}")
+                self._error(msg, DBUS_UNKNOWN_PROPERTY, f"no property {_clip(iface)}.{_clip(name)}")
             else:
                 self._reply(msg, "v", [props[name]])
         elif msg.member == "GetAll" and msg.signature == "s":
             if msg.body[0] not in (MANAGER_INTERFACE, ""):
                 self._error(
-                    msg, DBUS_UNKNOWN_INTERFACE, f"no interface {msg.body[0]} on {OBJECT_PATH}"
+                    msg,
+                    DBUS_UNKNOWN_INTERFACE,
+                    f"no interface {_clip(msg.body[0])} on {OBJECT_PATH}",
                 )
             else:
                 self._reply(msg, "a{sv}", [props])
@@ -634,6 +700,12 @@ _STANDARD_INTERFACES = """ <interface name="org.freedesktop.DBus.Introspectable"
  </interface>"""
 
 
+def _clip(text: Any, most: int = 64) -> str:
+    """Caller input in an error message: at most `most` characters (a reply never echoes a flood)."""
+    text = str(text)
+    return text if len(text) <= most else text[:most] + f"...({len(text)} characters)"
+
+
 def _is_ancestor(path: str | None) -> bool:
     return bool(path) and (path == "/" or OBJECT_PATH.startswith(str(path).rstrip("/") + "/"))
 
@@ -652,7 +724,7 @@ async def serve(
     The one place the daemon's connection is set up. Raises (one-line messages) when the bus
     is unreachable or the name cannot be owned.
     """
-    connection = await client.connect(bus)
+    connection = await client.connect(bus, setup=harden)
     service = BusService(
         api if isinstance(api, Api) else Api(api), connection, auth_timeout_s=auth_timeout_s
     )
@@ -662,3 +734,99 @@ async def serve(
         service.close()
         raise
     return service
+
+
+class SupervisedBus:
+    """The daemon's bus endpoint across reconnects: one relay for alerts, a service per connection."""
+
+    def __init__(self, api: Api, supervisor: BusSupervisor) -> None:
+        self.api = api
+        self.supervisor = supervisor
+        self.internal_errors = 0  # of the services on connections lost before
+        self.send_failures = 0
+        api.subscribe(alerts=self._alert, actions=self._action)
+
+    @property
+    def healthy(self) -> bool:
+        return self.supervisor.healthy
+
+    @property
+    def service(self) -> BusService | None:
+        service: BusService | None = self.supervisor.service
+        return service
+
+    def _alert(self, alert: Alert) -> None:
+        service = self.service
+        if service is None:
+            self.send_failures += 1  # no connection right now: counted, the other sinks have it
+        else:
+            service.send_alert(alert)
+
+    def _action(self, name: str, event: Mapping[str, str]) -> None:
+        service = self.service
+        if service is None:
+            self.send_failures += 1
+        else:
+            service.send_action(name, event)
+
+    def health(self) -> Health:
+        sup = self.supervisor
+        now = self.service.health() if self.service is not None else Health()
+        counters = dict(now.counters)
+        counters["internal_errors"] = counters.get("internal_errors", 0) + self.internal_errors
+        counters["send_failures"] = counters.get("send_failures", 0) + self.send_failures
+        counters["disconnects"] = sup.disconnects
+        counters["reconnects"] = sup.reconnects
+        return Health(counters=counters, gauges={**now.gauges, "connected": int(sup.healthy)})
+
+    def close(self) -> None:
+        self.supervisor.close()
+
+
+async def supervise(
+    api: Api | DaemonCore,
+    bus: str = "system",
+    *,
+    on_give_up: Callable[[str], None] = lambda why: None,
+    auth_timeout_s: float = AUTH_TIMEOUT_S,
+    backoff_s: tuple[float, ...] | None = None,
+    give_up_s: float | None = None,
+) -> SupervisedBus:
+    """serve() that stays on the bus: a lost connection is re-made, the name owned again.
+
+    The first connection must succeed (raises like serve()); later losses are retried with
+    backoff, and `on_give_up` is called when the bus stays away (the daemon then exits 69).
+    """
+    the_api = api if isinstance(api, Api) else Api(api)
+    endpoint: SupervisedBus | None = None
+
+    async def start(connection: MessageBus) -> BusService:
+        service = BusService(the_api, connection, auth_timeout_s=auth_timeout_s)
+        service.supervised = True
+        try:
+            await service.start(subscribe=False)
+        except BaseException:
+            service.close()
+            raise
+        return service
+
+    def lost(service: Any) -> None:
+        if endpoint is not None and isinstance(service, BusService):
+            endpoint.internal_errors += service.internal_errors
+            endpoint.send_failures += service.send_failures
+
+    options: dict[str, Any] = {}
+    if backoff_s is not None:
+        options["backoff_s"] = backoff_s
+    if give_up_s is not None:
+        options["give_up_s"] = give_up_s
+    supervisor = BusSupervisor(
+        lambda: client.connect(bus, setup=harden),
+        start,
+        on_give_up=on_give_up,
+        on_lost=lost,
+        **options,
+    )
+    await supervisor.start()
+    endpoint = SupervisedBus(the_api, supervisor)
+    return endpoint

@@ -178,12 +178,14 @@ class BusSupervisor:
         start: Start,
         *,
         on_give_up: Callable[[str], None] = lambda why: None,
+        on_lost: Callable[[Any], None] = lambda service: None,
         backoff_s: tuple[float, ...] = BACKOFF_S,
         give_up_s: float = GIVE_UP_S,
     ) -> None:
         self.connect = connect
         self.start_service = start
         self.on_give_up = on_give_up
+        self.on_lost = on_lost
         self.backoff_s = backoff_s
         self.give_up_s = give_up_s
         self.service: Any = None
@@ -263,6 +265,7 @@ class BusSupervisor:
     def _drop_service(self) -> None:
         service, self.service = self.service, None
         if service is not None:
+            self.on_lost(service)
             try:
                 service.close()
             except Exception as exc:  # the connection is gone already

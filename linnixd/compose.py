@@ -27,7 +27,7 @@ from .parts import Notifier, Sink
 from .registry import collectors_for
 
 if TYPE_CHECKING:
-    from .bus import BusService
+    from .bus import SupervisedBus
     from .config import Policy
     from .enforcement import Enforcer
 
@@ -51,20 +51,27 @@ class Service(Protocol):
 
 
 class BusEndpoint:
-    """The D-Bus service: owns the bus name and serves the API (bus.serve)."""
+    """The D-Bus service: owns the bus name and serves the API, reconnecting (bus.supervise)."""
 
     name = "bus"
 
     def __init__(self, api: Api, bus: str) -> None:
         self.api = api
         self.bus = bus
-        self.service: BusService | None = None
+        self.service: SupervisedBus | None = None
+        # the Runner's: called when the bus stays away (the daemon exits 69, systemd restarts it)
+        self.fatal: Callable[[str], None] = lambda why: None
+
+    @property
+    def healthy(self) -> bool:
+        """False while the connection is lost: the Runner does not feed the watchdog then."""
+        return self.service is None or self.service.healthy
 
     async def start(self) -> None:
-        from .bus import serve
+        from .bus import supervise
 
         try:
-            self.service = await serve(self.api, self.bus)
+            self.service = await supervise(self.api, self.bus, on_give_up=self.fatal)
         except Exception as exc:
             raise StartupError(
                 EXIT_UNAVAILABLE, f"cannot serve on the {self.bus} bus: {exc}"
@@ -290,6 +297,11 @@ def build(
     )
     if enforcer is not None:
         daemon.subscribe(alerts=enforcer.on_alert, actions=triage.on_action)
+    if history is not None:  # RecentAlerts in a worker thread on a connection of its own
+        from .historyreader import HistoryReader
+
+        daemon.history_reader = HistoryReader(history.path)
+        daemon.register_health("history_reader", daemon.history_reader)
 
     api = Api(daemon)
     services: list[Service] = []

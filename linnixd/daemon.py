@@ -22,6 +22,7 @@ from .constants import (
     EXIT_CONFIG,
     EXIT_OK,
     EXIT_SOFTWARE,
+    EXIT_UNAVAILABLE,
     HISTORY_DB,
     STATE_DIR,
 )
@@ -147,6 +148,7 @@ class Daemon:
         self.state_problem = state_problem  # why the state directory was refused
         self.history_problem = history_problem  # why the alert history is unavailable
         self.history_write_failures = 0
+        self.history_reader: Any = None  # historyreader.HistoryReader: history reads off the loop
         self._history_failing = False
         self.alerts_fired: collections.Counter[tuple[str, str]] = collections.Counter()
         self.tick_histogram = TickHistogram()
@@ -633,6 +635,8 @@ class Daemon:
     def close(self) -> None:
         if self.triage is not None:
             self.triage.close()
+        if self.history_reader is not None:
+            self.history_reader.close()
         for sink in self.sinks:
             sink.close()
         self.attachments.close()
@@ -762,6 +766,7 @@ class Runner:
         self.triggers: TriggerSource | None = None  # the PSI triggers whose fd the loop watches
         self.stop_event: asyncio.Event | None = None
         self.wake_event: asyncio.Event | None = None
+        self.exit_code = EXIT_OK
 
     async def run(self) -> int:
         from .compose import StartupError
@@ -779,6 +784,8 @@ class Runner:
         started: list[Service] = []
         try:
             for service in self.assembly.services:
+                if hasattr(service, "fatal"):  # a service that can fail for good (the bus)
+                    service.fatal = self._fatal
                 await service.start()
                 started.append(service)
         except StartupError as exc:
@@ -815,7 +822,14 @@ class Runner:
             self.notifier.stopping()
             for service in reversed(started):
                 service.stop()
-        return EXIT_OK
+        return self.exit_code
+
+    def _fatal(self, why: str) -> None:
+        """A service cannot go on (the bus stayed away): stop, exit 69, let systemd restart us."""
+        self.exit_code = EXIT_UNAVAILABLE
+        self.notifier.status(f"stopping: {why}")
+        if self.stop_event is not None:
+            self.stop_event.set()
 
     async def _tick_loop(self) -> None:
         assert self.stop_event is not None and self.wake_event is not None
@@ -862,12 +876,16 @@ class Runner:
             loop.add_reader(current.fileno(), self._on_pressure)
 
     async def _watchdog(self) -> None:
-        """WATCHDOG=1 only while ticks complete: a stuck tick loop gets the service restarted."""
+        """WATCHDOG=1 only while ticks complete and the bus is up: a stuck loop or a daemon
+        that cannot get back on its bus gets the service restarted."""
         interval = int(os.environ.get("WATCHDOG_USEC", "0") or 0) / 1e6 or 5.0
         while True:
             await asyncio.sleep(interval / 2)
             stale = time.monotonic() - self.daemon.last_tick_mono
-            if stale < max(3 * self.daemon.policy.daemon.tick_s, interval / 2):
+            down = [s.name for s in self.assembly.services if not getattr(s, "healthy", True)]
+            if down:
+                self.notifier.status(f"degraded: {', '.join(down)} down, reconnecting")
+            elif stale < max(3 * self.daemon.policy.daemon.tick_s, interval / 2):
                 self.notifier.watchdog()
                 c = self.daemon.counters()
                 self.notifier.status(

@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from .health import Health
+
 MAX_ROWS = 10_000
 MAX_BYTES = 8 << 20
 MAX_QUERIES = 4
@@ -144,17 +146,16 @@ class HistoryReader:
         cursor = f"{last[0]!r}:{last[1]}" if truncated and last is not None else ""
         return Page("[" + ",".join(parts) + "]", len(parts), truncated, cursor)
 
-    def health(self) -> dict[str, Any]:
-        return {
-            "running": self._active,
-            "queries": self.queries,
-            "busy_refusals": self.busy,
-            "truncated_replies": self.truncated,
-            "failures": self.failures,
-            "max_queries": self.max_queries,
-            "max_per_caller": self.max_per_caller,
-            "max_bytes": self.max_bytes,
-        }
+    def health(self) -> Health:
+        return Health(
+            counters={
+                "queries": self.queries,
+                "busy_refusals": self.busy,
+                "truncated_replies": self.truncated,
+                "failures": self.failures,
+            },
+            gauges={"running": self._active},
+        )
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -24,6 +24,7 @@ ERROR_INVALID_ARGS = ERROR_PREFIX + ".InvalidArgs"
 ERROR_POLICY = ERROR_PREFIX + ".PolicyInvalid"
 ERROR_FAILED = ERROR_PREFIX + ".Failed"
 ERROR_NO_SUCH_INCIDENT = ERROR_PREFIX + ".NoSuchIncident"
+ERROR_BUSY = ERROR_PREFIX + ".Busy"  # too many slow reads at once; try again
 
 # The freedesktop names both sides use.
 DBUS_NAME = "org.freedesktop.DBus"

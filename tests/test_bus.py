@@ -642,6 +642,7 @@ def test_an_unmarked_export_needs_authorization() -> None:
     assert {n for n, e in collect_exports(BusService).items() if e.read_only} == {
         "Status",
         "RecentAlerts",
+        "RecentAlertsPage",
         "OpenIncidents",
         "Explain",
         "IncidentHistory",

@@ -64,7 +64,7 @@ def test_reply_is_bounded_by_bytes_and_pages_cover_every_row_once(db: Path) -> N
     assert all(truncated for _, truncated, _, _ in pages[:-1]) and not pages[-1][1]
     ids = [i for _, _, _, page_ids in pages for i in page_ids]
     assert ids == [f"a{n}" for n in range(9999, -1, -1)]  # newest first, each once
-    assert reader.health()["truncated_replies"] == len(pages) - 1
+    assert reader.health().counters["truncated_replies"] == len(pages) - 1
 
 
 def test_row_limit_rule_and_since(db: Path) -> None:
@@ -94,7 +94,7 @@ def test_over_the_limits_is_busy_at_once(db: Path) -> None:
     # callers :1.0 :1.1 :1.2 :1.0 are admitted (4 overall); the other six are refused
     assert len(served) == 4 and len(busy) == 6
     assert str(busy[0]).startswith("busy: 4 history queries are running (at most 4)")
-    assert reader.health()["busy_refusals"] == 6
+    assert reader.health().counters["busy_refusals"] == 6
 
 
 def test_fifty_parallel_queries_leave_the_loop_ticking(db: Path) -> None:
