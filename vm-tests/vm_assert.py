@@ -379,6 +379,7 @@ def run(r: Report) -> None:
         cp.returncode == 0 and wait_for(is_active, 30),
         f"{out(cp)} state {prop('ActiveState')}",
     )
+    reload_collectors(r)
 
     before = history_rows()
     cp = sh("systemctl", "restart", UNIT, timeout=300)
@@ -469,6 +470,50 @@ LOSS_RULES = """table inet lxloss {
  }
 }
 """
+
+
+SCHED_RULES = ("cpu_spike", "runaway_tree", "noisy_neighbour", "circuit_breaker")
+
+
+def reload_collectors(r: Report) -> None:
+    """A reload detaches bpf/sched.c when no enabled rule needs it and attaches it again, under
+    the unit's own capabilities (collector/attach.py)."""
+    policy = Path("/etc/linnixd/rules.yaml")
+    good = policy.read_text()
+
+    def status() -> dict[str, object]:
+        return dict(json.loads(sh("linnixctl", "status", "--json").stdout or "{}"))
+
+    try:
+        off = good
+        for rule in SCHED_RULES:
+            off = re.sub(rf"(\n  {rule}:\n    enabled: )true", r"\1false", off)
+        policy.write_text(off)
+        cp = sh("linnixctl", "reload", timeout=120)
+        st = status()
+        r.check(
+            "reload without the rules that need bpf/sched.c detaches it",
+            cp.returncode == 0
+            and st.get("scheduler_attribution") is False
+            and "sched" not in dict(st.get("health") or {})
+            and not set(SCHED_RULES) & set(list(st.get("enabled_rules") or [])),
+            f"{out(cp)[:200]}; scheduler_attribution {st.get('scheduler_attribution')}",
+        )
+        policy.write_text(good)
+        cp = sh("linnixctl", "reload", timeout=120)
+        st = status()
+        r.check(
+            "reload enabling them again attaches bpf/sched.c (unit capabilities suffice)",
+            cp.returncode == 0
+            and st.get("scheduler_attribution") is True
+            and "sched" in dict(st.get("health") or {})
+            and is_active(),
+            f"{out(cp)[:200]}; scheduler_attribution {st.get('scheduler_attribution')}; "
+            + journal_tail()[-300:],
+        )
+    finally:
+        policy.write_text(good)
+        sh("linnixctl", "reload", timeout=120)
 
 
 def net_status() -> dict[str, object]:
