@@ -1193,7 +1193,15 @@ def names(r: Report) -> None:
         "linnixctl alerts --namespace shop: the CRI-O pod's alerts only",
         cp.returncode == 0
         and any(a["rule"] == "cpu_spike" and a["pod"] == "checkout-6c8d" for a in rows)
-        and all("shop" in (a["namespace"], a["evidence"].get("victim_namespace")) for a in rows),
+        and all(
+            "shop"
+            in (
+                a["namespace"],
+                a["evidence"].get("victim_namespace"),
+                a["evidence"].get("contender_namespace"),
+            )
+            for a in rows
+        ),
         out(cp)[:400],
     )
     status = json.loads(sh("linnixctl", "status", "--json").stdout or "{}")
@@ -1205,6 +1213,9 @@ def names(r: Report) -> None:
         and counts.get("malformed") == 0,
         str(counts),
     )
+    # the stand-ins go before Podman sets up its own state next to them
+    for bundle in (CONTAINERD_BUNDLE, CRIO_BUNDLE):
+        sh("rm", "-rf", str(bundle))
     podman_names(r)
 
 
