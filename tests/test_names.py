@@ -339,39 +339,42 @@ def test_odd_characters_are_cleaned(node: Path) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="drops to another user with setpriv")
 def test_unreadable_directory_is_counted() -> None:
-    """Runtime state of root (0700 directories, 0600 files) read by a user without the capability."""
+    """Root's runtime state (0700 directories, 0600 files, Podman's containers.json included)
+    read by another user: without CAP_DAC_READ_SEARCH each source is a counted failure; with
+    it alone, as the unit grants it, every name is read."""
     node = Path(tempfile.mkdtemp(prefix="linnixd-names-"))  # pytest's own tmp is root-only
     containerd_container(node)
+    podman_state(node)
     for d in [node, *node.rglob("*")]:
         d.chmod(0o700 if d.is_dir() else 0o600)
     node.chmod(0o755)
     script = (
         "import json, sys; from linnixd.names import NameResolver; "
-        f"r = NameResolver({str(node)!r}); n = r.resolve({SYSTEMD_CONTAINER!r}); "
-        "print(json.dumps([n is None, r.counts]))"
+        f"r = NameResolver({str(node)!r}); "
+        f"n = [r.resolve(p) for p in ({SYSTEMD_CONTAINER!r}, '/machine.slice/libpod-{PODMAN_CID}.scope')]; "
+        "print(json.dumps([[x.container if x else None for x in n], r.counts]))"
     )
-    cp = subprocess.run(
-        [
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "/usr/bin/python3",
-            "-c",
-            script,
-        ],
-        cwd=Path(__file__).resolve().parent.parent,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert cp.returncode == 0, cp.stderr
-    unnamed, counts = json.loads(cp.stdout)
+    user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    cap = ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
+
+    def as_nobody(*extra: str) -> tuple[list[str | None], dict[str, int]]:
+        cp = subprocess.run(
+            [*user, *extra, "/usr/bin/python3", "-c", script],
+            cwd=Path(__file__).resolve().parent.parent,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert cp.returncode == 0, cp.stderr
+        got, counts = json.loads(cp.stdout)
+        return got, counts
+
     try:
-        # each source under the root-only run/ is one counted failure, nothing else went wrong
-        assert unnamed and counts["unreadable"] >= 1 and counts["malformed"] == 0, counts
-        # root (like the unit's CAP_DAC_READ_SEARCH) reads the same files
-        assert NameResolver(str(node)).resolve(SYSTEMD_CONTAINER) is not None
+        got, counts = as_nobody()
+        # each source under the root-only run/ and var/ is one counted failure, nothing else
+        assert got == [None, None] and counts["unreadable"] >= 2 and counts["malformed"] == 0
+        got, counts = as_nobody(*cap)
+        assert got == ["api", "web"] and counts["unreadable"] == 0, counts
     finally:
         shutil.rmtree(node)
 
