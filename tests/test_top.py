@@ -398,3 +398,99 @@ def test_a_terminal_curses_does_not_know_gets_the_tables_once(
     finally:
         pane.kill()
         served.close()
+
+
+@pytest.mark.bpf
+@pytest.mark.skipif(os.geteuid() != 0, reason="loads BPF: needs root")
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (.ci/setup-host installs it)")
+def test_live_view_of_the_real_daemon_shows_a_busy_cgroup_first_by_cpu(
+    private_bus: PrivateBus, tmp_path: Path
+) -> None:
+    """The real daemon (BPF) on the private bus; a spinner born in its own cgroup2 directory is
+    the first row when sorted by CPU (key u), with about one CPU in CPU%."""
+    from test_integration import cgroup2_mount
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    log_path = tmp_path / "daemon.log"
+    argv = [PYTHON, "-m", "linnixd", "--bus", private_bus.address, "--no-journal"]
+    argv += ["--policy", str(ROOT / "policy" / "rules.yaml"), "--state-dir", str(tmp_path / "st")]
+    with log_path.open("w") as log:
+        daemon = subprocess.Popen(argv, cwd=ROOT, env=env, stderr=log)
+    cgroup = cgroup2_mount() / f"lx-top-{os.getpid()}"
+    cgroup.mkdir()
+    spinner: subprocess.Popen[bytes] | None = None
+    pane = None
+    try:
+        deadline = time.monotonic() + 120
+        while "ready" not in log_path.read_text():
+            assert daemon.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        # moves itself into the cgroup, then execs: the daemon first sees it there
+        spinner = subprocess.Popen(
+            ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec {PYTHON} -c "while True: pass"']
+        )
+        pane = Pane(
+            tmp_path / "tmux.sock",
+            [PYTHON, "-m", "linnixd.ctl", "--bus", private_bus.address, "top"],
+            120,
+            24,
+        )
+        pane.wait("the live view", lambda s: "CGROUP (UNIT)" in "\n".join(s))
+        pane.keys("u")
+
+        def cpu_column(lines: list[str]) -> list[tuple[str, float]]:
+            """(cgroup, CPU%) of each row on the screen, top to bottom."""
+            if len(lines) < 2 or "CPU%" not in lines[1].split():
+                return []
+            index = lines[1].split().index("CPU%")
+            rows = [line.split() for line in lines[2:] if line.strip() and line[:1] == " "]
+            return [(r[-1], float(r[index])) for r in rows if len(r) > index]
+
+        def spinner_cpu(lines: list[str]) -> float | None:
+            found = [cpu for path, cpu in cpu_column(lines) if path == "/" + cgroup.name]
+            return found[0] if found else None
+
+        screen = pane.wait(
+            "the spinner's cgroup sorted by CPU",
+            lambda s: "sort: CPU" in s[0] and bool(spinner_cpu(s)),
+        )
+        # sorted by CPU: the column never increases down the screen
+        shown = [cpu for _path, cpu in cpu_column(screen)]
+        assert shown == sorted(shown, reverse=True), screen
+
+        # CPU% is what the kernel accounted to the cgroup: compare a few seconds of the view
+        # with cpu.stat over the same seconds (on a loaded host the spinner gets what it gets)
+        def usage_s() -> float:
+            for line in (cgroup / "cpu.stat").read_text().splitlines():
+                if line.startswith("usage_usec "):
+                    return int(line.split()[1]) / 1e6
+            raise AssertionError("no usage_usec")
+
+        t0, u0 = time.monotonic(), usage_s()
+        seen: list[float] = []
+        while time.monotonic() - t0 < 4.0:
+            value = spinner_cpu(pane.screen())
+            if value is not None:
+                seen.append(value)
+            time.sleep(0.25)
+        accounted = 100 * (usage_s() - u0) / (time.monotonic() - t0)
+        viewed = sum(seen) / len(seen)
+        assert 0 < viewed <= 110, seen
+        assert abs(viewed - accounted) <= max(15.0, 0.5 * accounted), (viewed, accounted, seen)
+        pane.keys("q")
+        deadline = time.monotonic() + 15
+        while pane.dead() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert pane.dead() == "0", pane.screen()
+    finally:
+        if pane is not None:
+            pane.kill()
+        if spinner is not None:
+            spinner.kill()
+            spinner.wait()
+        daemon.terminate()
+        daemon.wait(30)
+        deadline = time.monotonic() + 5
+        while (cgroup / "cgroup.procs").read_text().strip() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        cgroup.rmdir()
