@@ -13,7 +13,7 @@ import pytest
 
 from linnixd.collector.cgroups import UNRESOLVED, CgroupResolver, cgroup2_mount
 from linnixd.collector.procfs import CLK_TCK
-from linnixd.hostmodel import HostModel
+from linnixd.hostmodel import HostModel, _interest
 from linnixd.model import ExecRecord, ExitRecord, LifecycleCounts, LifecycleTick
 
 MOUNT = cgroup2_mount()
@@ -159,8 +159,8 @@ def test_busy_child_cpu_and_tree(children: list[subprocess.Popen[bytes]]) -> Non
     s = snap(model)
     truth = 100.0 * (cpu_ticks(busy.pid) - ticks0) / CLK_TCK / (time.monotonic() - t0)
     assert 0.9 <= s.interval_s <= 1.6
-    # ~100 on an idle core; the machine is shared, so also compare with the kernel's own count
-    assert 15.0 <= s.processes[busy.pid].cpu_pct <= 115.0  # load 10 on 2 cores was seen here
+    # ~100 on an idle core, ~11 seen at load 10 on 2 cores: what it got is what the kernel counted
+    assert truth > 0 and s.processes[busy.pid].cpu_pct <= 115.0
     assert abs(s.processes[busy.pid].cpu_pct - truth) <= 15.0
     assert busy.pid in model.descendants(os.getpid())
     assert busy.pid in model.children(os.getpid())
@@ -216,18 +216,21 @@ def test_caps_evict_and_count_once(scope: str, children: list[subprocess.Popen[b
     total = len(model.scanner.procs)
     assert total > 5
     assert len(s.processes) == 5
-    assert busy.pid in s.processes  # the busiest process is the most interesting
+    # the most interesting five are kept: busier first (the busy child, unless a loaded host
+    # has five busier processes at that moment)
+    ranked = sorted(model._samples.values(), key=_interest, reverse=True)
+    assert set(s.processes) == {p.pid for p in ranked[:5]}
+    assert busy.pid in s.processes or model._samples[busy.pid].cpu_pct <= ranked[4].cpu_pct
     assert list(s.cgroups) == ["/"] or list(s.cgroups) == [scope]
     first = model.counters()
     assert first["evicted_processes"] >= total - 5
     assert first["evicted_cgroups"] >= 1
     time.sleep(0.2)
+    before = set(model._evicted_procs)
     snap(model)
-    # the same processes left out again are not counted twice
-    assert (
-        model.counters()["evicted_processes"]
-        <= first["evicted_processes"] + (len(model.scanner.procs) - total) + 2
-    )
+    # the same processes left out again are not counted twice: only newly left-out ones count
+    newly = model._evicted_procs - before
+    assert model.counters()["evicted_processes"] == first["evicted_processes"] + len(newly)
 
 
 PIN_SPIN = (
