@@ -99,6 +99,9 @@ def quiet_read(col: LifecycleCollector, seen: Seen) -> int:
     """Read the collector between two equal /proc/stat fork counts; returns that count."""
     for _ in range(2000):
         before = proc_stat_processes()
+        # copy_process() bumps /proc/stat's count a little before task_newtask fires: let a
+        # fork counted in `before` reach the tracepoint before the collector is read
+        time.sleep(0.005)
         seen.add(col.read())
         if proc_stat_processes() == before:
             return before
