@@ -4,7 +4,7 @@ Interface org.linnix.linnixd1.Manager on /org/linnix/linnixd1 (stable signatures
 
     Status() -> s                                  JSON object (Api.status())
     RecentAlerts(d since, s rule, u limit) -> s    JSON array of Alert.to_dict(), newest first (at
-                                                   most 8 MiB: fewer rows when the budget is reached)
+                                                   most 4 MiB: fewer rows when the budget is reached)
     RecentAlertsPage(d since, s rule, u limit, s cursor) -> s  JSON {alerts, truncated, cursor}: the
                                                    same rows; pass cursor back for the next page
     OpenIncidents() -> s                           JSON array of Alert.to_dict()

@@ -141,6 +141,7 @@ class Daemon:
         self.tick_errors = 0
         self.last_tick_mono = time.monotonic()
         self.last_tick_cost_s = 0.0
+        self.longest_tick_gap_s = 0.0  # end to end, since start (a blocked loop shows here)
         self.tick_costs: collections.deque[float] = collections.deque(
             maxlen=1200
         )  # seconds, newest last
@@ -200,6 +201,10 @@ class Daemon:
         # else: the first read covers everything since attach (compile time included), not one
         # tick: it sets the baselines and its counts go into the totals, but rates would be wrong.
         self.ticks += 1
+        if self.ticks > 1:  # from the end of one tick to the end of the next: what a stall shows
+            self.longest_tick_gap_s = max(
+                self.longest_tick_gap_s, time.monotonic() - self.last_tick_mono
+            )
         self.last_tick_mono = time.monotonic()
         self.last_tick_cost_s = self.last_tick_mono - started
         self.tick_costs.append(self.last_tick_cost_s)
@@ -308,7 +313,10 @@ class Daemon:
                 "listener_errors": self.subscriptions.failures,
                 "history_write_failures": self.history_write_failures,
             },
-            gauges={"started_at_seconds": self.started_at},
+            gauges={
+                "started_at_seconds": self.started_at,
+                "longest_tick_gap_seconds": round(self.longest_tick_gap_s, 3),
+            },
         )
 
     def health(self) -> dict[str, Health]:

@@ -23,8 +23,8 @@ from typing import Any
 from .health import Health
 
 MAX_ROWS = 10_000
-MAX_BYTES = 8 << 20
-MAX_QUERIES = 4
+MAX_BYTES = 4 << 20
+MAX_QUERIES = 3
 MAX_PER_CALLER = 2
 _CURSOR = re.compile(r"(\d+(?:\.\d+)?(?:e[+-]?\d+)?):(\d{1,19})\Z")
 

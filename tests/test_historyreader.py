@@ -16,8 +16,8 @@ from linnixd.model import Alert, Culprit
 NOW = 1_700_000_000.0
 
 
-def fill(path: Path, count: int, cgroup_len: int = 200) -> None:
-    h = AlertHistory(str(path), clock=lambda: NOW)
+def fill(path: Path, count: int, cgroup_len: int = 200, now: float = NOW) -> None:
+    h = AlertHistory(str(path), clock=lambda: now)
     cgroup = "/system.slice/" + "x" * cgroup_len + ".service"
     for n in range(count):
         h.store(
@@ -27,7 +27,7 @@ def fill(path: Path, count: int, cgroup_len: int = 200) -> None:
                 rule="cpu_spike" if n % 2 else "fork_storm",
                 severity="warning",
                 state="firing",
-                ts=NOW - count + n,
+                ts=now - count + n,
                 summary=f"alert {n}",
                 culprit=Culprit(kind="process", pid=n + 1, comm="burn", cgroup=cgroup),
                 evidence={"cpu_pct": 99.0},
@@ -39,7 +39,7 @@ def fill(path: Path, count: int, cgroup_len: int = 200) -> None:
 @pytest.fixture(scope="module")
 def db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("hist") / "alerts.sqlite3"
-    fill(path, 10_000, cgroup_len=2000)  # ~2.3 KB per alert: 10,000 do not fit in 8 MiB
+    fill(path, 10_000, cgroup_len=2000)  # ~2.3 KB per alert: 10,000 do not fit in 4 MiB
     return path
 
 
