@@ -156,7 +156,9 @@ def test_flood_leaves_the_daemon_on_its_name_ticking_and_bounded(daemon: Any) ->
     assert set(history) <= {"ok", "org.linnix.linnixd1.Error.Busy"}, result
     assert history.get("ok", 0) >= 3 and sum(history.values()) == 50
     assert result["recent_alerts"]["largest_reply"] <= 4 << 20  # the budget, under 32 MiB
-    assert after["ticks"] > before["ticks"] + 3
+    time.sleep(2.0)
+    later = status(address)
+    assert before["ticks"] < after["ticks"] < later["ticks"]  # ticking through and after the flood
     assert gauge(after, "daemon", "longest_tick_gap_seconds") < 3.0
     assert after["_answered_in_s"] < 2.0
     bus_health = after["health"]["bus"]
