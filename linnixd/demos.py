@@ -12,6 +12,7 @@ cgroup error, 1 the workload failed, 128+N stopped by signal N.
 from __future__ import annotations
 
 import argparse
+import collections
 import ctypes
 import errno
 import os
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from .collector.cgroups import cgroup2_mount
 from .constants import EXIT_FAILURE, EXIT_NOPERM, EXIT_OK, EXIT_OSERR, EXIT_USAGE
 
 PR_SET_PDEATHSIG = 1
@@ -41,6 +43,9 @@ MEMLEAK_RATE_MB_S = 2.0
 MEMLEAK_FAST_RATE_MB_S = 5.0
 PRESSURE_EXTRA = 1  # cpu-pressure: spinners beyond two per CPU (more runnable tasks than CPUs)
 BREAKER_EXTRA = 2  # circuit-breaker: the same, held past circuit_breaker's 15 s
+MEMPRESSURE_HEADROOM_MB = 32  # memory-pressure: memory.high is set this far above the start
+MEMPRESSURE_OVER_MB = 64  # ... and the demo holds this much more than that
+MEMPRESSURE_CHUNK_MB = 4
 FD_SOFT_LIMIT = 1024
 FD_TARGET = 900  # open fds to reach: 88% of the soft limit, over the rule's 80%
 FD_RAMP_S = 3.0  # time taken to open them, the rest of --duration holds them
@@ -71,6 +76,7 @@ class Demo:
     description: str
     run: Callable[[argparse.Namespace], int]
     nofile: int | None = None  # soft RLIMIT_NOFILE the leader is born with
+    in_all: bool = True  # False: needs set-up `demo all` cannot assume (run it by name)
 
 
 def _prctl(option: int, arg: int | bytes) -> None:
@@ -255,6 +261,47 @@ def _cpu_pressure(args: argparse.Namespace) -> int:
     return EXIT_OK if bad == 0 else EXIT_FAILURE
 
 
+def _memory_pressure(args: argparse.Namespace) -> int:
+    """Hold its cgroup just above a memory.high set for the run: every new page is reclaimed
+    against or throttled, which the kernel counts as memory pressure of the cgroup."""
+    mount = cgroup2_mount()
+    path = own_cgroup()
+    directory = Path(mount or "/nonexistent") / path.lstrip("/")
+    high = directory / "memory.high"
+    if mount is None or path == "/" or not high.is_file():
+        print(
+            f"demo memory-pressure: cgroup {path} has no memory.high (no cgroup2 memory "
+            "controller there): run it with --cgroup DIR of a cgroup2 group with memory enabled",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_OSERR
+    before = high.read_text().strip()
+    limit = int((directory / "memory.current").read_text()) + MEMPRESSURE_HEADROOM_MB * MB
+    high.write_text(f"{limit}\n")
+    chunk = MEMPRESSURE_CHUNK_MB * MB
+    chunks: collections.deque[bytearray] = collections.deque()
+    recharged = 0
+    start = time.monotonic()
+    try:
+        while time.monotonic() - start < args.duration:
+            block = bytearray(chunk)
+            block[::PAGE] = b"\x01" * len(range(0, chunk, PAGE))  # resident, not just reserved
+            chunks.append(block)
+            if len(chunks) * chunk > (MEMPRESSURE_HEADROOM_MB + MEMPRESSURE_OVER_MB) * MB:
+                chunks.popleft()  # freed and charged again by the next block: over memory.high
+                recharged += 1
+    finally:
+        chunks.clear()
+        high.write_text(f"{before}\n")
+    _say(
+        f"demo memory-pressure: done, memory.high {limit / MB:.0f} MiB for "
+        f"{time.monotonic() - start:.1f} s, {recharged} blocks of {MEMPRESSURE_CHUNK_MB} MiB "
+        "charged above it"
+    )
+    return EXIT_OK
+
+
 def _circuit_breaker(args: argparse.Namespace) -> int:
     n = 2 * _ncpu() + BREAKER_EXTRA
     kids = _spin_children(n, "lx-breaker-kid", args.duration)
@@ -374,6 +421,17 @@ DEMOS: dict[str, Demo] = {
             f"2 x CPUs + {PRESSURE_EXTRA} busy children: more runnable tasks than CPUs, "
             "so the demo's cgroup waits (cpu pressure)",
             _cpu_pressure,
+        ),
+        Demo(
+            "memory-pressure",
+            "psi_saturation",
+            "lx-mempressure",
+            12.0,
+            f"sets its cgroup's memory.high {MEMPRESSURE_HEADROOM_MB} MiB above its use and "
+            f"keeps {MEMPRESSURE_OVER_MB} MiB more in use (needs --cgroup DIR with the memory "
+            "controller; not in 'all')",
+            _memory_pressure,
+            in_all=False,
         ),
         Demo(
             "circuit-breaker",
@@ -566,7 +624,7 @@ def main(argv: Sequence[str]) -> int:
         return code
     # Orphaned grandchildren come back to us, so the group can be reaped completely.
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
-    chosen = list(DEMOS.values()) if args.name == "all" else [DEMOS[args.name]]
+    chosen = [d for d in DEMOS.values() if d.in_all] if args.name == "all" else [DEMOS[args.name]]
     handlers = {sig: signal.signal(sig, _raise_stopped) for sig in _STOP_SIGNALS}
     try:
         for demo in chosen:

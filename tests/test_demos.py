@@ -128,10 +128,12 @@ def test_list_names_every_demo_with_its_rule() -> None:
         "memory-leak",
         "fd-leak",
         "cpu-pressure",
+        "memory-pressure",
         "circuit-breaker",
     ]
     assert "rule fork_storm" in out[0] and "rule fd_exhaustion" in out[5]
-    assert "rule psi_saturation" in out[6] and "rule circuit_breaker" in out[7]
+    assert "rule psi_saturation" in out[6] and "rule psi_saturation" in out[7]
+    assert "rule circuit_breaker" in out[8]
 
 
 @pytest.mark.parametrize(
@@ -385,3 +387,11 @@ def test_spinners_in_their_own_sessions_die_with_the_demo(sig: signal.Signals) -
     while any(alive(p) for p in [demo.pid, *kids]) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(p) for p in [demo.pid, *kids])
+
+
+def test_memory_pressure_without_a_memory_controller_is_one_line_and_exit_71() -> None:
+    """This host's cgroup2 has no memory controller (the VM runs the demo for real)."""
+    demo = Running("memory-pressure", "--duration", "2")
+    rc, _, err = demo.finish(timeout=15)
+    assert rc == demos.EXIT_OSERR
+    assert len(err.splitlines()) == 1 and "has no memory.high" in err and "Traceback" not in err

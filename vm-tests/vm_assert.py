@@ -409,6 +409,7 @@ def run(r: Report) -> None:
     lifecycle_events(r)
     fleet(r)
     leak_projection(r)
+    memory_pressure(r)
     network(r)
 
 
@@ -652,6 +653,40 @@ def leak_projection(r: Report) -> None:
         f"eta_s {eta}, real {real:.1f} s (alert at {t_alert:.1f}, oom_kill seen at {t_oom:.1f}), "
         f"rate {ev.get('slope_mb_per_min')} MB/min, headroom {ev.get('headroom_mb')} MB",
     )
+
+
+def memory_pressure(r: Report) -> None:
+    """`linnixctl demo memory-pressure` in a cgroup with the memory controller: psi_saturation
+    names that cgroup for memory pressure."""
+    cg = Path("/sys/fs/cgroup/linnix-mempressure")
+    controllers = Path("/sys/fs/cgroup/cgroup.subtree_control")
+    if "memory" not in controllers.read_text().split():
+        controllers.write_text("+memory\n")
+    cg.mkdir(exist_ok=True)
+    demo = sh(
+        "linnixctl", "demo", "memory-pressure", "--cgroup", str(cg), "--duration", "20", timeout=90
+    )
+    entry = wait_entry(
+        30, "LINNIX_RULE=psi_saturation", f"LINNIX_CGROUP=/{cg.name}", "LINNIX_STATE=firing"
+    )
+    ev = json.loads(entry.get("LINNIX_EVIDENCE", "{}")) if entry else {}
+    r.figure("memory_pressure_some_pct", str(ev.get("some_pct")))
+    r.check(
+        "demo memory-pressure: psi_saturation names its cgroup for memory pressure",
+        ev.get("resource") == "memory" and float(ev.get("some_pct", 0)) > 40,
+        f"demo rc {demo.returncode} {out(demo)[-200:]}; evidence {ev}",
+    )
+    r.check(
+        "demo memory-pressure puts memory.high back",
+        (cg / "memory.high").read_text().strip() == "max",
+        (cg / "memory.high").read_text().strip(),
+    )
+    for _ in range(50):
+        try:
+            cg.rmdir()
+            break
+        except OSError:
+            time.sleep(0.1)
 
 
 # ---- operator experience: live top, polkit prompts, completion, versions, man pages --------
