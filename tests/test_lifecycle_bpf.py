@@ -135,9 +135,9 @@ def test_forks_match_proc_stat_exactly(collector: LifecycleCollector) -> None:
     forker = subprocess.Popen([PY, "-c", FORKER, "300"])
     assert forker.wait(timeout=60) == 0
     subprocess.run(
-        ["stress-ng", "--fork", "1", "--fork-ops", "2000", "-t", "5", "-q"],
+        ["stress-ng", "--fork", "1", "--fork-ops", "2000", "-t", "60", "-q"],
         check=True,
-        timeout=60,
+        timeout=120,  # the op count ends it; -t only bounds a starved run
         stdout=subprocess.DEVNULL,
     )
     end = quiet_read(collector, seen)
