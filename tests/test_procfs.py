@@ -197,3 +197,53 @@ def test_a_read_held_back_by_sample_s_is_made_once_due_even_if_the_process_sleep
     finally:
         child.kill()
         child.wait()
+
+
+MOVE_CHILD = """
+import sys
+print("ready", flush=True)
+path = sys.stdin.readline().strip()
+with open(path + "/cgroup.procs", "w") as f:
+    f.write("0")
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_process_that_moves_to_a_cgroup_then_sleeps_is_seen_there() -> None:
+    """Runtimes and `demo --cgroup` move a process right after it starts; it may never run again."""
+    import uuid
+
+    from linnixd.collector.cgroups import cgroup2_mount
+
+    mount = cgroup2_mount()
+    if mount is None or os.geteuid() != 0:
+        pytest.skip("needs root and a cgroup2 mount")
+    rel = f"/linnixd-test-move-{uuid.uuid4().hex[:8]}"
+    os.mkdir(mount + rel)
+    clock = [100.0]
+    child = subprocess.Popen(
+        [sys.executable, "-c", MOVE_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline() == b"ready\n"
+        s = ProcScanner(clock=lambda: clock[0], sample_s=1.0)
+        s.update({child.pid: 1}, frozenset())
+        before = s.procs[child.pid].cgroup
+        assert before != rel
+        clock[0] += 20.0  # an old process: its cgroup is re-read every 10 s at most
+        s.update({child.pid: 1}, frozenset())  # a full read (slow one too, 20 s since)
+        child.stdin.write((mount + rel + "\n").encode())
+        child.stdin.flush()
+        assert child.stdout.readline() == b"ready\n"  # it moved, and now sleeps
+        clock[0] += 2.0
+        s.update({child.pid: 1}, frozenset())  # it ran: status read, cgroup read owed
+        assert s.procs[child.pid].cgroup == before
+        clock[0] += 8.5
+        changed = s.update({}, frozenset())  # asleep, but the owed cgroup read is made
+        assert child.pid in changed and s.procs[child.pid].cgroup == rel
+    finally:
+        child.kill()
+        child.wait()
+        os.rmdir(mount + rel)

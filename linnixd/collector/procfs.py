@@ -18,6 +18,7 @@ from ..health import Health
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 SLOW_REFRESH_S = 10.0  # limits and cgroup membership are re-read this often per process
+YOUNG_S = 5.0  # a process this new has its cgroup re-read each sample_s: runtimes move it now
 SAMPLE_S = 1.0  # kernel mode: uid and fd-table size of a running process at most this often
 RESAMPLE_S = 300.0  # reconcile(): a process that never runs is re-read this often (RSS drifts down)
 FD_PREFILTER = 0.5  # count fds only when FDSize reaches this share of the soft limit
@@ -112,9 +113,10 @@ class ProcScanner:
         self._last_cpu: tuple[int, int] | None = None  # (busy, total) jiffies of /proc/stat
         self._ncpu = os.cpu_count() or 1
         self._running: set[int] = set()  # update(): pids given CPU time in the last interval
-        # pids that ran while their status/fd read was held back by sample_s: read once due,
-        # even if they sleep from then on (a process that opens fds, then waits, is seen)
-        self._owed: set[int] = set()
+        # pid -> when a read held back by sample_s (status, fds) or by the slow refresh (cgroup,
+        # limits) falls due for a process that ran meanwhile: made then even if it sleeps from
+        # then on (a process that opens fds or moves to a cgroup, then waits, is seen)
+        self._owed: dict[int, float] = {}
 
     def health(self) -> Health:
         c = self.counters
@@ -145,7 +147,7 @@ class ProcScanner:
 
     def forget(self, pid: int) -> None:
         self.procs.pop(pid, None)
-        self._owed.discard(pid)
+        self._owed.pop(pid, None)
 
     def update(self, cpu_ns: dict[int, int], exited: frozenset[int]) -> set[int]:
         """Read only the processes the kernel saw run (their stat: CPU, memory, threads); drop exited ones.
@@ -184,20 +186,19 @@ class ProcScanner:
                 continue
             procs[pid] = fresh
             changed.add(pid)
-        for pid in [p for p in self._owed if p not in cpu_ns]:
+        for pid in [p for p, due in self._owed.items() if due <= now and p not in cpu_ns]:
             entry = procs.get(pid)
+            del self._owed[pid]
             if entry is None:
-                self._owed.discard(pid)
-            elif now - entry.sampled_at >= self.sample_s:
-                self._owed.discard(pid)
-                try:
-                    if self._read(pid, f"{base_dir}/{pid}", entry, now, interval, prev_boot):
-                        changed.add(pid)
-                except (FileNotFoundError, ProcessLookupError):
-                    procs.pop(pid, None)
+                continue
+            try:
+                if self._read(pid, f"{base_dir}/{pid}", entry, now, interval, prev_boot):
                     changed.add(pid)
-                except PermissionError:
-                    self.counters.permission_errors += 1
+            except (FileNotFoundError, ProcessLookupError):
+                procs.pop(pid, None)
+                changed.add(pid)
+            except PermissionError:
+                self.counters.permission_errors += 1
         self._last_mono = now
         self._last_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
         return changed
@@ -314,17 +315,22 @@ class ProcScanner:
             if started_inside and interval > 0:
                 entry.cpu_pct = 100.0 * cpu_ticks / CLK_TCK / interval
         if entry is prev and now - entry.sampled_at < self.sample_s:
-            self._owed.add(pid)
+            due = entry.sampled_at + self.sample_s
+            self._owed[pid] = min(due, self._owed.get(pid, due))
             return entry  # stat only: memory and threads are fresh, the rest is recent enough
-        self._owed.discard(pid)
+        self._owed.pop(pid, None)
+        slow_every = self.sample_s if now - entry.first_seen < YOUNG_S else SLOW_REFRESH_S
         try:
             if entry.cmdline is None:
                 entry.cmdline = _read_cmdline(base, comm)
             self._read_status(base, entry)
-            if now - entry.slow_read_at >= SLOW_REFRESH_S:
+            if now - entry.slow_read_at >= slow_every:
                 entry.slow_read_at = now
                 entry.fd_soft_limit = _read_fd_limit(base)
                 self._read_cgroup(base, entry)
+            elif self.sample_s > 0:
+                # it ran: its cgroup or limits may have changed, read them once due
+                self._owed[pid] = entry.slow_read_at + slow_every
         except PermissionError:
             # stat was readable, so the process is kept with what could be read
             self.counters.permission_errors += 1
