@@ -462,6 +462,48 @@ def test_fork_storm_never_makes_pid1_a_circuit_breaker_culprit(daemon: Daemon) -
         )  # its own wait is not stall it caused
 
 
+def test_exec_churn_is_one_incident_per_parent(daemon: Daemon) -> None:
+    """stress-ng --exec 4 in its own cgroup: each parent's churn is one short_lived_jobs
+    incident, also once the parent has exited (no second "unknown[PID]" incident)."""
+    cg = cgroup2_mount() / f"lx-it-{os.getpid()}-exec"
+    cg.mkdir()
+    path = "/" + cg.name
+    seen = len(daemon.alerts)
+
+    def enter() -> None:
+        (cg / "cgroup.procs").write_text(str(os.getpid()))
+        os.setgid(65534)  # stress-ng's exec stressor refuses to run as root
+        os.setuid(65534)
+
+    proc = subprocess.Popen(
+        ["stress-ng", "--exec", "4", "--timeout", "12s", "--quiet"], preexec_fn=enter, cwd="/tmp"
+    )
+    try:
+        proc.wait(timeout=60)
+        time.sleep(5)  # the parents are gone: their incidents must not come back as new ones
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for _ in range(50):
+            try:
+                cg.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+    fired = [
+        a
+        for a in daemon.alerts[seen:]
+        if a.get("rule") == "short_lived_jobs" and a["state"] == "firing" and a["cgroup"] == path
+    ]
+    for a in fired:
+        print(a["summary"])
+    assert fired, "stress-ng --exec churns short-lived exec'd processes"
+    parents = [a["pid"] for a in fired if a["kind"] == "process"]
+    assert len(parents) == len(set(parents)), [a["summary"] for a in fired]
+    assert all(a["evidence"]["count"] >= 20 for a in fired)
+
+
 def cpu_usage_s(cgroup_dir: Path) -> float:
     for line in (cgroup_dir / "cpu.stat").read_text().splitlines():
         if line.startswith("usage_usec "):
