@@ -132,3 +132,47 @@ def test_psi_trigger_threshold_follows_the_policy(daemon: Daemon) -> None:
     assert second.resources == ("io",) and second.threshold_us < first.threshold_us
     daemon.reload_policy()  # unchanged settings: the same triggers stay armed
     assert daemon.attachments.triggers is second
+
+
+def test_reload_attaches_and_detaches_the_network_program(tmp_path: Path) -> None:
+    import socket
+
+    from linnixd.collector.net import NetCollector
+
+    path = tmp_path / "rules.yaml"
+    write_policy(path, {"fork_storm"})
+    policy = load_policy(path)
+    attachments = Attachments(make_sched=None, make_triggers=None, make_net=NetCollector)
+    assert attachments.sync(policy) == []
+    model = HostModel(
+        max_processes=policy.daemon.max_processes, max_cgroups=policy.daemon.max_cgroups
+    )
+    model.seed()
+    d = Daemon(str(path), policy, attachments=attachments, model=model)
+    try:
+        before = bpf_prog_fds()
+        d.tick()
+        assert d.net is None and d.status()["network_attribution"] is False
+        assert d.tick().net_total is None
+
+        write_policy(path, {"fork_storm", "connection_churn"})
+        d.reload_policy()
+        assert d.net is not None and d.status()["network_attribution"] is True
+        assert bpf_prog_fds() == before + 2  # inet_sock_set_state, tcp_retransmit_skb
+        d.tick()  # the baseline since attach
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(8)
+        for _ in range(3):
+            socket.create_connection(srv.getsockname()).close()
+            srv.accept()[0].close()
+        srv.close()
+        snap = d.tick()
+        assert snap.net_by_pid[os.getpid()].connects == 3
+        assert d.health()["net"].counters["connects"] >= 3
+
+        write_policy(path, {"fork_storm"})
+        d.reload_policy()
+        assert d.net is None and bpf_prog_fds() == before
+    finally:
+        d.close()
