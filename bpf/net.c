@@ -55,7 +55,7 @@
 #define C_SHORT 4         // ... of which younger than the short-lived threshold
 #define C_RETRANS 5       // retransmitted segments
 #define C_ACTIVE_CLOSED 6 // active opens that reached CLOSE (connects - this = still open)
-#define C_TIME_WAIT 7     // closes from FIN_WAIT1/FIN_WAIT2/CLOSING: this side closed first
+#define C_TIME_WAIT 7     // active opens closed from FIN_WAIT1/FIN_WAIT2/CLOSING: closed first
 #define NCOUNTS 8
 
 // Remote endpoint counter slots.
@@ -261,9 +261,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         mask |= 1U << C_ACTIVE_CLOSED;
         if (oldstate == ST_SYN_SENT)
             mask |= 1U << C_FAILED;
+        // closed first: its ephemeral port stays in TIME_WAIT (a server's stays on its listen port)
+        if (oldstate == ST_FIN_WAIT1 || oldstate == ST_FIN_WAIT2 || oldstate == ST_CLOSING)
+            mask |= 1U << C_TIME_WAIT;
     }
-    if (oldstate == ST_FIN_WAIT1 || oldstate == ST_FIN_WAIT2 || oldstate == ST_CLOSING)
-        mask |= 1U << C_TIME_WAIT;
     account(o.tgid, o.cgroup_id, mask);
     return 0;
 }

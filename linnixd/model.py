@@ -225,7 +225,7 @@ class NetCounts:
     short: int = 0  # ... of which younger than the short-lived threshold
     retransmits: int = 0  # retransmitted segments
     active_closed: int = 0  # active opens that reached CLOSE (connects - active_closed = open)
-    time_wait: int = 0  # closes after this side closed first (the path into TIME_WAIT)
+    time_wait: int = 0  # active opens this side closed first: an ephemeral port in TIME_WAIT
 
     def __add__(self, other: NetCounts) -> NetCounts:
         return NetCounts(

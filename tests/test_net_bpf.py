@@ -333,3 +333,27 @@ def test_a_full_socket_map_is_counted_and_never_misattributes() -> None:
     assert health["aggregation_overflows"] >= 40 - 16
     assert mine.active_closed <= 16 and health["untracked_closes"] >= 40 - 16
     assert mine.active_closed + mine.accepts <= 16  # only sockets that had an entry
+
+
+def test_time_wait_is_counted_for_the_side_that_connected_and_closed_first() -> None:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    col = NetCollector()
+    col.start()
+    try:
+        col.read()
+        for client_first in (True, True, True, False, False):
+            c = socket.create_connection(srv.getsockname())
+            a = srv.accept()[0]
+            first, second = (c, a) if client_first else (a, c)
+            first.close()
+            time.sleep(0.02)  # the FIN arrives before the other side closes
+            second.close()
+        time.sleep(0.3)
+        mine = col.read().by_tgid[os.getpid()]
+    finally:
+        col.close()
+        srv.close()
+    # only the three connections the client closed first leave an ephemeral port in TIME_WAIT
+    assert (mine.connects, mine.accepts, mine.time_wait) == (5, 5, 3)
