@@ -26,6 +26,10 @@ from .metrics import TextfileWriter
 from .parts import Notifier, Sink
 from .registry import collectors_for
 
+# The start deadline is moved this far ahead at each slow start-up step (one BPF compile, the
+# first /proc walk): ~2 s each on a quiet host, minutes under software emulation with load.
+COMPILE_STEP_S = 180.0
+
 if TYPE_CHECKING:
     from .bus import SupervisedBus
     from .config import Policy
@@ -206,12 +210,20 @@ def build(
         make_net=None if args.no_net else _net_factory,
     )
     try:
-        notifier.status("compiling and attaching BPF: process lifecycle (bpf/lifecycle.c)")
+        notifier.progress(
+            "compiling and attaching BPF: process lifecycle (bpf/lifecycle.c)", COMPILE_STEP_S
+        )
         lifecycle.start()
-        if attachments.make_sched is not None and "sched" in collectors_for(policy.enabled_rules()):
-            notifier.status("compiling and attaching BPF: scheduler stalls (bpf/sched.c)")
-        if attachments.make_net is not None and "net" in collectors_for(policy.enabled_rules()):
-            notifier.status("compiling and attaching BPF: TCP connections (bpf/net.c)")
+        wanted = collectors_for(policy.enabled_rules())
+        more = []
+        if attachments.make_sched is not None and "sched" in wanted:
+            more.append("scheduler stalls (bpf/sched.c)")
+        if attachments.make_net is not None and "net" in wanted:
+            more.append("TCP connections (bpf/net.c)")
+        if more:
+            notifier.progress(
+                "compiling and attaching BPF: " + ", ".join(more), COMPILE_STEP_S * len(more)
+            )
         for priority, line in attachments.sync(policy):
             if priority <= LOG_WARNING:  # at start-up only problems are said; Status tells the rest
                 log(line, priority)
@@ -229,7 +241,7 @@ def build(
         max_cgroups=policy.daemon.max_cgroups,
         cpu=sched.task_cpu() if sched is not None else None,
     )
-    notifier.status("reading the process table")
+    notifier.progress("reading the process table", COMPILE_STEP_S)
     model.seed()
 
     # a snapshot per incident; the culprit unit's state comes from systemd with a short timeout

@@ -44,6 +44,16 @@ class Notifier:
         # one line: STATUS ends at the first newline
         self._send("STATUS=" + " ".join(text.splitlines()))
 
+    def progress(self, text: str, step_s: float) -> None:
+        """STATUS for a start-up step that may take a while, and step_s more for it to finish.
+
+        EXTEND_TIMEOUT_USEC (systemd >= 236) moves the start deadline to step_s from now, so a
+        slow but progressing start (BPF compiles under emulation or load) is not killed by
+        TimeoutStartSec, while a start stuck in one step still is.
+        """
+        line = " ".join(text.splitlines())
+        self._send(f"STATUS={line}\nEXTEND_TIMEOUT_USEC={int(step_s * 1_000_000)}")
+
     def reloading(self) -> None:
         # MONOTONIC_USEC lets systemd >= 253 (Type=notify-reload) match the reload to its READY=1
         self._send(

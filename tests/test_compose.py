@@ -36,6 +36,9 @@ class Notes:
     def status(self, text: str) -> None:
         self.lines.append(f"STATUS={text}")
 
+    def progress(self, text: str, step_s: float) -> None:
+        self.lines.append(f"STATUS={text}")
+
     def watchdog(self) -> None:
         self.lines.append("WATCHDOG=1")
 

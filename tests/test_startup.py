@@ -107,13 +107,26 @@ def test_status_tells_progress_until_ready(tmp_path: Path) -> None:
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
-    statuses = [m.removeprefix("STATUS=") for m in messages if m.startswith("STATUS=")]
+    statuses = [
+        m.split("\n")[0].removeprefix("STATUS=") for m in messages if m.startswith("STATUS=")
+    ]
     assert statuses[0] == f"loading policy {policy}"
-    assert "compiling and attaching BPF: process lifecycle (bpf/lifecycle.c)" in statuses
-    # the default policy enables the stall rules: the scheduler program is compiled after
-    assert statuses.index(
-        "compiling and attaching BPF: scheduler stalls (bpf/sched.c)"
-    ) > statuses.index("compiling and attaching BPF: process lifecycle (bpf/lifecycle.c)")
+    lifecycle = "compiling and attaching BPF: process lifecycle (bpf/lifecycle.c)"
+    assert lifecycle in statuses
+    # the default policy enables the stall and network rules: their programs are compiled after
+    later = (
+        "compiling and attaching BPF: scheduler stalls (bpf/sched.c), TCP connections (bpf/net.c)"
+    )
+    assert statuses.index(later) > statuses.index(lifecycle)
+    # each slow step moves systemd's start deadline ahead (180 s per program to compile)
+    extends = {
+        m.split("\n")[0].removeprefix("STATUS="): m.split("\n")[1]
+        for m in messages
+        if "\nEXTEND_TIMEOUT_USEC=" in m
+    }
+    assert extends[lifecycle] == "EXTEND_TIMEOUT_USEC=180000000"
+    assert extends[later] == "EXTEND_TIMEOUT_USEC=360000000"
+    assert "reading the process table" in extends
     ready = statuses[-1]
     assert messages[-2] == "STATUS=" + ready, "the ready status comes right before READY=1"
     from linnixd.config import load_policy
