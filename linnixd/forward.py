@@ -301,6 +301,11 @@ class Spool:
         self.dir = directory
         self.max_items = max_items
         self.dir.mkdir(parents=True, exist_ok=True)
+        for tmp in self.dir.glob(
+            ".*.tmp"
+        ):  # a write cut short by a kill: never renamed, never sent
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         self._items = sorted(p.name for p in self.dir.glob("*.json"))
         self._seq = int(self._items[-1].split(".")[0]) + 1 if self._items else 1
 
