@@ -672,3 +672,23 @@ def test_a_full_disk_under_the_spool_is_counted_and_the_rest_kept(
     assert worker.counters.received == kept
     assert worker.counters.spool_errors == 12 - kept
     assert any("cannot write the spool" in m and "No space left on device" in m for m in logged)
+
+
+def test_rate_limit_holds_sends_back_without_dropping(tmp_path: Path) -> None:
+    now = [100.0]
+    target = Target(name="ops", type="webhook", url="http://127.0.0.1:9/x", rate_per_min=6)
+    worker = TargetWorker(
+        target,
+        ForwardConfig(targets=(target,)),
+        Spool(tmp_path / "ops", 100),
+        {},
+        lambda: None,
+        clock=lambda: now[0],
+    )
+    # 6 per minute: a burst of ten seconds' worth (1), then one every 10 s
+    assert worker._take_token() == 0.0
+    assert worker._take_token() == pytest.approx(10.0)
+    now[0] += 4.0
+    assert worker._take_token() == pytest.approx(6.0)
+    now[0] += 6.0
+    assert worker._take_token() == 0.0
