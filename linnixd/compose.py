@@ -273,14 +273,14 @@ def build(
     current = CurrentPolicy(policy)
     enforcer = None
     if state is not None:
-        from .enforcement import Enforcer, journal_writer
+        from .enforcement import Enforcer
 
         # systemd is on the system bus whatever bus linnixd serves on
         enforcer = Enforcer(
             state,
             SystemdUnits("system"),
             current.get,
-            journal=journal_writer(),
+            journal=event_writer(also_log=True, what="enforcement actions"),
             start_time_of=model.start_time_of,
         )
         if enforcer.enabled:
@@ -297,7 +297,7 @@ def build(
         attachments=attachments,
         model=model,
         history=history,
-        events=event_writer(log, use_journal=not args.no_journal),
+        events=event_writer(use_journal=not args.no_journal),
         triage=triage,
         namer=AlertNamer(resolver),
         enforcer=enforcer,

@@ -131,7 +131,7 @@ def make(
         tmp_path,
         units,
         lambda: pol,
-        journal=lambda m, k, f: journal.append((m, k, f)),
+        journal=lambda k, m, f: journal.append((m, k, f)),
         clock=clock or Clock(),
         **kw,
     )

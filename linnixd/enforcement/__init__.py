@@ -11,7 +11,7 @@ cgroup tree: changes go through its D-Bus API (a `Units` backend, see systemd_un
 from __future__ import annotations
 
 from .base import UINT64_MAX, Caller, EnforcementError, UnitGone, Units
-from .core import Enforcer, journal_writer
+from .core import Enforcer
 
 __all__ = [
     "UINT64_MAX",
@@ -20,5 +20,4 @@ __all__ = [
     "Enforcer",
     "UnitGone",
     "Units",
-    "journal_writer",
 ]

@@ -12,10 +12,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..api import throttle_problem
-from ..constants import ACTION_LEDGER, ENFORCEMENT_STATE, MESSAGE_IDS
+from ..constants import ACTION_LEDGER, ENFORCEMENT_STATE
 from ..daemonlog import LOG_ERR, LOG_NOTICE, LOG_WARNING, log
 from ..health import Health
 from ..model import Alert
+from ..sinks.journal import EventWriter
 from ..statedir import StateDir, StateError
 from .base import UINT64_MAX, Caller, EnforcementError, UnitGone, Units
 from .guard import RateLimiter, refusal
@@ -32,41 +33,7 @@ HOLD_SHARE = 0.5
 USAGE_WINDOW_S = 1.0  # CPU use is measured over this long (CPUUsageNSec read twice)
 MANUAL_RULE = "manual"
 
-Journal = Callable[[str, str, dict[str, str]], None]  # (message, MESSAGE_IDS key, fields)
 ActionListener = Callable[[str, dict[str, str]], None]  # ("ActionTaken" | "ActionReverted", event)
-
-
-def journal_writer() -> Journal:
-    """Daemon log line on stderr, plus a structured journald entry when journald runs."""
-    send: Callable[..., Any] | None = None
-    from ..sinks.journal import journald_present
-
-    if journald_present():
-        try:
-            from systemd import journal  # python3-systemd
-
-            send = journal.send
-        except ImportError:
-            log(
-                "journald is running but python3-systemd is missing: enforcement is only logged",
-                LOG_WARNING,
-            )
-
-    def write(message: str, kind: str, fields: dict[str, str]) -> None:
-        log(message, LOG_NOTICE)
-        if send is not None:
-            try:
-                send(
-                    message,
-                    MESSAGE_ID=MESSAGE_IDS[kind],
-                    PRIORITY="5",
-                    SYSLOG_IDENTIFIER="linnixd",
-                    **fields,
-                )
-            except Exception as exc:  # the log line above already carries it
-                log(f"journald refused an enforcement entry: {exc}", LOG_ERR)
-
-    return write
 
 
 @dataclass
@@ -102,7 +69,7 @@ class Enforcer:
         units: Units,
         policy: Callable[[], Any],
         *,
-        journal: Journal | None = None,
+        journal: EventWriter | None = None,
         start_time_of: Callable[[int], float | None] = lambda pid: None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
@@ -111,7 +78,9 @@ class Enforcer:
         self.state_dir = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
         self.units = units
         self.policy = policy
-        self.journal: Journal = journal or (lambda message, kind, fields: log(message, LOG_NOTICE))
+        self.journal: EventWriter = journal or (
+            lambda kind, message, fields: log(message, LOG_NOTICE)
+        )
         self.start_time_of = start_time_of
         self.clock = clock
         self.monotonic = monotonic
@@ -204,8 +173,8 @@ class Enforcer:
                 else "disabled"
             )
             self.journal(
-                f"enforcement {mode} by {caller.label()}",
                 "enforcement_changed",
+                f"enforcement {mode} by {caller.label()}",
                 {
                     "LINNIX_ENFORCEMENT": "enabled" if enabled else "disabled",
                     "LINNIX_DRY_RUN": "1" if self.state.dry_run else "0",
@@ -339,8 +308,8 @@ class Enforcer:
         if self.dry_run:
             self.counters.dry_run += 1
             self.journal(
-                f"dry run: would send SIG{sig_name} to {c.label()} (rule {alert.rule}, incident {alert.incident})",
                 "action_taken",
+                f"dry run: would send SIG{sig_name} to {c.label()} (rule {alert.rule}, incident {alert.incident})",
                 _fields(event, dry_run=True),
             )
             return
@@ -352,8 +321,8 @@ class Enforcer:
             return
         self.counters.applied += 1
         self.journal(
-            f"action taken: SIG{sig_name} sent to {c.label()} (rule {alert.rule}, incident {alert.incident})",
             "action_taken",
+            f"action taken: SIG{sig_name} sent to {c.label()} (rule {alert.rule}, incident {alert.incident})",
             _fields(event),
         )
         self._signal("ActionTaken", event)
@@ -410,8 +379,8 @@ class Enforcer:
             if dry_run:
                 self.counters.dry_run += 1
                 self.journal(
-                    f"dry run: would {action} {unit}: {prop} {show(before)} -> {show(after)} for {duration_s:g} s (rule {rule}, incident {incident})",
                     "action_taken",
+                    f"dry run: would {action} {unit}: {prop} {show(before)} -> {show(after)} for {duration_s:g} s (rule {rule}, incident {incident})",
                     _fields(record.event(), dry_run=True),
                 )
                 return None
@@ -432,8 +401,8 @@ class Enforcer:
             self._save_ledger()
             self.counters.applied += 1
         self.journal(
-            f"action taken: {action} {unit}: {prop} {show(before)} -> {show(after)}, reverted in {duration_s:g} s or when incident {incident or '-'} resolves (rule {rule})",
             "action_taken",
+            f"action taken: {action} {unit}: {prop} {show(before)} -> {show(after)}, reverted in {duration_s:g} s or when incident {incident or '-'} resolves (rule {rule})",
             _fields(record.event()),
         )
         self._signal("ActionTaken", record.event())
@@ -512,8 +481,8 @@ class Enforcer:
             self.records.remove(record)
             self._save_ledger()
         self.journal(
-            f"action reverted ({reason}): {record.action} {record.unit}: {record.prop} back to {show(record.before)} (rule {record.rule})",
             "action_reverted",
+            f"action reverted ({reason}): {record.action} {record.unit}: {record.prop} back to {show(record.before)} (rule {record.rule})",
             _fields(record.event(), reason=reason),
         )
         self._signal("ActionReverted", record.event())

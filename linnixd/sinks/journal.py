@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..constants import MESSAGE_IDS, SEVERITY_PRIORITY
+from ..daemonlog import LOG_ERR, LOG_INFO, LOG_NOTICE, LOG_WARNING, log
 from ..model import Alert
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -74,13 +75,19 @@ class JournalSink:
         self._send(message, **fields)
 
 
-EventWriter = Callable[[str, str, Mapping[str, str]], None]
-EVENT_PRIORITY = 5  # notice: the daemon started or changed policy, nothing to do
+EventWriter = Callable[[str, str, Mapping[str, str]], None]  # (MESSAGE_IDS key, message, fields)
+EVENT_PRIORITY = 5  # notice: the daemon started, changed policy or acted; nothing to do
 
 
-def event_writer(log: Callable[[str], None], use_journal: bool) -> EventWriter:
-    """Daemon events (daemon_started, policy_reloaded): a journald entry with their MESSAGE_ID
-    when journald runs (no second copy on stderr), else one log line."""
+def event_writer(
+    *, use_journal: bool = True, also_log: bool = False, what: str = "events"
+) -> EventWriter:
+    """Daemon events (daemon_started, policy_reloaded, action_taken, ...): a journald entry with
+    their MESSAGE_ID when journald runs, else one log line.
+
+    `also_log`: the log line is written even when the entry is journaled (enforcement: every
+    action is on stderr too). `what` names the events in the line saying python3-systemd is missing.
+    """
     send: Callable[..., Any] | None = None
     if use_journal and journald_present():
         try:
@@ -88,9 +95,15 @@ def event_writer(log: Callable[[str], None], use_journal: bool) -> EventWriter:
 
             send = journal.send
         except ImportError:
-            log("journald is running but python3-systemd is missing: events are only logged")
+            log(
+                f"journald is running but python3-systemd is missing: {what} are only logged",
+                LOG_WARNING,
+            )
+    line_priority = LOG_NOTICE if also_log else LOG_INFO
 
     def write(kind: str, message: str, fields: Mapping[str, str]) -> None:
+        if also_log:
+            log(message, line_priority)
         if send is not None:
             try:
                 send(
@@ -101,8 +114,9 @@ def event_writer(log: Callable[[str], None], use_journal: bool) -> EventWriter:
                     **fields,
                 )
                 return
-            except Exception as exc:  # fall back to the log line, saying why
-                log(f"journald refused the {kind} entry: {exc}")
-        log(message)
+            except Exception as exc:  # the log line (written above, or below) carries it
+                log(f"journald refused the {kind} entry: {exc}", LOG_ERR)
+        if not also_log:
+            log(message, line_priority)
 
     return write
