@@ -139,6 +139,18 @@ def owner_label(pod: str | None, namespace: str | None, container: str | None) -
 
 
 NAME_FIELDS = ("pod", "namespace", "container", "container_id", "image")
+# A culprit's fields as they stand flat in an alert record (to_dict, the D-Bus alert details).
+CULPRIT_FIELDS = (
+    "kind",
+    "pid",
+    "comm",
+    "cgroup",
+    "unit",
+    "parent_pid",
+    "parent_comm",
+    "root_pid",
+    *NAME_FIELDS,
+)
 
 
 @dataclass(frozen=True)
@@ -394,6 +406,12 @@ class Culprit:
     container_id: str | None = None
     image: str | None = None
 
+    @staticmethod
+    def from_fields(d: Mapping[str, Any]) -> Culprit:
+        """The culprit in a flat alert record (Alert.to_dict, a D-Bus alert's details)."""
+        fields = {k: d.get(k) for k in CULPRIT_FIELDS if k != "kind"}
+        return Culprit(kind=str(d.get("kind", "process")), **fields)
+
     def label(self) -> str:
         """Human-readable name, most specific first: 'stress-ng[1234] in foo.service'."""
         named = owner_label(self.pod, self.namespace, self.container)
@@ -445,31 +463,12 @@ class Alert:
             "state": self.state,
             "ts": self.ts,
             "summary": self.summary,
-            "kind": c.kind,
-            "pid": c.pid,
-            "comm": c.comm,
-            "cgroup": c.cgroup,
-            "unit": c.unit,
-            "parent_pid": c.parent_pid,
-            "parent_comm": c.parent_comm,
-            "root_pid": c.root_pid,
-            **{k: getattr(c, k) for k in NAME_FIELDS},
+            **{k: getattr(c, k) for k in CULPRIT_FIELDS},
             "evidence": dict(self.evidence),
         }
 
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> Alert:
-        culprit = Culprit(
-            kind=d.get("kind", "process"),
-            pid=d.get("pid"),
-            comm=d.get("comm"),
-            cgroup=d.get("cgroup"),
-            unit=d.get("unit"),
-            parent_pid=d.get("parent_pid"),
-            parent_comm=d.get("parent_comm"),
-            root_pid=d.get("root_pid"),
-            **{k: d.get(k) for k in NAME_FIELDS},
-        )
         return Alert(
             id=d["id"],
             incident=d["incident"],
@@ -478,6 +477,6 @@ class Alert:
             state=d["state"],
             ts=float(d["ts"]),
             summary=d["summary"],
-            culprit=culprit,
+            culprit=Culprit.from_fields(d),
             evidence=dict(d.get("evidence") or {}),
         )

@@ -12,7 +12,7 @@ from typing import Any
 
 from dbus_next import Variant
 
-from .model import NAME_FIELDS, Alert, Culprit
+from .model import CULPRIT_FIELDS, Alert, Culprit
 
 BUS_NAME = "org.linnix.linnixd1"
 OBJECT_PATH = "/org/linnix/linnixd1"
@@ -41,19 +41,6 @@ ACTION_FIELDS = ("unit", "action", "before", "after", "rule", "incident")
 ACTION_SIGNATURE = "s" * len(ACTION_FIELDS)
 PROPERTIES_CHANGED_SIGNATURE = "sa{sv}as"
 
-# Culprit fields carried as plain variants in the details (absent ones are left out).
-_CULPRIT_FIELDS = (
-    "kind",
-    "pid",
-    "comm",
-    "unit",
-    "cgroup",
-    "parent_pid",
-    "parent_comm",
-    "root_pid",
-    *NAME_FIELDS,  # pod, namespace, container, container_id, image (linnixd/names.py)
-)
-
 
 def to_variant(value: Any) -> Variant | None:
     """A D-Bus variant for a plain value (None and containers have no flat form)."""
@@ -81,7 +68,7 @@ def alert_details(alert: Alert) -> dict[str, Variant]:
         "id": alert.id,
         "incident": alert.incident,
         "ts": float(alert.ts),
-        **{name: getattr(c, name) for name in _CULPRIT_FIELDS},
+        **{name: getattr(c, name) for name in CULPRIT_FIELDS},  # absent ones are left out
         "culprit": c.label(),
     }
     if c.parent_pid is not None:
@@ -118,17 +105,7 @@ def decode_alert(body: Sequence[Any]) -> Alert:
         state=str(plain.get("state", "")),
         ts=float(plain.get("ts", 0.0)),
         summary=str(summary),
-        culprit=Culprit(
-            kind=str(plain.get("kind", "process")),
-            pid=plain.get("pid"),
-            comm=plain.get("comm"),
-            cgroup=plain.get("cgroup"),
-            unit=plain.get("unit"),
-            parent_pid=plain.get("parent_pid"),
-            parent_comm=plain.get("parent_comm"),
-            root_pid=plain.get("root_pid"),
-            **{name: plain.get(name) for name in NAME_FIELDS},
-        ),
+        culprit=Culprit.from_fields(plain),
         evidence=json.loads(evidence) if isinstance(evidence, str) else {},
     )
 
