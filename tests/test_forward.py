@@ -390,10 +390,15 @@ def test_webhook_is_signed_and_slack_gets_text(
                 for s in f.samples
             }
 
-        wait_until(
-            lambda: exported().get(("linnixd_forward_delivered_total", (("target", "ops"),))) == 1,
-            what="linnixd_forward.prom",
-        )
+        def both_delivered() -> bool:
+            got = exported()
+            return all(
+                got.get(("linnixd_forward_delivered_total", (("target", t),))) == 1
+                for t in ("ops", "chat")
+            )
+
+        # a file written between the two deliveries shows only one of them: wait for both
+        wait_until(both_delivered, what="linnixd_forward.prom")
         metrics = exported()
         assert oct(prom.stat().st_mode & 0o777) == "0o644"
     finally:
