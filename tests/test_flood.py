@@ -169,3 +169,80 @@ def test_flood_leaves_the_daemon_on_its_name_ticking_and_bounded(daemon: Any) ->
     assert rss_after - rss_before < 100 * 1024, (rss_before, rss_after)
     assert len(machine_id(address)) == 32 and machine_id(address) == machine_id(address)
     assert proc.poll() is None
+
+
+STANDARD_CALLS = [
+    # (path, interface, member, signature, body, expected error name or "" for a reply)
+    ("/", "org.freedesktop.DBus.Peer", "Ping", "", [], ""),
+    ("/org/linnix/linnixd1", "org.freedesktop.DBus.Peer", "GetMachineId", "", [], ""),
+    ("/nowhere", "org.freedesktop.DBus.Peer", "GetMachineId", "", [], ""),
+    (
+        "/",
+        "org.freedesktop.DBus.Peer",
+        "Nope",
+        "s",
+        ["x" * 1000],
+        "org.freedesktop.DBus.Error.UnknownMethod",
+    ),
+    ("/", "org.freedesktop.DBus.Introspectable", "Introspect", "", [], ""),
+    ("/org/linnix", "org.freedesktop.DBus.Introspectable", "Introspect", "", [], ""),
+    ("/org/linnix/linnixd1", "org.freedesktop.DBus.Introspectable", "Introspect", "", [], ""),
+    ("/org/linnix/linnixd1", "org.freedesktop.DBus.Properties", "GetAll", "s", [""], ""),
+    (
+        "/org/linnix/linnixd1",
+        "org.freedesktop.DBus.Properties",
+        "GetAll",
+        "s",
+        ["y" * 100_000],
+        "org.freedesktop.DBus.Error.UnknownInterface",
+    ),
+    (
+        "/org/linnix/linnixd1",
+        "org.freedesktop.DBus.Properties",
+        "Get",
+        "ss",
+        [MANAGER_INTERFACE, "Version"],
+        "",
+    ),
+    (
+        "/org/linnix/linnixd1",
+        "org.freedesktop.DBus.Properties",
+        "Get",
+        "s",
+        ["only one"],
+        "org.freedesktop.DBus.Error.InvalidArgs",
+    ),
+]
+
+
+def test_every_standard_interface_answers_without_a_traceback(daemon: Any) -> None:
+    """Peer, Introspectable and Properties on our object and elsewhere: an answer or a named error."""
+    _, address = daemon
+
+    async def main() -> list[Message]:
+        bus = await client.connect(address, 5)
+        try:
+            replies = []
+            for path, iface, member, sig, body, _ in STANDARD_CALLS:
+                msg = Message(
+                    destination=BUS_NAME,
+                    path=path,
+                    interface=iface,
+                    member=member,
+                    signature=sig,
+                    body=body,
+                )
+                replies.append(await asyncio.wait_for(bus.call(msg), 5))
+            return replies
+        finally:
+            bus.disconnect()
+
+    replies = asyncio.run(main())
+    for (path, iface, member, _, _, error), reply in zip(STANDARD_CALLS, replies, strict=True):
+        where = f"{iface}.{member} on {path}"
+        if error:
+            assert reply.error_name == error, (where, reply.error_name, reply.body)
+            assert len(str(reply.body[0])) < 300, where  # caller input is not echoed whole
+        else:
+            assert reply.message_type == MessageType.METHOD_RETURN, (where, reply.body)
+    # the fixture asserts that the daemon's stderr never saw a traceback
