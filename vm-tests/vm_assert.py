@@ -1022,6 +1022,23 @@ def fleet(r: Report) -> None:
     # linnixd-forward: shipped disabled, delivers to a real Alertmanager once configured
     enabled = sh("systemctl", "is-enabled", FORWARD_UNIT).stdout.strip()
     r.check("linnixd-forward.service is shipped disabled", enabled == "disabled", enabled)
+    forward_file = next(
+        (
+            f"{d}/{FORWARD_UNIT}"
+            for d in ("/lib/systemd/system", "/usr/lib/systemd/system")
+            if os.path.exists(f"{d}/{FORWARD_UNIT}")
+        ),
+        FORWARD_UNIT,
+    )
+    cp = sh("systemd-analyze", "verify", forward_file)
+    r.check(
+        "systemd-analyze verify linnixd-forward.service",
+        cp.returncode == 0 and not cp.stderr.strip(),
+        out(cp),
+    )
+    cp = sh("systemd-analyze", "security", "--no-pager", FORWARD_UNIT)
+    m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", cp.stdout)
+    r.figure("forward_exposure", m.group(1) if m else "unknown")
     data = Path("/run/linnix-vmtest-am")
     data.mkdir(exist_ok=True)
     am_config = data / "alertmanager.yml"
