@@ -584,6 +584,7 @@ class Forwarder:
         self.caught_up = 0
         self.bad_signals = 0
         self.state_errors = 0
+        self.orphans_resolved = 0  # open incidents the daemon forgot (restart), resolved by us
         self.metrics: TextfileWriter | None = None
         if config.metrics_dir and os.path.isdir(config.metrics_dir):
             self.metrics = TextfileWriter(
@@ -665,6 +666,7 @@ class Forwarder:
             "caught_up": self.caught_up,
             "bad_signals": self.bad_signals,
             "state_errors": self.state_errors,
+            "orphans_resolved": self.orphans_resolved,
             "open_incidents": len(self.open),
             "targets": {
                 w.target.name: {**asdict(w.counters), "queued": len(w.spool)} for w in self.workers
@@ -679,7 +681,14 @@ class Forwarder:
         from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
 
         c = self.counters()
-        for name in ("received", "duplicates", "caught_up", "bad_signals", "state_errors"):
+        for name in (
+            "received",
+            "duplicates",
+            "caught_up",
+            "bad_signals",
+            "state_errors",
+            "orphans_resolved",
+        ):
             yield CounterMetricFamily(
                 f"linnixd_forward_{name}_total", f"linnixd-forward {name}", value=c[name]
             )
@@ -731,6 +740,23 @@ async def _catch_up(bus: Any, fwd: Forwarder) -> int:
     new = 0
     for alert in sorted(alerts, key=lambda a: float(a.get("ts", 0.0))):  # oldest first
         new += int(fwd.take(alert, caught_up=True))
+    # a restarted daemon forgets its open incidents without resolving them: resolve them here,
+    # or Alertmanager would be told they fire forever
+    msg = client.method_call(BUS_NAME, OBJECT_PATH, MANAGER_INTERFACE, "OpenIncidents")
+    reply = await client.call(bus, msg, CALL_TIMEOUT_S)
+    still = {str(a.get("incident")) for a in json.loads(reply.body[0])}
+    for incident, firing in list(fwd.open.items()):
+        if incident not in still:
+            fwd.take(
+                {
+                    **firing,
+                    "id": f"{firing.get('id')}-gone",
+                    "state": "resolved",
+                    "ts": time.time(),
+                    "summary": f"resolved (the daemon no longer has it open): {firing.get('summary')}",
+                }
+            )
+            fwd.orphans_resolved += 1
     return new
 
 
