@@ -11,33 +11,26 @@ Run as root: /usr/bin/python3 bench/fork_bench.py [--pairs N] [--seconds S]
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import queue
 import re
-import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-PYTHON = "/usr/bin/python3"
+sys.path.insert(0, str(ROOT / "tests"))
+from foreground import (  # noqa: E402  (tests/foreground.py, shared with the tests)
+    ForegroundDaemon,
+    proc_stat_processes,
+)
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-READY_TIMEOUT_S = 120.0  # bcc compiles at start-up: seconds here, longer on a loaded host
 METRIC_RE = re.compile(r"metrc: \[\d+\] fork\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)")
 GOALS = "goals: ratio >= 0.97, zero lost counts, alert <= 2.5 s after storm start, RSS <= 150 MB"
-
-
-def proc_stat_processes() -> int:
-    for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith("processes "):
-            return int(line.split()[1])
-    raise RuntimeError("no processes line in /proc/stat")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -68,87 +61,6 @@ def stress(seconds: int) -> tuple[float, float]:
     return start, float(m[5])
 
 
-@dataclass
-class Daemon:
-    """linnixd in the foreground with JSON output; stdout and stderr read by threads."""
-
-    proc: subprocess.Popen[str]
-    alerts: list[dict[str, Any]] = field(default_factory=list)
-    stats: queue.Queue[dict[str, Any]] = field(default_factory=queue.Queue)
-    ready: threading.Event = field(default_factory=threading.Event)
-    log: list[str] = field(default_factory=list)
-
-    @classmethod
-    def start(cls) -> Daemon:
-        proc = subprocess.Popen(
-            [
-                PYTHON,
-                "-m",
-                "linnixd",
-                "--foreground",
-                "--output",
-                "json",
-                "--stats-on-exit",
-                "--policy",
-                str(ROOT / "policy" / "rules.yaml"),
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        d = cls(proc)
-        threading.Thread(target=d._read_stdout, daemon=True).start()
-        threading.Thread(target=d._read_stderr, daemon=True).start()
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not d.ready.wait(0.2):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                d.stop()
-                raise RuntimeError("linnixd did not become ready: " + " | ".join(d.log[-5:]))
-        return d
-
-    def _read_stdout(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                self.alerts.append(json.loads(line))
-            except json.JSONDecodeError:
-                self.log.append(line.rstrip())
-
-    def _read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            line = line.rstrip()
-            if line.startswith("{"):
-                try:
-                    self.stats.put(json.loads(line)["stats"])
-                    continue
-                except (json.JSONDecodeError, KeyError):
-                    pass
-            self.log.append(line)
-            if line.startswith("linnixd: ready"):
-                self.ready.set()
-
-    def snapshot(self) -> dict[str, Any]:
-        """The daemon's counters now (SIGUSR1 makes it print them)."""
-        self.proc.send_signal(signal.SIGUSR1)
-        return self.stats.get(timeout=10)
-
-    def stop(self) -> dict[str, Any] | None:
-        """SIGINT, wait, and return the final stats when it printed them."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        try:
-            return self.stats.get(timeout=2)
-        except queue.Empty:
-            return None
-
-
 def counted(stats: dict[str, Any]) -> int:
     """Every task creation the daemon counted: processes plus threads (what /proc/stat counts)."""
     totals = stats["totals"]
@@ -168,24 +80,17 @@ class WithRun:
     hwm_kb: int
 
 
-def bracket(d: Daemon, settle_s: float) -> tuple[int, dict[str, Any], int]:
-    """Daemon counters between two /proc/stat reads: they were read at a tick inside that span."""
-    low = proc_stat_processes()
-    time.sleep(settle_s)  # >= one tick (0.5 s) lands between `low` and the snapshot
-    snap = d.snapshot()
-    return low, snap, proc_stat_processes()
-
-
 def run_with(seconds: int, settle_s: float) -> WithRun:
-    d = Daemon.start()
+    d = ForegroundDaemon()
     try:
-        low0, s0, high0 = bracket(d, settle_s)
+        d.wait_ready()
+        low0, s0, high0 = d.bracket(settle_s)
         p0 = proc_stat_processes()
         c0 = cpu_seconds(d.proc.pid)
         start, ops = stress(seconds)
         c1 = cpu_seconds(d.proc.pid)
         p1 = proc_stat_processes()
-        low1, s1, high1 = bracket(d, settle_s)
+        low1, s1, high1 = d.bracket(settle_s)
         rss, hwm = status_kb(d.proc.pid, "VmRSS"), status_kb(d.proc.pid, "VmHWM")
         storm = [
             a

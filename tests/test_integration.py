@@ -8,26 +8,23 @@ has been checked. Needs root.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import queue
 import re
 import signal
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from foreground import PYTHON, ROOT
+from foreground import ForegroundDaemon as Daemon
 
 from linnixd.collector.cgroups import cgroup2_mount as find_cgroup2_mount
 from linnixd.demos import DEMOS
 
-ROOT = Path(__file__).resolve().parent.parent
-PYTHON = "/usr/bin/python3"
-READY_TIMEOUT_S = 120.0  # bcc compiles at start-up; slow when the shared host is busy
 START_RE = re.compile(
     r"^demo (?P<name>[a-z-]+): pid (?P<pid>\d+) \((?P<comm>[^)]+)\) in cgroup (?P<cgroup>\S+), "
     r"expecting rule (?P<rule>\w+)$"
@@ -43,109 +40,6 @@ def cgroup2_mount() -> Path:
     mount = find_cgroup2_mount()
     assert mount is not None, "no cgroup2 mount in /proc/self/mountinfo"
     return Path(mount)
-
-
-def proc_stat_processes() -> int:
-    for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith("processes "):
-            return int(line.split()[1])
-    raise AssertionError("no processes line in /proc/stat")
-
-
-class Daemon:
-    """linnixd --foreground --output json as a subprocess; alerts and stats collected by threads."""
-
-    def __init__(self, *extra: str) -> None:
-        self.proc = subprocess.Popen(
-            [
-                PYTHON,
-                "-m",
-                "linnixd",
-                "--foreground",
-                "--output",
-                "json",
-                "--stats-on-exit",
-                "--policy",
-                str(ROOT / "policy" / "rules.yaml"),
-                *extra,
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.alerts: list[dict[str, Any]] = []
-        self.changed = threading.Condition()
-        self.stats: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.log: list[str] = []
-        self.ready = threading.Event()
-        self.threads = [
-            threading.Thread(target=self._stdout, daemon=True),
-            threading.Thread(target=self._stderr, daemon=True),
-        ]
-        for t in self.threads:
-            t.start()
-
-    def _stdout(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self.changed:
-                try:
-                    self.alerts.append(json.loads(line))
-                except json.JSONDecodeError:
-                    self.log.append("stdout: " + line.rstrip())
-                self.changed.notify_all()
-
-    def _stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            line = line.rstrip()
-            if line.startswith('{"stats"'):
-                self.stats.put(json.loads(line)["stats"])
-                continue
-            self.log.append(line)
-            if line.startswith("linnixd: ready"):
-                self.ready.set()
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not self.ready.wait(0.2):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("linnixd did not become ready:\n" + "\n".join(self.log[-10:]))
-
-    def wait_alert(
-        self, match: Callable[[dict[str, Any]], bool], timeout: float, what: str
-    ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        with self.changed:
-            while True:
-                for alert in self.alerts:
-                    if match(alert):
-                        return alert
-                left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
-                    seen = [(a.get("rule"), a.get("pid"), a.get("cgroup")) for a in self.alerts]
-                    raise AssertionError(
-                        f"no {what} alert within {timeout:g} s; alerts seen: {seen}; "
-                        f"daemon log tail: {self.log[-5:]}"
-                    )
-                self.changed.wait(min(left, 0.5))
-
-    def snapshot(self) -> dict[str, Any]:
-        self.proc.send_signal(signal.SIGUSR1)
-        return self.stats.get(timeout=10)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for t in self.threads:
-            t.join(timeout=5)
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="module")
@@ -451,6 +345,19 @@ def test_circuit_breaker_names_the_demo_tree(daemon: Daemon) -> None:
     assert ev["tree_cpu_pct"] >= 0.5 * ev["cgroup_cpu_pct"]
 
 
+def stop_and_remove(proc: subprocess.Popen[bytes], cgroup_dir: Path) -> None:
+    """Kill a workload still running, then remove its cgroup (retried while its tasks exit)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for _ in range(50):
+        try:
+            cgroup_dir.rmdir()
+            break
+        except OSError:
+            time.sleep(0.1)
+
+
 def test_fork_storm_never_makes_pid1_a_circuit_breaker_culprit(daemon: Daemon) -> None:
     """stress-ng --fork 4 in its own cgroup: circuit_breaker, if it fires, names the storm's
     cgroup (or a tree that really held more of the CPU), never PID 1 for the storm's own wait."""
@@ -475,15 +382,7 @@ def test_fork_storm_never_makes_pid1_a_circuit_breaker_culprit(daemon: Daemon) -
         time.sleep(1.5)  # the last ticks
         share = (cpu_usage_s(storm) - usage0) / (host_busy_s() - busy0)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for _ in range(50):
-            try:
-                storm.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
+        stop_and_remove(proc, storm)
     fired = [a for a in daemon.alerts[seen:] if a.get("rule") == "circuit_breaker"]
     for a in fired:
         print(a["summary"])
@@ -524,15 +423,7 @@ def test_exec_churn_is_one_incident_per_parent(daemon: Daemon) -> None:
         proc.wait(timeout=60)
         time.sleep(5)  # the parents are gone: their incidents must not come back as new ones
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for _ in range(50):
-            try:
-                cg.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
+        stop_and_remove(proc, cg)
     fired = [
         a
         for a in daemon.alerts[seen:]
@@ -560,18 +451,11 @@ def test_fork_counts_agree_with_proc_stat(daemon: Daemon) -> None:
     Its counters are read each tick (0.5 s), so each end is bracketed by /proc/stat reads one
     second apart around the SIGUSR1 snapshot.
     """
-
-    def bracket() -> tuple[int, dict[str, Any], int]:
-        low = proc_stat_processes()
-        time.sleep(1.0)  # at least one tick lands between `low` and the snapshot
-        snap = daemon.snapshot()
-        return low, snap, proc_stat_processes()
-
-    low0, s0, high0 = bracket()
+    low0, s0, high0 = daemon.bracket()
     with Demo("fork-storm", "--duration", "3") as demo:
         assert demo.proc.wait(timeout=15) == 0
     time.sleep(1.0)
-    low1, s1, high1 = bracket()
+    low1, s1, high1 = daemon.bracket()
     counted = sum(s1["totals"][k] - s0["totals"][k] for k in ("forks", "threads"))
     assert low1 - high0 <= counted <= high1 - low0, (counted, low1 - high0, high1 - low0)
     assert counted >= 600  # 3 s at 200/s from the demo alone
