@@ -391,6 +391,15 @@ def _resolution_facts(facts: _Facts, r: Mapping[str, Any]) -> None:
         )
 
 
+# What the scheduler evidence could not attribute: (stall key, what its figure counts).
+_STALL_GAPS = (
+    ("unattributed_ms", "ms of run-queue wait could not be attributed to a culprit"),
+    ("unresolved_ms", "ms of stall is in cgroups whose path could not be resolved"),
+    ("migrated_waits", "waits ended on another CPU than they were queued on (since attach)"),
+    ("lost_waits", "waits were lost: the task's cgroup was never seen (since attach)"),
+)
+
+
 def _uncertain(s: Mapping[str, Any]) -> list[str]:
     out = []
     c = s.get("culprit") or {}
@@ -399,22 +408,7 @@ def _uncertain(s: Mapping[str, Any]) -> list[str]:
     if not stall.get("available"):
         out.append("no scheduler evidence (bpf/sched.c not loaded): nobody is named for CPU waits")
     else:
-        if stall.get("unattributed_ms"):
-            out.append(
-                f"{stall['unattributed_ms']} ms of run-queue wait could not be attributed to a culprit"
-            )
-        if stall.get("unresolved_ms"):
-            out.append(
-                f"{stall['unresolved_ms']} ms of stall is in cgroups whose path could not be resolved"
-            )
-        if stall.get("migrated_waits"):
-            out.append(
-                f"{stall['migrated_waits']} waits ended on another CPU than they were queued on (since attach)"
-            )
-        if stall.get("lost_waits"):
-            out.append(
-                f"{stall['lost_waits']} waits were lost: the task's cgroup was never seen (since attach)"
-            )
+        out += [f"{stall[key]} {what}" for key, what in _STALL_GAPS if stall.get(key)]
     if c.get("cgroup") and not c.get("cgroup_resolved"):
         out.append(f"the culprit's cgroup {c['cgroup']} was not among the sampled cgroups")
     if c.get("pid") is not None and not c.get("in_model"):
