@@ -200,3 +200,33 @@ def compile_program(src: Path, cflags: Sequence[str]) -> Any:
     raise KernelFeatureError(
         f"cannot load {src.name}: {message.splitlines()[0] if message else _first_error(text)}"
     ) from None
+
+
+class ShortLivedThreshold:
+    """The short-lived threshold bpf/lifecycle.c and bpf/net.c share: compiled in as
+    DEFAULT_SHORT_NS, then held in slot 0 of their `config` array so it changes without a
+    recompile. A collector sets `short_lived_s` through init_short_lived and `_bpf` on start."""
+
+    short_lived_s: float
+    _bpf: Any
+
+    def init_short_lived(self, seconds: float) -> None:
+        if seconds <= 0:
+            raise ValueError(f"short_lived_s must be positive, got {seconds}")
+        self.short_lived_s = seconds
+
+    def short_lived_cflag(self) -> str:
+        return f"-DDEFAULT_SHORT_NS={int(self.short_lived_s * 1e9)}ULL"
+
+    def set_short_lived(self, seconds: float) -> None:
+        """Change the short-lived threshold; takes effect in the kernel at once, no recompile."""
+        if seconds <= 0:
+            raise ValueError(f"short-lived threshold must be positive, got {seconds}")
+        self.short_lived_s = seconds
+        if self._bpf is not None:
+            self.write_short_lived()
+
+    def write_short_lived(self) -> None:
+        """Put the threshold into the running program's `config` map (after each compile)."""
+        table = self._bpf[b"config"]
+        table[table.Key(0)] = table.Leaf(int(self.short_lived_s * 1e9))

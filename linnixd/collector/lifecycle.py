@@ -11,7 +11,14 @@ from typing import Any
 from ..health import Health
 from ..model import ExecRecord, ExitRecord, LifecycleCounts, LifecycleTick
 from ..paths import bpf_dir
-from .bpfload import KernelFeatureError, compile_program, preflight, ringbuf_supported, source_text
+from .bpfload import (
+    KernelFeatureError,
+    ShortLivedThreshold,
+    compile_program,
+    preflight,
+    ringbuf_supported,
+    source_text,
+)
 from .cgroups import cgroup2_mount
 from .keyed import KeyedCounters
 
@@ -88,7 +95,7 @@ def _live_tgids(keys: list[int]) -> set[int]:
     return {k for k in keys if os.path.exists(f"/proc/{k}")}
 
 
-class LifecycleCollector:
+class LifecycleCollector(ShortLivedThreshold):
     """Counts forks, threads, execs and exits in the kernel; streams exec/exit records."""
 
     def __init__(
@@ -109,9 +116,7 @@ class LifecycleCollector:
         `cgroup_exists`: tells whether a cgroup id still exists (default: a scan of the cgroup2
         mount, only when some cgroup key has gone idle).
         """
-        if short_lived_s <= 0:
-            raise ValueError(f"short_lived_s must be positive, got {short_lived_s}")
-        self.short_lived_s = short_lived_s
+        self.init_short_lived(short_lived_s)
         self.use_ringbuf = use_ringbuf
         self.buffer_pages = buffer_pages
         self.parent_entries = parent_entries
@@ -152,16 +157,13 @@ class LifecycleCollector:
             f"-DPARENT_ENTRIES={self.parent_entries}",
             f"-DCGROUP_ENTRIES={self.cgroup_entries}",
             f"-DTASK_ENTRIES={self.task_entries}",
-            f"-DDEFAULT_SHORT_NS={self._short_ns()}ULL",
+            self.short_lived_cflag(),
         ]
         if ringbuf:
             flags.append(f"-DRINGBUF_PAGES={self._ringbuf_pages()}")
         else:
             flags.append("-DUSE_PERFBUF")
         return flags
-
-    def _short_ns(self) -> int:
-        return int(self.short_lived_s * 1e9)
 
     def _want_ringbuf(self) -> bool:
         return ringbuf_supported() if self.use_ringbuf is None else self.use_ringbuf
@@ -175,7 +177,7 @@ class LifecycleCollector:
         preflight(TRACEPOINTS)
         ringbuf = self._want_ringbuf()
         self._bpf = compile_program(self.src, self.cflags(ringbuf))
-        self._write_threshold()
+        self.write_short_lived()
         table = self._bpf[b"records"]
         try:
             if ringbuf:
@@ -196,18 +198,6 @@ class LifecycleCollector:
         self._health = [0] * NHEALTH
         self._parents = KeyedCounters(self._bpf[b"by_parent"], self.prune_after_ticks, _counts)
         self._cgroups = KeyedCounters(self._bpf[b"by_cgroup"], self.prune_after_ticks, _counts)
-
-    def set_short_lived(self, seconds: float) -> None:
-        """Change the short-lived threshold; takes effect in the kernel at once, no recompile."""
-        if seconds <= 0:
-            raise ValueError(f"short-lived threshold must be positive, got {seconds}")
-        self.short_lived_s = seconds
-        if self._bpf is not None:
-            self._write_threshold()
-
-    def _write_threshold(self) -> None:
-        table = self._bpf[b"config"]
-        table[table.Key(0)] = table.Leaf(self._short_ns())
 
     def _record(self, data: Any) -> None:
         r = ct.cast(data, ct.POINTER(_Record)).contents

@@ -25,7 +25,7 @@ from typing import Any
 from ..health import Health
 from ..model import NetCounts, NetnsSegments, NetTick, PortHolder, PortUsage
 from ..paths import bpf_dir
-from .bpfload import compile_program, preflight, source_text
+from .bpfload import ShortLivedThreshold, compile_program, preflight, source_text
 from .keyed import KeyedCounters
 
 TRACEPOINTS = ("sock/inet_sock_set_state", "tcp/tcp_retransmit_skb")
@@ -208,7 +208,7 @@ class _Namespace:
     hot_until: float = -1e18
 
 
-class NetCollector:
+class NetCollector(ShortLivedThreshold):
     """Counts TCP connections and retransmits in the kernel; measures port use where it matters."""
 
     def __init__(
@@ -226,9 +226,7 @@ class NetCollector:
     ) -> None:
         """`port_gate_pct`: share of a namespace's port range its processes must hold (by the
         kernel's counts) before /proc/PID/net/tcp is read to measure it."""
-        if short_lived_s <= 0:
-            raise ValueError(f"short_lived_s must be positive, got {short_lived_s}")
-        self.short_lived_s = short_lived_s
+        self.init_short_lived(short_lived_s)
         self.sock_entries = sock_entries
         self.tgid_entries = tgid_entries
         self.cgroup_entries = cgroup_entries
@@ -256,7 +254,7 @@ class NetCollector:
             f"-DTGID_ENTRIES={self.tgid_entries}",
             f"-DCGROUP_ENTRIES={self.cgroup_entries}",
             f"-DREMOTE_ENTRIES={self.remote_entries}",
-            f"-DDEFAULT_SHORT_NS={int(self.short_lived_s * 1e9)}ULL",
+            self.short_lived_cflag(),
         ]
 
     def dump_source(self) -> str:
@@ -267,7 +265,7 @@ class NetCollector:
         """Check the kernel, compile and attach; raises KernelFeatureError with the fix."""
         preflight(TRACEPOINTS)
         self._bpf = compile_program(self.src, self.cflags())
-        self._write_threshold()
+        self.write_short_lived()
         b = self._bpf
         n = self.prune_after_ticks
         self._tgids = KeyedCounters(b[b"by_tgid"], n, _counts, dirty=b[b"dirty_tgid"])
@@ -279,18 +277,6 @@ class NetCollector:
     @property
     def running(self) -> bool:
         return self._bpf is not None
-
-    def set_short_lived(self, seconds: float) -> None:
-        """Change the short-lived threshold; takes effect in the kernel at once, no recompile."""
-        if seconds <= 0:
-            raise ValueError(f"short-lived threshold must be positive, got {seconds}")
-        self.short_lived_s = seconds
-        if self._bpf is not None:
-            self._write_threshold()
-
-    def _write_threshold(self) -> None:
-        table = self._bpf[b"config"]
-        table[table.Key(0)] = table.Leaf(int(self.short_lived_s * 1e9))
 
     def close(self) -> None:
         """Detach and free the kernel side; safe to call twice or before start()."""
