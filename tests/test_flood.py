@@ -246,3 +246,100 @@ def test_every_standard_interface_answers_without_a_traceback(daemon: Any) -> No
         else:
             assert reply.message_type == MessageType.METHOD_RETURN, (where, reply.body)
     # the fixture asserts that the daemon's stderr never saw a traceback
+
+
+class FixedBus:
+    """dbus-daemon with the test config listening on a fixed socket path: it can be restarted."""
+
+    def __init__(self, tmp: Path) -> None:
+        conf = (ROOT / "tests" / "dbus" / "system-bus.conf").read_text()
+        self.socket = tmp / "bus.socket"
+        conf = conf.replace(
+            "<listen>unix:tmpdir=/tmp</listen>", f"<listen>unix:path={self.socket}</listen>"
+        ).replace(
+            "../../packaging/dbus/org.linnix.linnixd1.conf",
+            str(ROOT / "packaging" / "dbus" / "org.linnix.linnixd1.conf"),
+        )
+        self.config = tmp / "bus.conf"
+        self.config.write_text(conf)
+        self.address = f"unix:path={self.socket}"
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        self.socket.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            ["dbus-daemon", f"--config-file={self.config}", "--nofork", "--print-address=1"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip().startswith(self.address)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+def test_daemon_gets_back_on_a_restarted_bus_and_owns_its_name_again(tmp_path: Path) -> None:
+    """The bus daemon goes away under linnixd and comes back: reconnect, name owned, counted."""
+    bus = FixedBus(tmp_path)
+    bus.start()
+    state = tmp_path / "state"
+    state.mkdir(mode=0o750)
+    proc = subprocess.Popen(
+        [
+            "/usr/bin/python3",
+            "-m",
+            "linnixd",
+            "--bus",
+            bus.address,
+            "--state-dir",
+            str(state),
+            "--no-journal",
+            "--no-sched",
+            "--no-net",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            try:
+                first = status(bus.address, 5)
+                break
+            except client.BusClientError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.5)
+        bus.stop()
+        time.sleep(1.0)
+        bus.start()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                again = status(bus.address, 5)
+                break
+            except client.BusClientError:
+                assert proc.poll() is None, "the daemon exited instead of reconnecting"
+                assert time.monotonic() < deadline, "the daemon did not come back on the bus"
+                time.sleep(0.3)
+        assert first["health"]["bus"]["disconnects"] == 0
+        assert again["health"]["bus"]["disconnects"] == 1
+        assert again["health"]["bus"]["reconnects"] == 1
+        assert again["health"]["bus"]["connected"] == 1
+        assert again["ticks"] > first["ticks"]
+    finally:
+        proc.terminate()
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        bus.stop()
+    assert "Traceback" not in err, err[-3000:]
+    assert "lost the bus connection" in err and "back on the bus after" in err, err[-2000:]
