@@ -24,6 +24,7 @@ import pytest
 
 from linnixd.collector.cgroups import cgroup2_mount
 from linnixd.names import AlertNamer, NameResolver
+from tests.test_bus import PrivateBus, private_bus  # noqa: F401  (fixture)
 from tests.test_names import (
     CGROUPFS_CRIO,
     CID,
@@ -35,7 +36,6 @@ from tests.test_names import (
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = "/usr/bin/python3"
-BUS_CONFIG = ROOT / "tests" / "dbus" / "system-bus.conf"
 READY_TIMEOUT_S = 180.0
 ALERT_TIMEOUT_S = 90.0
 
@@ -98,20 +98,8 @@ class Lines:
 
 
 @pytest.fixture(scope="module")
-def bus() -> Iterator[str]:
-    proc = subprocess.Popen(
-        ["dbus-daemon", f"--config-file={BUS_CONFIG}", "--nofork", "--print-address=1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    address = proc.stdout.readline().strip()
-    try:
-        yield address
-    finally:
-        proc.terminate()
-        proc.wait(10)
+def bus(private_bus: PrivateBus) -> str:
+    return private_bus.address
 
 
 @pytest.fixture(scope="module")

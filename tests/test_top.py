@@ -12,12 +12,11 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_bus import PYTHON, CoreDouble, PrivateBus
+from test_bus import PYTHON, CoreDouble, PrivateBus, private_bus  # noqa: F401  (fixture)
 
 from linnixd.bus import serve
 from linnixd.top import COLUMNS, FETCH_ROWS, View, fit_label, render, select_rows
@@ -180,13 +179,6 @@ class Served:
         asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
-
-
-@pytest.fixture(scope="module")
-def private_bus() -> Iterator[PrivateBus]:
-    bus = PrivateBus()
-    yield bus
-    bus.stop()
 
 
 class Pane:

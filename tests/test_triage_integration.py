@@ -18,8 +18,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from foreground import PYTHON, ROOT
+from foreground import ForegroundDaemon as Daemon
 from test_bus import PrivateBus
-from test_integration import PYTHON, ROOT, Daemon, Demo, cgroup2_mount, wait_cpu_alert
+from test_integration import Demo, cgroup2_mount, wait_cpu_alert
 
 from linnixd.constants import EXIT_NOINPUT, EXIT_USAGE
 from linnixd.triage import MAX_SNAPSHOT_BYTES

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Iterator
 
-import pytest
 from dbus_next import Message, MessageType, Variant
 from dbus_next.aio import MessageBus
-from test_bus import PrivateBus
+from test_bus import PrivateBus, private_bus  # noqa: F401  (fixture)
 
 from linnixd.model import Alert, Culprit
 from linnixd.wire import (
@@ -103,13 +101,6 @@ def test_action_body_round_trip() -> None:
     assert len(body) == len(ACTION_SIGNATURE)
     expected = {k: v for k, v in event.items() if k != "extra"}
     assert decode_action("ActionTaken", body) == {"signal": "ActionTaken", **expected}
-
-
-@pytest.fixture(scope="module")
-def private_bus() -> Iterator[PrivateBus]:
-    bus = PrivateBus()
-    yield bus
-    bus.stop()
 
 
 def test_alert_signal_through_a_real_dbus_daemon(private_bus: PrivateBus) -> None:
