@@ -158,7 +158,9 @@ def test_flood_leaves_the_daemon_on_its_name_ticking_and_bounded(daemon: Any) ->
     assert result["recent_alerts"]["largest_reply"] <= 4 << 20  # the budget, under 32 MiB
     time.sleep(2.0)
     later = status(address)
-    assert before["ticks"] < after["ticks"] < later["ticks"]  # ticking through and after the flood
+    # ticking through the flood (no gap near the flood's length) and after it; a flood over
+    # within one tick may see no tick between `before` and `after`
+    assert before["ticks"] <= after["ticks"] < later["ticks"]
     assert gauge(after, "daemon", "longest_tick_gap_seconds") < 3.0
     assert after["_answered_in_s"] < 2.0
     bus_health = after["health"]["bus"]
