@@ -316,7 +316,7 @@ class CgroupResolver:
             return cached[1], cached[2]
         lowest: list[int | None] = [None, None]
         p = path
-        while p != "/":  # the root cgroup has no memory.max or memory.high
+        while p.startswith("/") and p != "/":  # the root cgroup has no memory.max or memory.high
             directory = self.directory(p)
             for i, name in enumerate(("memory.max", "memory.high")):
                 v = _read_limit(f"{directory}/{name}")

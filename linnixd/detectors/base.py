@@ -159,7 +159,7 @@ def is_ancestor_cgroup(ancestor: str, path: str) -> bool:
 
 def _nearest_sampled_ancestor(path: str, sampled: Mapping[str, Any]) -> str | None:
     """The closest strict ancestor of `path` present in `sampled`, or None."""
-    while path != "/":
+    while path.startswith("/") and path != "/":  # anything else (an unresolved marker) has none
         path = path.rsplit("/", 1)[0] or "/"
         if path in sampled:
             return path
