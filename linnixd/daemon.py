@@ -749,6 +749,17 @@ def _release_compiler_memory() -> int:
     return max(0, before - _vm_kb("VmRSS"))
 
 
+def _where(exc: BaseException) -> str:
+    """Where an exception was raised, as file:line in function (one line for the log)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return "unknown place"
+    code = tb.tb_frame.f_code
+    return f"{os.path.basename(code.co_filename)}:{tb.tb_lineno} in {code.co_name}"
+
+
 def _vm_kb(field: str) -> int:
     try:
         with open("/proc/self/status") as fh:
@@ -848,7 +859,9 @@ class Runner:
                 self.daemon.tick()
             except Exception as exc:  # a bad tick is counted and reported; the next one tries again
                 self.daemon.tick_errors += 1
-                self.daemon._report_once(f"tick {type(exc).__name__}", f"tick failed: {exc!r}")
+                self.daemon._report_once(
+                    f"tick {type(exc).__name__}", f"tick failed: {exc!r} ({_where(exc)})"
+                )
             tick_s = self.daemon.policy.daemon.tick_s
             next_at = max(next_at + tick_s, loop.time() + tick_s / 4)
             self.wake_event.clear()

@@ -470,6 +470,7 @@ def test_daemon_stops_cleanly_with_exit_stats(daemon: Daemon) -> None:
     assert daemon.stop() == 0
     final = daemon.stats.get(timeout=5)
     assert final["ticks"] > 0
-    assert final["detector_errors"] == 0 and final["tick_errors"] == 0
+    failures = [line for line in daemon.log if "failed" in line]
+    assert final["detector_errors"] == 0 and final["tick_errors"] == 0, failures
     assert final["counters"]["dropped_events"] == 0
     assert final["totals"]["forks"] >= 600
