@@ -139,6 +139,9 @@ class Daemon:
         self.ticks = 0
         self.detector_errors = 0
         self.tick_errors = 0
+        self.own_pid = os.getpid()
+        self.own_unit_cgroup = _own_unit_cgroup()
+        self.self_findings_dropped = 0  # findings that named the daemon itself (dropped)
         self.last_tick_mono = time.monotonic()
         self.last_tick_cost_s = 0.0
         self.longest_tick_gap_s = 0.0  # end to end, since start (a blocked loop shows here)
@@ -229,9 +232,21 @@ class Daemon:
             except Exception as exc:  # one broken detector must not stop the others
                 self.detector_errors += 1
                 self._report_once(f"detector {name}", f"detector {name} failed: {exc!r}")
+        own = [f for f in findings if self._is_self(f.culprit)]
+        if own:  # the monitor's own cost is not an incident; counted, never silent
+            self.self_findings_dropped += len(own)
+            findings = [f for f in findings if not self._is_self(f.culprit)]
         newest = window[-1]
         alerts = self.tracker.update(findings, newest.ts, newest.wall, cooldowns)
         return [self.emit(alert) for alert in alerts]
+
+    def _is_self(self, culprit: Any) -> bool:
+        """The daemon itself: its pid, or the cgroup of its own unit (nothing else runs there)."""
+        if culprit is None:
+            return False
+        if culprit.pid == self.own_pid:
+            return True
+        return self.own_unit_cgroup is not None and culprit.cgroup == self.own_unit_cgroup
 
     def name(self, alert: Alert) -> Alert:
         """The alert with the pod, namespace and container names the node knows (when it knows)."""
@@ -310,6 +325,7 @@ class Daemon:
                 "alerts": self.alert_count,
                 "detector_errors": self.detector_errors,
                 "tick_errors": self.tick_errors,
+                "self_findings_dropped": self.self_findings_dropped,
                 "listener_errors": self.subscriptions.failures,
                 "history_write_failures": self.history_write_failures,
             },
@@ -747,6 +763,19 @@ def _release_compiler_memory() -> int:
         # a refusal (EINVAL for PAGEOUT before 5.4) leaves that mapping as it was
         libc.madvise(start, end - start, MADV_DONTNEED if pristine else MADV_PAGEOUT)
     return max(0, before - _vm_kb("VmRSS"))
+
+
+def _own_unit_cgroup() -> str | None:
+    """This process's cgroup when it is linnixd's own systemd unit (the packaged service)."""
+    try:
+        with open("/proc/self/cgroup") as fh:
+            for line in fh:
+                if line.startswith("0::"):
+                    path = line[3:].strip()
+                    return path if path.endswith("/linnixd.service") else None
+    except OSError:
+        pass
+    return None
 
 
 def _where(exc: BaseException) -> str:
