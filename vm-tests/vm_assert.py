@@ -793,7 +793,8 @@ def tmux_screen(target: str) -> str:
     return sh(*TMUX, "capture-pane", "-p", "-t", target).stdout
 
 
-def tmux_wait(target: str, pred: Callable[[str], bool], timeout: float = 60.0) -> str:
+def tmux_wait(target: str, pred: Callable[[str], bool], timeout: float = 180.0) -> str:
+    # generous: python start-up and a bus round trip take seconds under emulation on a loaded host
     found = [""]
 
     def seen() -> bool:
@@ -1153,7 +1154,6 @@ def lifecycle_events(r: Report) -> None:
 
     policy = Path("/etc/linnixd/rules.yaml")
     good = policy.read_text()
-    restarts = int(prop("NRestarts") or 0)
     try:
         policy.write_text(good + "\nnot_a_section: true\n")
         sh("systemctl", "restart", UNIT, timeout=300)
@@ -1164,9 +1164,10 @@ def lifecycle_events(r: Report) -> None:
             failed
             and prop("ActiveState") == "failed"
             and prop("ExecMainStatus") == "78"
-            and int(prop("NRestarts") or 0) == restarts,
+            # a manual restart resets systemd's counter; any automatic restart would count here
+            and int(prop("NRestarts") or 0) == 0,
             f"state {prop('ActiveState')}, status {prop('ExecMainStatus')}, "
-            f"NRestarts {prop('NRestarts')} (was {restarts})",
+            f"NRestarts {prop('NRestarts')}",
         )
         text = prop("StatusText")
         tail = journal_tail()
