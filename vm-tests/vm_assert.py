@@ -484,8 +484,11 @@ def flood(r: Report) -> None:
         f"{later.get('ticks')}, restarts {restarts} -> {prop('NRestarts')}",
     )
     r.check(
-        "bus connection kept through the flood (health.bus), longest tick gap under 5 s (TCG)",
-        bus.get("connected") == 1 and bus.get("disconnects") == 0 and 0 <= gap < 5.0,
+        # software emulation runs Python ~10x slower than the host, where the gap stays under 3 s
+        # (tests/test_flood.py) and the old loop stalled 34 s; 3.6 to 12.7 s seen here on a
+        # loaded host: the bound keeps "tens of seconds" out, the figure keeps the rest
+        "bus connection kept through the flood (health.bus), longest tick gap under 20 s (TCG)",
+        bus.get("connected") == 1 and bus.get("disconnects") == 0 and 0 <= gap < 20.0,
         json.dumps(bus) + f" gap {gap}",
     )
     mid = sh(
@@ -522,8 +525,9 @@ def serve():
         c.close()
 threading.Thread(target=serve, daemon=True).start()
 port, done, start = srv.getsockname()[1], 0, time.monotonic()
-while time.monotonic() - start < seconds:
-    while done < int((time.monotonic() - start) * rate):
+while (elapsed := time.monotonic() - start) < seconds:
+    # catch up to the rate, but never past the run's end (a slow VM falls behind for good)
+    while done < int(elapsed * rate) and (elapsed := time.monotonic() - start) < seconds:
         socket.create_connection(("127.0.0.1", port)).close()
         done += 1
     time.sleep(0.001)
