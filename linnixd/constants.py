@@ -57,3 +57,6 @@ MESSAGE_IDS: dict[str, str] = {
 }
 
 SEVERITY_PRIORITY = {"info": 6, "notice": 5, "warning": 4, "critical": 2}
+
+# "some" pressure (percent) above which the host is not calm and a cgroup subtree is looked into
+PRESSURE_GATE_PCT = 5.0

@@ -24,6 +24,7 @@ from .constants import (
     EXIT_SOFTWARE,
     EXIT_UNAVAILABLE,
     HISTORY_DB,
+    PRESSURE_GATE_PCT,
     STATE_DIR,
 )
 from .daemonlog import LOG_ERR, LOG_NOTICE, LOG_WARNING, log
@@ -73,6 +74,13 @@ TOP_SORTS: dict[str, str | None] = {
     "retransmits": "retransmits_per_s",
 }
 HISTORY_SCAN = 10_000  # alerts read from the history at most to answer one filtered query
+# A calm tick (daemon.calm_tick_s apart): in the last tick the processes together used less
+# than CALM_CPU_PCT of one CPU and the host less than CALM_CPU_PCT of its CPUs, nothing was
+# created, exec'd or exited, no connection opened or segment was retransmitted, system
+# pressure stayed under the gate, MemAvailable fell slower than CALM_MEM_FALL_BPS and no
+# incident is open. The kernel counts on in between, so a calm tick loses nothing.
+CALM_CPU_PCT = 5.0
+CALM_MEM_FALL_BPS = 4 * 1024 * 1024
 
 
 def window_length(policy: Policy) -> int:
@@ -142,6 +150,7 @@ class Daemon:
         self.own_pid = os.getpid()
         self.own_unit_cgroup = _own_unit_cgroup()
         self.self_findings_dropped = 0  # findings that named the daemon itself (dropped)
+        self.calm_ticks = 0  # ticks that came calm_tick_s after the previous one
         self.last_tick_mono = time.monotonic()
         self.last_tick_cost_s = 0.0
         self.longest_tick_gap_s = 0.0  # end to end, since start (a blocked loop shows here)
@@ -213,6 +222,46 @@ class Daemon:
         self.tick_costs.append(self.last_tick_cost_s)
         self.tick_histogram.observe(self.last_tick_cost_s)
         return snap
+
+    def next_tick_s(self) -> float:
+        """Seconds to the next tick: tick_s, or calm_tick_s while the last tick found the host
+        calm (see CALM_CPU_PCT). A PSI trigger still wakes the loop at once; the first busy
+        tick after a calm one brings tick_s back."""
+        d = self.policy.daemon
+        calm_s = max(d.tick_s, d.calm_tick_s)
+        if calm_s > d.tick_s and self._calm():
+            self.calm_ticks += 1
+            return calm_s
+        return float(d.tick_s)
+
+    def longest_tick_s(self) -> float:
+        """The longest time between two ticks of a healthy loop (a calm tick's)."""
+        d = self.policy.daemon
+        return float(max(d.tick_s, d.calm_tick_s))
+
+    def _calm(self) -> bool:
+        if len(self.window) < 2:
+            return False
+        now, before = self.window[-1], self.window[-2]
+        if now.cpu_util_pct >= CALM_CPU_PCT:
+            return False
+        t = now.total
+        if t.forks or t.threads or t.execs or t.exits:
+            return False
+        n = now.net_total
+        if n is not None and (n.connects or n.accepts or n.failed or n.retransmits):
+            return False
+        gate = self.model.pressure_gate_pct if self.model is not None else PRESSURE_GATE_PCT
+        if any(max(ps.some_avg10, ps.some_pct) >= gate for ps in now.system_pressure.values()):
+            return False
+        fell = before.mem_available_bytes - now.mem_available_bytes
+        if now.mem_available_bytes and fell > CALM_MEM_FALL_BPS * max(now.interval_s, 0.001):
+            return False
+        procs = now.processes
+        ran = procs.keys() if now.changed is None else now.changed
+        if sum(procs[pid].cpu_pct for pid in ran if pid in procs) >= CALM_CPU_PCT:
+            return False
+        return not self.tracker.open_incidents()
 
     def evaluate(self) -> list[Alert]:
         """Run the enabled detectors over the window and turn findings into alerts."""
@@ -326,6 +375,7 @@ class Daemon:
                 "detector_errors": self.detector_errors,
                 "tick_errors": self.tick_errors,
                 "self_findings_dropped": self.self_findings_dropped,
+                "calm_ticks": self.calm_ticks,
                 "listener_errors": self.subscriptions.failures,
                 "history_write_failures": self.history_write_failures,
             },
@@ -891,7 +941,7 @@ class Runner:
                 self.daemon._report_once(
                     f"tick {type(exc).__name__}", f"tick failed: {exc!r} ({_where(exc)})"
                 )
-            tick_s = self.daemon.policy.daemon.tick_s
+            tick_s = self.daemon.next_tick_s()
             next_at = max(next_at + tick_s, loop.time() + tick_s / 4)
             self.wake_event.clear()
             stop = asyncio.ensure_future(self.stop_event.wait())
@@ -935,7 +985,7 @@ class Runner:
             down = [s.name for s in self.assembly.services if not getattr(s, "healthy", True)]
             if down:
                 self.notifier.status(f"degraded: {', '.join(down)} down, reconnecting")
-            elif stale < max(3 * self.daemon.policy.daemon.tick_s, interval / 2):
+            elif stale < max(3 * self.daemon.longest_tick_s(), interval / 2):
                 self.notifier.watchdog()
                 c = self.daemon.counters()
                 self.notifier.status(

@@ -18,6 +18,7 @@ from .collector.cgroups import UNRESOLVED, CgroupResolver
 from .collector.procfs import SAMPLE_S, ProcEntry, ProcScanner, SystemStat
 from .collector.psi import PsiReader, parse_pressure
 from .collector.taskcpu import TaskCpuReader
+from .constants import PRESSURE_GATE_PCT
 from .health import Health, Reporter
 from .model import (
     RESOURCES,
@@ -36,7 +37,6 @@ from .model import (
 RECONCILE_S = 30.0  # the background /proc walk, with a kernel CPU source
 CGROUP_RESAMPLE_S = 10.0  # a quiet cgroup is still re-sampled this often (a few per tick)
 CGROUP_RESAMPLE_BUDGET = 16  # quiet cgroups re-sampled per tick at most
-PRESSURE_GATE_PCT = 5.0  # "some" pressure (avg10) above which a subtree is looked into
 
 
 @dataclass(frozen=True)

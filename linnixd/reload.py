@@ -11,6 +11,7 @@ LIVE_PREFIXES = ("rules.", "enforcement.")
 APPLIED_DAEMON_KEYS = frozenset(
     {
         "daemon.tick_s",
+        "daemon.calm_tick_s",
         "daemon.max_processes",
         "daemon.max_cgroups",
         "daemon.short_lived_s",

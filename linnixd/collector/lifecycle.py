@@ -239,7 +239,9 @@ class LifecycleCollector(ShortLivedThreshold):
         self._moved_last = moved
         by_parent: dict[int, LifecycleCounts] = self._parents.read(walk)  # type: ignore[assignment]
         by_cgroup: dict[int, LifecycleCounts] = self._cgroups.read(walk)  # type: ignore[assignment]
-        self._health = self._health_counters()
+        if walk:
+            # bpf/lifecycle.c bumps a health slot only in a program run that bumps the totals
+            self._health = self._health_counters()
         # Records are consumed after the counters are read: a record may run one tick ahead of
         # its counter, never behind it.
         self._execs, self._exits = [], []
