@@ -228,6 +228,7 @@ class HostModel:
         tick = self.cpu.read()
         # the kernel says who ran; their CPU time is the kernel's own count in /proc/PID/stat
         changed |= self.scanner.update(tick.ns_by_tgid, tick.exited)
+        changed |= self.scanner.refresh_stale()
         now = self.scanner.now()
         if now - self._last_reconcile >= self.reconcile_s:
             self._last_reconcile = now

@@ -247,3 +247,55 @@ def test_a_process_that_moves_to_a_cgroup_then_sleeps_is_seen_there() -> None:
         child.kill()
         child.wait()
         os.rmdir(mount + rel)
+
+
+LEAK_THEN_SLEEP = """
+import sys
+print("ready", flush=True)
+sys.stdin.readline()
+blob = bytearray(64 << 20)  # 64 MiB touched: RSS grows, then the process only sleeps
+for i in range(0, len(blob), 4096):
+    blob[i] = 1
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_sleepers_are_re_read_a_few_per_tick_in_turn_never_in_a_burst() -> None:
+    """refresh_stale(): a process that never runs again has its RSS re-read once it is stale,
+    with at most `reads` re-reads and `looks` entries looked at per call."""
+    from linnixd.collector.procfs import RESAMPLE_S
+
+    clock = [100.0]
+    sleepers = [subprocess.Popen([SLEEP, "600"]) for _ in range(12)]
+    child = subprocess.Popen(
+        [sys.executable, "-c", LEAK_THEN_SLEEP], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline() == b"ready\n"
+        s = ProcScanner(clock=lambda: clock[0])
+        pids = [p.pid for p in sleepers] + [child.pid]
+        s.update({pid: 1 for pid in pids}, frozenset())  # first sight: full reads
+        rss_before = s.procs[child.pid].rss_bytes
+        child.stdin.write(b"\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == b"ready\n"  # grew by 64 MiB, now it sleeps
+        assert s.refresh_stale() == set()  # nothing is stale yet: nothing read
+        clock[0] += RESAMPLE_S
+        assert s.procs[child.pid].rss_bytes == rss_before  # not re-read yet: never ran
+        seen: set[int] = set()
+        for _ in range(len(s.procs)):  # one round at most: every entry is looked at once
+            got = s.refresh_stale(reads=3, looks=64)
+            assert len(got) <= 3
+            seen |= got
+            if set(pids) <= seen:
+                break
+        assert set(pids) <= seen
+        assert s.procs[child.pid].rss_bytes >= rss_before + (60 << 20)
+        assert s.procs[child.pid].sampled_at == clock[0]
+        assert not set(pids) & s.refresh_stale(reads=100, looks=10_000)  # fresh again
+    finally:
+        for p in [*sleepers, child]:
+            p.kill()
+            p.wait()

@@ -3,7 +3,8 @@
 Two ways to keep the process table: scan() reads every process (the fallback when the
 scheduler program is not loaded, and the start-up seed); update() reads only the processes
 the kernel saw run, rate-limited per process, with reconcile() as the slow background walk
-that catches what the kernel stream could not say (a lost exit note, a process that never ran).
+that catches what the kernel stream could not say (a lost exit note, a process that never ran)
+and refresh_stale() re-reading, a few per tick in turn, processes that never run.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 SLOW_REFRESH_S = 10.0  # limits and cgroup membership are re-read this often per process
 YOUNG_S = 5.0  # a process this new has its cgroup re-read each sample_s: runtimes move it now
 SAMPLE_S = 1.0  # kernel mode: uid and fd-table size of a running process at most this often
-RESAMPLE_S = 300.0  # reconcile(): a process that never runs is re-read this often (RSS drifts down)
+RESAMPLE_S = (
+    300.0  # refresh_stale(): a process that never runs is re-read this often (RSS drifts down)
+)
+STALE_READS = 8  # refresh_stale(): re-reads per tick at most (no tick carries a burst) ...
+STALE_LOOKS = 64  # ... and table entries looked at per tick at most
 FD_PREFILTER = 0.5  # count fds only when FDSize reaches this share of the soft limit
 CMDLINE_MAX = 4096
 
@@ -116,6 +121,7 @@ class ProcScanner:
         # pid -> when a read held back by sample_s (status, fds) or by the slow refresh (cgroup,
         # limits) falls due for a process that ran meanwhile: made then even if it sleeps from
         # then on (a process that opens fds or moves to a cgroup, then waits, is seen)
+        self._stale_turn: list[int] = []  # refresh_stale(): the pids still to look at this round
         self._owed: dict[int, float] = {}
 
     def health(self) -> Health:
@@ -207,8 +213,39 @@ class ProcScanner:
         """Host-wide figures (CPU busy share since the previous call, forks, file handles)."""
         return self._system()
 
-    def reconcile(self, budget: int = 200) -> set[int]:
-        """The slow walk: drop entries whose process is gone, read unseen ones, refresh a few stale ones."""
+    def refresh_stale(self, reads: int = STALE_READS, looks: int = STALE_LOOKS) -> set[int]:
+        """Re-read processes not sampled for RESAMPLE_S: every entry is looked at in turn, at
+        most `looks` per call and `reads` of them re-read, so a host of sleepers costs a few
+        reads per tick and never a burst (10,000 sleepers: each looked at every ~80 ticks)."""
+        now = self._clock()
+        changed: set[int] = set()
+        turn = self._stale_turn
+        for _ in range(looks):
+            if not turn:
+                turn.extend(self.procs)  # a new round: O(processes) once per round
+                turn.reverse()  # pop() from the end takes them in table order
+                if not turn:
+                    break
+            pid = turn.pop()
+            old = self.procs.get(pid)
+            if old is None or now - old.sampled_at < RESAMPLE_S:
+                continue
+            try:
+                entry = self._read(pid, f"{self.proc}/{pid}", old, now, 0.0, None)
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # gone: its exit, or the next reconcile(), takes it out
+            except PermissionError:
+                self.counters.permission_errors += 1
+                continue
+            if entry is not None:
+                self.procs[pid] = entry
+                changed.add(pid)
+            if len(changed) >= reads:
+                break
+        return changed
+
+    def reconcile(self) -> set[int]:
+        """The slow walk: drop entries whose process is gone and read the ones never seen."""
         now = self._clock()
         self.counters.reconciles += 1
         present = {int(n) for n in os.listdir(self.proc) if n.isdigit()}
@@ -218,11 +255,7 @@ class ProcScanner:
             del procs[pid]
             self.counters.stale_dropped += 1
             changed.add(pid)
-        stale = sorted(
-            (e.sampled_at, pid) for pid, e in procs.items() if now - e.sampled_at >= RESAMPLE_S
-        )
-        todo = [pid for pid in present if pid not in procs] + [pid for _, pid in stale[:budget]]
-        for pid in todo:
+        for pid in [pid for pid in present if pid not in procs]:
             old = procs.get(pid)
             try:
                 entry = self._read(pid, f"{self.proc}/{pid}", old, now, 0.0, None)
