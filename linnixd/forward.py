@@ -393,6 +393,11 @@ def post_json(url: str, body: bytes, headers: Mapping[str, str], timeout_s: floa
         raise DeliveryError(f"{type(exc).__name__}: {reason}") from None
 
 
+# A per-target counter exported under another name: one family per name in a textfile
+# (node_exporter refuses a file with a second HELP line for linnixd_forward_received_total).
+PER_TARGET_SERIES = {"received": "spooled"}
+
+
 @dataclass
 class TargetCounters:
     received: int = 0  # alerts put into this target's spool
@@ -696,8 +701,9 @@ class Forwarder:
             "linnixd_forward_open_incidents", "Incidents firing now", value=c["open_incidents"]
         )
         for name in TargetCounters.__dataclass_fields__:
+            exported = PER_TARGET_SERIES.get(name, name)
             family = CounterMetricFamily(
-                f"linnixd_forward_{name}_total", f"Per target: {name}", labels=["target"]
+                f"linnixd_forward_{exported}_total", f"Per target: {exported}", labels=["target"]
             )
             for target, counts in sorted(c["targets"].items()):
                 family.add_metric([target], counts[name])

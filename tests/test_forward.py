@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import yaml
+from nodeexporter import scrape_textfiles
 from prometheus_client.parser import text_string_to_metric_families
 
 from linnixd.forward import (
@@ -401,6 +402,16 @@ def test_webhook_is_signed_and_slack_gets_text(
         wait_until(both_delivered, what="linnixd_forward.prom")
         metrics = exported()
         assert oct(prom.stat().st_mode & 0o777) == "0o644"
+        # what a real node_exporter serves from the file: one family per name, nothing refused
+        body, err = scrape_textfiles(tmp_path)
+        served = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(body)
+            for s in f.samples
+        }
+        assert served[("node_textfile_scrape_error", ())] == 0, err
+        assert served[("linnixd_forward_delivered_total", (("target", "ops"),))] == 1
+        assert served[("linnixd_forward_spooled_total", (("target", "chat"),))] == 1
     finally:
         assert fwd.stop() == 0
     assert not prom.exists()  # removed at a clean stop

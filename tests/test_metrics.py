@@ -10,19 +10,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import signal
-import socket
 import stat
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from nodeexporter import NODE_EXPORTER, scrape_textfiles
 from prometheus_client.parser import text_string_to_metric_families
 
 from linnixd.config import load_policy
@@ -32,7 +30,6 @@ from linnixd.model import CgroupRunqueue, Owner, StallEdge, StallSnapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = "/usr/bin/python3"
-NODE_EXPORTER = shutil.which("prometheus-node-exporter")
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -350,25 +347,7 @@ def node_exporter_scrape(storm_daemon: Any) -> tuple[bytes, dict[Any, float], st
     writer = storm_daemon.writer
     data = render(storm_daemon)
     assert writer.write(data)
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            str(NODE_EXPORTER),
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--collector.disable-defaults",
-            "--collector.textfile",
-            f"--collector.textfile.directory={writer.directory}",
-            "--collector.pressure",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        body = _scrape(f"http://127.0.0.1:{port}/metrics", proc)
-    finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=10)
+    body, err = scrape_textfiles(writer.directory, "pressure")
     return data, samples(body), err
 
 
@@ -456,24 +435,6 @@ def test_dashboard_and_alert_rules_read_only_metrics_that_exist(
         "linnixd_alerts_total",
         "linnixd_stall_caused_seconds_total",
     } <= used
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _scrape(url: str, proc: subprocess.Popen[str]) -> str:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                return str(resp.read().decode())
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 @pytest.mark.bpf

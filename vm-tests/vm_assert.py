@@ -1173,7 +1173,7 @@ def fleet(r: Report) -> None:
             if "textfile" in line and not line.startswith("#")
         ]
         forward_log = sh("journalctl", "-u", FORWARD_UNIT, "-n", "8", "--no-pager").stdout
-        r.known(
+        r.check(
             "node_exporter serves linnixd-forward's counters (linnixd_forward.prom)",
             exported,
             f"linnixd_forward_delivered_total{{target=am}} = {delivered}; dir {listing}; "
