@@ -299,3 +299,37 @@ def test_sleepers_are_re_read_a_few_per_tick_in_turn_never_in_a_burst() -> None:
         for p in [*sleepers, child]:
             p.kill()
             p.wait()
+
+
+def test_the_slow_walk_lists_proc_a_chunk_per_tick_finds_the_missed_and_drops_the_gone() -> None:
+    """reconcile_step(): a bounded share of /proc per call; at the end of the walk the entries of
+    processes that are gone are dropped and the processes the table never knew are read."""
+    known = subprocess.Popen([SLEEP, "600"])
+    gone = subprocess.Popen([SLEEP, "600"])
+    missed = subprocess.Popen([SLEEP, "600"])
+    try:
+        s = ProcScanner()
+        s.update({known.pid: 1, gone.pid: 1}, frozenset())
+        assert {known.pid, gone.pid} <= s.procs.keys() and missed.pid not in s.procs
+        gone.kill()
+        gone.wait()  # reaped, and its exit never told to the scanner
+        entries = sum(1 for _ in os.scandir("/proc"))
+        steps, changed, done = 0, set(), False
+        while not done:
+            step, done = s.reconcile_step(chunk=16)
+            steps += 1
+            changed |= step
+            if not done:
+                assert gone.pid in s.procs  # dropped only once the whole walk has been made
+        assert steps >= entries // 16 - 2  # no call listed more than its chunk
+        assert gone.pid not in s.procs and gone.pid in changed
+        assert known.pid in s.procs
+        assert missed.pid in s.procs and missed.pid in changed
+        assert s.counters.stale_dropped >= 1 and s.counters.missed_found >= 1
+        assert s.counters.reconciles == 1
+        s.reconcile()  # the whole walk in one call is the same walk
+        assert s.counters.reconciles == 2 and missed.pid in s.procs
+    finally:
+        for p in (known, missed):
+            p.kill()
+            p.wait()

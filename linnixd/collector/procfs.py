@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..health import Health
 
@@ -26,6 +27,7 @@ RESAMPLE_S = (
 )
 STALE_READS = 8  # refresh_stale(): re-reads per tick at most (no tick carries a burst) ...
 STALE_LOOKS = 64  # ... and table entries looked at per tick at most
+RECONCILE_CHUNK = 1024  # reconcile_step(): /proc entries listed per tick
 FD_PREFILTER = 0.5  # count fds only when FDSize reaches this share of the soft limit
 CMDLINE_MAX = 4096
 
@@ -121,6 +123,9 @@ class ProcScanner:
         # pid -> when a read held back by sample_s (status, fds) or by the slow refresh (cgroup,
         # limits) falls due for a process that ran meanwhile: made then even if it sleeps from
         # then on (a process that opens fds or moves to a cgroup, then waits, is seen)
+        self._walk: Any = None  # reconcile_step(): the os.scandir() of the walk under way
+        self._walk_seen: set[int] = set()
+        self._walk_known: set[int] = set()
         self._stale_turn: list[int] = []  # refresh_stale(): the pids still to look at this round
         self._owed: dict[int, float] = {}
 
@@ -245,33 +250,55 @@ class ProcScanner:
         return changed
 
     def reconcile(self) -> set[int]:
-        """The slow walk: drop entries whose process is gone and read the ones never seen."""
+        """The whole slow walk at once: drop entries whose process is gone, read unseen ones."""
+        changed: set[int] = set()
+        done = False
+        while not done:
+            step, done = self.reconcile_step(chunk=1 << 30)
+            changed |= step
+        return changed
+
+    def reconcile_step(self, chunk: int = RECONCILE_CHUNK) -> tuple[set[int], bool]:
+        """The slow walk, `chunk` /proc entries per call (no tick lists 10,000 at once): reads
+        the processes the table does not know; at the end drops the entries of processes the
+        walk did not see and that are gone. Returns (changed pids, walk finished)."""
+        if self._walk is None:
+            self.counters.reconciles += 1
+            self._walk = os.scandir(self.proc)
+            self._walk_seen = set()
+            self._walk_known = set(self.procs)  # a process born during the walk is not dropped
         now = self._clock()
-        self.counters.reconciles += 1
-        present = {int(n) for n in os.listdir(self.proc) if n.isdigit()}
         changed: set[int] = set()
         procs = self.procs
-        for pid in [p for p in procs if p not in present]:
-            del procs[pid]
-            self.counters.stale_dropped += 1
-            changed.add(pid)
-        for pid in [pid for pid in present if pid not in procs]:
-            old = procs.get(pid)
-            try:
-                entry = self._read(pid, f"{self.proc}/{pid}", old, now, 0.0, None)
-            except (FileNotFoundError, ProcessLookupError):
-                procs.pop(pid, None)
-                continue
-            except PermissionError:
-                self.counters.permission_errors += 1
-                continue
-            if entry is None:
-                continue
-            if old is None:
-                self.counters.missed_found += 1
-            procs[pid] = entry
-            changed.add(pid)
-        return changed
+        for listed, d in enumerate(self._walk, 1):
+            name = d.name
+            if name.isdigit():
+                pid = int(name)
+                self._walk_seen.add(pid)
+                if pid not in procs:
+                    try:
+                        entry = self._read(pid, f"{self.proc}/{pid}", None, now, 0.0, None)
+                    except (FileNotFoundError, ProcessLookupError):
+                        entry = None
+                    except PermissionError:
+                        self.counters.permission_errors += 1
+                        entry = None
+                    if entry is not None:
+                        self.counters.missed_found += 1
+                        procs[pid] = entry
+                        changed.add(pid)
+            if listed >= chunk:
+                return changed, False
+        self._walk.close()
+        self._walk = None
+        for pid in self._walk_known - self._walk_seen:
+            if pid in procs and not os.path.exists(f"{self.proc}/{pid}"):
+                del procs[pid]
+                self.counters.stale_dropped += 1
+                changed.add(pid)
+        self._walk_seen = set()
+        self._walk_known = set()
+        return changed, True
 
     def scan(self) -> Scan:
         now = self._clock()
