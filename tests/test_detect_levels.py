@@ -101,3 +101,31 @@ def test_psi_saturation_per_cgroup_names_the_most_specific() -> None:
     cfg = rule_cfg("psi_saturation", exclude={"units": ["db.service"]})
     assert {f.key for f in PSI.evaluate(window, cfg)} == {"system:cpu"}
     assert PSI.evaluate(window, rule_cfg("psi_saturation", resources=["io", "memory"])) == []
+
+
+def test_fd_exhaustion_follows_the_counted_processes_across_ticks() -> None:
+    """Ticks with a `changed` set: only rebuilt samples are looked at, with the same findings
+    as a full look; a window that does not follow the last one is looked at whole."""
+    from dataclasses import replace
+
+    det = FdExhaustionDetector()
+    cfg = rule_cfg("fd_exhaustion")
+    quiet = [proc(p, 1, f"p{p}", fds=None, fd_limit=1024) for p in range(400, 420)]
+    leaky = proc(300, 1, "leaky", fds=900, fd_limit=1024)
+    other = proc(301, 1, "other", fds=990, fd_limit=1024)
+
+    def tick(i: int, procs: list, changed: set[int] | None):  # type: ignore[type-arg]
+        return replace(snap(i, procs), changed=None if changed is None else frozenset(changed))
+
+    t0 = tick(0, [leaky, *quiet], None)
+    assert [f.culprit.pid for f in det.evaluate([t0], cfg)] == [300]
+    t1 = tick(1, [leaky, *quiet], set())  # nothing rebuilt: the count still stands
+    assert [f.culprit.pid for f in det.evaluate([t0, t1], cfg)] == [300]
+    fell = replace(leaky, fd_count=None)  # closed its fds: below the collector's prefilter
+    t2 = tick(2, [fell, other, *quiet], {300, 301})
+    assert [f.culprit.pid for f in det.evaluate([t1, t2], cfg)] == [301]
+    t3 = tick(3, [fell, *quiet], set())  # 301 exited: gone from the table, gone from the set
+    assert det.evaluate([t2, t3], cfg) == []
+    # a window that does not follow the last evaluated snapshot is looked at whole
+    far = tick(9, [leaky, *quiet], set())
+    assert [f.culprit.pid for f in det.evaluate([tick(8, [leaky], set()), far], cfg)] == [300]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..model import Culprit, Finding, Snapshot
+from ..model import Culprit, Finding, ProcessSample, Snapshot
 from ..settings import RuleSettings, percent
 from .base import Exclusions, process_culprit, process_key, severity
 
@@ -25,6 +25,30 @@ class FdExhaustionDetector:
     settings = FdExhaustion
     needs: frozenset[str] = frozenset()
 
+    def __init__(self) -> None:
+        # pids whose sample in the snapshot at _counted_ts carries an fd count (the collector
+        # counts only past its FDSize prefilter): kept across ticks from each snapshot's
+        # `changed`, so a tick looks at the few counted processes, not at every process
+        self._counted: set[int] = set()
+        self._counted_ts: float | None = None
+
+    def _with_counts(self, window: Sequence[Snapshot]) -> list[ProcessSample]:
+        newest = window[-1]
+        procs = newest.processes
+        follows = len(window) > 1 and window[-2].ts == self._counted_ts
+        if newest.changed is None or not follows:
+            self._counted = {pid for pid, p in procs.items() if p.fd_count is not None}
+        else:
+            for pid in newest.changed:
+                q = procs.get(pid)
+                if q is not None and q.fd_count is not None:
+                    self._counted.add(pid)
+                else:
+                    self._counted.discard(pid)
+            self._counted = {pid for pid in self._counted if pid in procs}
+        self._counted_ts = newest.ts
+        return [procs[pid] for pid in sorted(self._counted)]
+
     def evaluate(self, window: Sequence[Snapshot], cfg: FdExhaustion) -> list[Finding]:
         if not window:
             return []
@@ -32,7 +56,7 @@ class FdExhaustionDetector:
         ex = Exclusions(cfg)
         process_pct = float(cfg.process_pct)
         findings = []
-        for p in newest.processes.values():
+        for p in self._with_counts(window):
             if p.fd_count is None or not p.fd_soft_limit:
                 continue
             pct = 100.0 * p.fd_count / p.fd_soft_limit
