@@ -116,9 +116,14 @@ def _fork_storm(args: argparse.Namespace) -> int:
     start = time.monotonic()
     count = 0
     unreaped = 0
+    last = start
+    longest_pause = 0.0  # the longest time between two forks: a starved demo shows it here
     while time.monotonic() - start < args.duration:
         if os.fork() == 0:
             os._exit(0)
+        now = time.monotonic()
+        longest_pause = max(longest_pause, now - last)
+        last = now
         count += 1
         unreaped += 1
         # Reap without waiting for each child to run: on a busy host that wait caps the rate.
@@ -131,7 +136,10 @@ def _fork_storm(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - start
     for _ in range(unreaped):
         os.waitpid(-1, 0)
-    _say(f"demo fork-storm: done, {count} processes created in {elapsed:.1f} s")
+    _say(
+        f"demo fork-storm: done, {count} processes created in {elapsed:.1f} s "
+        f"(longest pause between two {longest_pause:.2f} s)"
+    )
     return EXIT_OK
 
 

@@ -79,6 +79,7 @@ class Demo:
         self.comm = m["comm"]
         self.cgroup = m["cgroup"]
         self.rule = m["rule"]
+        self.out = ""  # what the demo printed after its start line (read when it ends)
         assert self.cgroup == "/" + self.cgroup_dir.name
 
     def __enter__(self) -> Demo:
@@ -87,7 +88,7 @@ class Demo:
     def __exit__(self, *exc: object) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # the demo kills its whole process group
-        self.proc.communicate(timeout=15)
+        self.out, _ = self.proc.communicate(timeout=15)
         deadline = time.monotonic() + 5
         procs = self.cgroup_dir / "cgroup.procs"
         while procs.read_text().strip() and time.monotonic() < deadline:
@@ -148,9 +149,21 @@ def test_idle_host_gives_no_alert(daemon: Daemon) -> None:
 
 
 def test_fork_storm_names_the_forking_parent(daemon: Daemon) -> None:
+    missed: AssertionError | None = None
     with Demo("fork-storm", "--duration", "5") as demo:
         assert demo.rule == "fork_storm"
-        alert = daemon.wait_alert(demo.ours, 15, "fork_storm")
+        try:
+            alert = daemon.wait_alert(demo.ours, 15, "fork_storm")
+        except AssertionError as exc:
+            missed = exc
+    if missed is not None:
+        # fork_storm needs every tick interval of 2 s above 10/s: a demo the host starved for
+        # most of a tick (it says so) cannot show the rule; one that was not starved and got
+        # no alert is a failure
+        m = re.search(r"between two ([\d.]+) s", demo.out)
+        if m is not None and float(m[1]) > 0.3:
+            pytest.skip(f"host too busy: the fork-storm demo was starved ({demo.out.strip()})")
+        raise AssertionError(f"{missed}; demo: {demo.out.strip()[-200:]}")
     assert alert["pid"] == demo.pid and alert["comm"] == "lx-forkstorm"
     assert alert["kind"] == "process"
     ev = alert["evidence"]
