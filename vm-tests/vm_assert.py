@@ -339,7 +339,9 @@ def run(r: Report) -> None:
         "journalctl -u linnixd LINNIX_RULE=fork_storm names the demo's process",
         bool(named),
         f"demo pid {demo.pid} comm {demo_comm!r}; {len(entries)} entries; first: "
-        + (entries[0].get("MESSAGE", "") if entries else "none"),
+        + (entries[0].get("MESSAGE", "") if entries else "none")
+        # a starved demo says so (its rate and longest pause): the rule needs 2 s above 10/s
+        + f"; demo: {demo_out.strip().splitlines()[-1] if demo_out.strip() else ''}",
     )
 
     def monitored() -> bool:
