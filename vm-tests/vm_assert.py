@@ -39,15 +39,18 @@ class Report:
         self.figures = (RESULTS / "figures.tsv").open("w")
         self.failed = 0
 
-    def check(self, name: str, ok: bool, detail: str) -> bool:
-        self.failed += 0 if ok else 1
+    def _row(self, name: str, result: str, detail: str, head: int, tail: int) -> None:
         flat = " ".join(detail.split())
-        # failures keep both ends of long output: the command's start and its final error
-        flat = flat if len(flat) <= 600 else flat[:250] + " ... " + flat[-340:]
-        line = f"{name}\t{'PASS' if ok else 'FAIL'}\t{flat}"
+        # long output keeps both ends: the command's start and its final error
+        flat = flat if len(flat) <= head + tail + 10 else flat[:head] + " ... " + flat[-tail:]
+        line = f"{name}\t{result}\t{flat}"
         print(line, flush=True)
         self.results.write(line + "\n")
         self.results.flush()
+
+    def check(self, name: str, ok: bool, detail: str) -> bool:
+        self.failed += 0 if ok else 1
+        self._row(name, "PASS" if ok else "FAIL", detail, 250, 340)
         return ok
 
     def known(self, name: str, ok: bool, detail: str) -> bool:
@@ -56,12 +59,7 @@ class Report:
         vm-tests/run prints it with its detail but does not fail the run on it; it turns PASS
         the day the gap is fixed, and the detail carries what is needed to find the cause.
         """
-        flat = " ".join(detail.split())
-        flat = flat if len(flat) <= 900 else flat[:300] + " ... " + flat[-590:]
-        line = f"{name}\t{'PASS' if ok else 'KNOWN'}\t{flat}"
-        print(line, flush=True)
-        self.results.write(line + "\n")
-        self.results.flush()
+        self._row(name, "PASS" if ok else "KNOWN", detail, 300, 590)
         return ok
 
     def figure(self, name: str, value: str) -> None:
