@@ -60,3 +60,4 @@ SEVERITY_PRIORITY = {"info": 6, "notice": 5, "warning": 4, "critical": 2}
 
 # "some" pressure (percent) above which the host is not calm and a cgroup subtree is looked into
 PRESSURE_GATE_PCT = 5.0
+KTHREADD_PID = 2  # the parent of every kernel thread (in the initial pid namespace)

@@ -67,6 +67,21 @@ def test_any_activity_brings_tick_s_back(what: str, newest: Snapshot) -> None:
     assert daemon.calm_ticks == 0
 
 
+def test_kernel_threads_do_not_break_calm_but_a_user_process_beside_them_does() -> None:
+    """kdamond at 30% of one CPU (15% of a 2-CPU host, all of it the kthread's) is housekeeping:
+    still calm. The same host CPU from a user process is not."""
+    kdamond = proc(79, 2, "kdamond.0", cpu=30.0)
+    kthreadd = proc(2, 0, "kthreadd", cpu=CALM_CPU_PCT)
+    busy_kernel = with_(snap(1, [*QUIET, kdamond, kthreadd]), cpu_util_pct=17.4, ncpu=2)
+    assert daemon_with(snap(0, QUIET), busy_kernel).next_tick_s() == 1.0
+    user = proc(300, 1, "worker", cpu=CALM_CPU_PCT)
+    beside = with_(snap(1, [*QUIET, kdamond, user]), cpu_util_pct=17.4, ncpu=2)
+    assert daemon_with(snap(0, QUIET), beside).next_tick_s() == 0.5
+    # host CPU the processes do not explain (softirq, a process not read): counted as user
+    unexplained = with_(snap(1, [*QUIET, kdamond]), cpu_util_pct=15.0 + CALM_CPU_PCT, ncpu=2)
+    assert daemon_with(snap(0, QUIET), unexplained).next_tick_s() == 0.5
+
+
 def test_memory_falling_fast_is_not_calm_and_slowly_is() -> None:
     gib = 1 << 30
     before = with_(snap(0, QUIET), mem_available_bytes=4 * gib)

@@ -331,7 +331,10 @@ def test_fork_storm_figures_in_the_textfile(storm_daemon: Any) -> None:
     )
     assert value(parsed, "linnixd_alerts_total", rule="fork_storm", severity="warning") >= 1
     assert value(parsed, "linnixd_build_info", version=daemon.version) == 1
-    assert value(parsed, "linnixd_tick_duration_seconds_count") == daemon.ticks
+    # every tick but the baseline read, which is start-up work with a gauge of its own
+    assert value(parsed, "linnixd_tick_duration_seconds_count") == daemon.ticks - 1
+    baseline = value(parsed, "linnixd_daemon_baseline_tick_seconds")
+    assert baseline == round(daemon.baseline_tick_s, 3) > 0
     assert value(parsed, "linnixd_daemon_ticks_total") == daemon.ticks
     assert value(parsed, "linnixd_incidents_open", rule="fork_storm") in (0.0, 1.0)
     assert value(parsed, "linnixd_cgroup_runqueue_wait_seconds_total", owner="other") >= 0
