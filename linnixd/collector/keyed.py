@@ -139,3 +139,33 @@ def _minus(now: Values, prev: Values | None) -> Values:
     if prev is None:
         return now
     return tuple(a - b for a, b in zip(now, prev, strict=True))
+
+
+class PerCpuSlots:
+    """Slots of a kernel per-CPU array, read into one buffer made once (bcc builds a key, a
+    leaf and a list per lookup; a per-tick read of a fixed slot needs none of that).
+
+    `read(i)` returns the per-CPU values of slot i as a ctypes array, valid until the next read.
+    """
+
+    def __init__(self, table: Any) -> None:
+        import ctypes as ct
+
+        from bcc.libbcc import lib  # type: ignore[import-not-found]
+
+        self._ct = ct
+        self._lookup = lib.bpf_lookup_elem
+        self._fd = table.map_fd
+        self._key = table.Key(0)
+        self._leaf = table.Leaf()  # bcc's per-CPU leaf: one value per possible CPU
+
+    def read(self, index: int = 0) -> Any:
+        ct = self._ct
+        self._key.value = index
+        if self._lookup(self._fd, ct.byref(self._key), ct.byref(self._leaf)) < 0:
+            raise OSError(ct.get_errno(), f"per-CPU slot {index} could not be read")
+        return self._leaf
+
+    def sum(self, index: int) -> int:
+        """Slot `index` of a per-CPU array of integers, summed over CPUs."""
+        return int(sum(self.read(index)))

@@ -20,7 +20,7 @@ from .bpfload import (
     source_text,
 )
 from .cgroups import cgroup2_mount
-from .keyed import KeyedCounters
+from .keyed import KeyedCounters, PerCpuSlots
 
 TRACEPOINTS = (
     "task/task_newtask",
@@ -129,6 +129,8 @@ class LifecycleCollector(ShortLivedThreshold):
         self._transport: str | None = None
         self._parents: KeyedCounters[LifecycleCounts] | None = None
         self._cgroups: KeyedCounters[LifecycleCounts] | None = None
+        self._totals: PerCpuSlots | None = None
+        self._health_slots: PerCpuSlots | None = None
         self._prev_total: Counts = ZERO
         self._moved_last = True
         self._execs: list[ExecRecord] = []
@@ -198,6 +200,8 @@ class LifecycleCollector(ShortLivedThreshold):
         self._health = [0] * NHEALTH
         self._parents = KeyedCounters(self._bpf[b"by_parent"], self.prune_after_ticks, _counts)
         self._cgroups = KeyedCounters(self._bpf[b"by_cgroup"], self.prune_after_ticks, _counts)
+        self._totals = PerCpuSlots(self._bpf[b"totals"])
+        self._health_slots = PerCpuSlots(self._bpf[b"health"])
 
     def _record(self, data: Any) -> None:
         r = ct.cast(data, ct.POINTER(_Record)).contents
@@ -223,15 +227,17 @@ class LifecycleCollector(ShortLivedThreshold):
         self._record(data)
 
     def _health_counters(self) -> list[int]:
-        table = self._bpf[b"health"]
-        return [int(table.sum(table.Key(i)).value) for i in range(NHEALTH)]
+        assert self._health_slots is not None
+        return [self._health_slots.sum(i) for i in range(NHEALTH)]
 
     def read(self) -> LifecycleTick:
         """Deltas since the previous read (the first one: since attach) plus the new records."""
         if self._bpf is None or self._parents is None or self._cgroups is None:
             raise RuntimeError("LifecycleCollector.read() before start()")
+        assert self._totals is not None
+        per_cpu = self._totals.read(0)
         total_now: Counts = tuple(  # type: ignore[assignment]
-            sum(cpu.v[i] for cpu in self._bpf[b"totals"][ct.c_int(0)]) for i in range(5)
+            sum(cpu.v[i] for cpu in per_cpu) for i in range(5)
         )
         # a keyed bump may land just after its totals bump: walk once more after they stop
         moved = total_now != self._prev_total

@@ -26,7 +26,7 @@ from ..health import Health
 from ..model import NetCounts, NetnsSegments, NetTick, PortHolder, PortUsage
 from ..paths import bpf_dir
 from .bpfload import ShortLivedThreshold, compile_program, preflight, source_text
-from .keyed import KeyedCounters
+from .keyed import KeyedCounters, PerCpuSlots
 
 TRACEPOINTS = ("sock/inet_sock_set_state", "tcp/tcp_retransmit_skb")
 
@@ -239,6 +239,8 @@ class NetCollector(ShortLivedThreshold):
         self._tgids: KeyedCounters[NetCounts] | None = None
         self._cgroups: KeyedCounters[NetCounts] | None = None
         self._remotes: KeyedCounters[tuple[int, ...]] | None = None
+        self._totals: PerCpuSlots | None = None
+        self._health_slots: PerCpuSlots | None = None
         self._prev_total: tuple[int, ...] = (0,) * NCOUNTS
         self._time_wait: dict[int, collections.deque[tuple[float, int]]] = {}
         self._netns: dict[int, _Namespace] = {}
@@ -271,6 +273,8 @@ class NetCollector(ShortLivedThreshold):
         self._tgids = KeyedCounters(b[b"by_tgid"], n, _counts, dirty=b[b"dirty_tgid"])
         self._cgroups = KeyedCounters(b[b"by_cgroup"], n, _counts, dirty=b[b"dirty_cgroup"])
         self._remotes = KeyedCounters(b[b"by_remote"], n, tuple, dirty=b[b"dirty_remote"])
+        self._totals = PerCpuSlots(b[b"totals"])
+        self._health_slots = PerCpuSlots(b[b"health"])
         self._prev_total = (0,) * NCOUNTS
         self._time_wait.clear()
 
@@ -292,7 +296,8 @@ class NetCollector(ShortLivedThreshold):
             raise RuntimeError("NetCollector.read() before start()")
         assert self._remotes is not None
         now = self.clock()
-        totals = self._bpf[b"totals"][ct.c_int(0)]
+        assert self._totals is not None
+        totals = self._totals.read(0)
         total_now = tuple(sum(cpu.v[i] for cpu in totals) for i in range(NCOUNTS))
         total = NetCounts(*(a - b for a, b in zip(total_now, self._prev_total, strict=True)))
         self._prev_total = total_now
@@ -350,8 +355,8 @@ class NetCollector(ShortLivedThreshold):
         )
 
     def _health_counters(self) -> list[int]:
-        table = self._bpf[b"health"]
-        return [int(table.sum(table.Key(i)).value) for i in range(NHEALTH)]
+        assert self._health_slots is not None
+        return [self._health_slots.sum(i) for i in range(NHEALTH)]
 
     def open_connections(self) -> dict[int, int]:
         """connect()ed sockets not yet closed, by tgid (kernel counts since attach; nonzero only)."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..health import Health
+from .keyed import PerCpuSlots
 
 SLOT_MULT = 2654435761  # task_slot() in bpf/sched.c: pid times this, modulo the table size
 
@@ -71,8 +72,10 @@ class TaskCpuReader:
         self._lib = lib
         self._tasks = bpf[b"tasks"]
         self._ran = bpf[b"ran"]
-        self._cpus = bpf[b"cpus"]
+        self._cpus = PerCpuSlots(bpf[b"cpus"])
         self._config = bpf[b"config"]
+        self._config_key = self._config.Key(0)
+        self._config_leaf = self._config.Leaf(0)
         self._mask = task_entries - 1
         self._epoch = 0
         self._threads: dict[int, _Thread] = {}
@@ -99,7 +102,14 @@ class TaskCpuReader:
 
     def next_epoch(self) -> None:
         self._epoch = (self._epoch + 1) & 0xFFFFFFFF or 1
-        self._config[self._config.Key(0)] = self._config.Leaf(self._epoch)
+        self._config_leaf.value = self._epoch
+        if (
+            self._lib.bpf_update_elem(
+                self._config.map_fd, ct.byref(self._config_key), ct.byref(self._config_leaf), 0
+            )
+            < 0
+        ):
+            raise OSError(ct.get_errno(), "the scheduler program's epoch could not be written")
 
     def _drain(self) -> list[tuple[int, int, int, int]]:
         """(pid, tgid, dead, run_ns) of every note in `ran`, each taken out atomically."""
@@ -132,7 +142,7 @@ class TaskCpuReader:
 
     def _open_segments(self) -> dict[int, int]:
         """Running thread -> switch-in time (ns, CLOCK_MONOTONIC), one per busy CPU."""
-        per_cpu = self._cpus.getvalue(self._cpus.Key(0))
+        per_cpu = self._cpus.read(0)
         return {int(c.curr_pid): int(c.curr_start) for c in per_cpu if c.curr_pid and c.curr_start}
 
     def _slot(self, pid: int) -> tuple[int, int] | None:
