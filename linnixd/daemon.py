@@ -1001,7 +1001,10 @@ class Runner:
 
     async def _watchdog(self) -> None:
         """WATCHDOG=1 only while ticks complete and the bus is up: a stuck loop or a daemon
-        that cannot get back on its bus gets the service restarted."""
+        that cannot get back on its bus gets the service restarted. With no service manager
+        listening there is no one to tell: no loop."""
+        if not self.notifier.enabled:
+            return
         interval = int(os.environ.get("WATCHDOG_USEC", "0") or 0) / 1e6 or 5.0
         while True:
             await asyncio.sleep(interval / 2)

@@ -80,6 +80,9 @@ class Sink(Protocol):
 class Notifier(Protocol):
     """sd_notify (notify.py Notifier)."""
 
+    @property
+    def enabled(self) -> bool: ...  # a service manager listens (NOTIFY_SOCKET)
+
     def ready(self) -> None: ...
 
     def reloading(self) -> None: ...

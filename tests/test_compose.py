@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 class Notes:
     """sd_notify stand-in: records what the daemon would tell systemd."""
 
+    enabled = True
+
     def __init__(self) -> None:
         self.lines: list[str] = []
 
