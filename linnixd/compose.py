@@ -243,6 +243,8 @@ def build(
     )
     notifier.progress("reading the process table", COMPILE_STEP_S)
     model.seed()
+    # idle per-cgroup lifecycle keys are pruned after one stat per key, not a walk of the tree
+    lifecycle.cgroup_exists = model.resolver.exists
 
     # a snapshot per incident; the culprit unit's state comes from systemd with a short timeout
     triage = Triage(

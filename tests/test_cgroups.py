@@ -176,6 +176,25 @@ def test_resolve_new_cgroup_by_lazy_rewalk_and_forget_removed(testcg: str) -> No
 
 
 @needs_cgroup2
+def test_exists_is_one_stat_of_a_known_path_and_never_a_walk(testcg: str) -> None:
+    """What the lifecycle collector prunes idle per-cgroup keys with."""
+    assert MOUNT is not None
+    r = CgroupResolver(min_rewalk_s=0.0)
+    os.mkdir(MOUNT + testcg + "/idle.service")
+    cid = os.stat(MOUNT + testcg + "/idle.service").st_ino
+    assert r.resolve(cid) == testcg + "/idle.service"
+    walks = r.walks
+    assert r.exists(cid)
+    assert not r.exists(0x7FFF_FFFF_FFFF)  # never resolved: counts as gone
+    os.rmdir(MOUNT + testcg + "/idle.service")
+    assert not r.exists(cid)  # removed: its path is gone
+    os.mkdir(MOUNT + testcg + "/idle.service")  # the same path again is another cgroup
+    assert os.stat(MOUNT + testcg + "/idle.service").st_ino != cid
+    assert not r.exists(cid)
+    assert r.walks == walks
+
+
+@needs_cgroup2
 def test_unknown_id_is_rate_limited_and_counted_once(testcg: str) -> None:
     clock = FakeClock()
     r = CgroupResolver(clock=clock, min_rewalk_s=1.0)

@@ -234,6 +234,18 @@ class CgroupResolver:
             path = self._by_id.get(cgroup_id)
         return path
 
+    def exists(self, cgroup_id: int) -> bool:
+        """Whether a cgroup id this resolver knows still names a live cgroup: one stat of its
+        path, no walk. An id it does not know counts as gone (it was never resolved, or was
+        evicted past max_cgroups): what that costs a caller must be at most a re-count."""
+        path = self._by_id.get(cgroup_id)
+        if path is None:
+            return False
+        try:
+            return os.stat(self.directory(path)).st_ino == cgroup_id
+        except OSError:
+            return False
+
     def id_of(self, path: str) -> int | None:
         """Id of the cgroup at `path` (stat when not known yet); None when it does not exist."""
         cid = self._by_path.get(path)
