@@ -877,18 +877,17 @@ class Runner:
         self.assembly = assembly
         self.notifier = notifier
         self.triggers: TriggerSource | None = None  # the PSI triggers whose fd the loop watches
-        self.stop_event: asyncio.Event | None = None
-        self.wake_event: asyncio.Event | None = None
+        self.stopping = False
+        self.woken = False  # a PSI trigger fired since the last tick
+        self._waiter: asyncio.Future[None] | None = None  # the tick loop's wait, while it waits
         self.exit_code = EXIT_OK
 
     async def run(self) -> int:
         from .compose import StartupError
 
         loop = asyncio.get_running_loop()
-        self.stop_event = asyncio.Event()
-        self.wake_event = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop_event.set)
+            loop.add_signal_handler(sig, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         loop.add_signal_handler(signal.SIGUSR1, self.dump_stats)
         self._watch_triggers()
@@ -943,8 +942,17 @@ class Runner:
         """A service cannot go on (the bus stayed away): stop, exit 69, let systemd restart us."""
         self.exit_code = EXIT_UNAVAILABLE
         self.notifier.status(f"stopping: {why}")
-        if self.stop_event is not None:
-            self.stop_event.set()
+        self.stop()
+
+    def stop(self) -> None:
+        """SIGTERM, SIGINT or a fatal service: the tick loop ends at its next wait."""
+        self.stopping = True
+        self._wake_waiter()
+
+    def _wake_waiter(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _tick(self) -> None:
         try:
@@ -957,24 +965,23 @@ class Runner:
 
     async def _tick_loop(self) -> None:
         """Tick, wait until the next tick is due (or a PSI trigger fires), repeat. The baseline
-        tick ran before READY, so the loop starts with a wait."""
-        assert self.stop_event is not None and self.wake_event is not None
+        tick ran before READY, so the loop starts with a wait. One future and one timer per
+        wait: the loop's own cost on a calm host is a tick a second."""
         loop = asyncio.get_running_loop()
         next_at = loop.time() + float(self.daemon.policy.daemon.tick_s)
-        while not self.stop_event.is_set():
-            self.wake_event.clear()
-            stop = asyncio.ensure_future(self.stop_event.wait())
-            wake = asyncio.ensure_future(self.wake_event.wait())
-            await asyncio.wait(
-                {stop, wake},
-                timeout=max(0.0, next_at - loop.time()),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            for fut in (stop, wake):
-                fut.cancel()
-            if self.stop_event.is_set():
+        while not self.stopping:
+            if not self.woken:
+                waiter = self._waiter = loop.create_future()
+                timer = loop.call_at(next_at, self._wake_waiter)
+                try:
+                    await waiter
+                finally:
+                    timer.cancel()
+                    self._waiter = None
+            if self.stopping:
                 break
-            if self.wake_event.is_set():
+            if self.woken:
+                self.woken = False
                 next_at = loop.time()
             self._tick()
             tick_s = self.daemon.next_tick_s()
@@ -984,8 +991,9 @@ class Runner:
         """A kernel PSI trigger fired: tick now instead of waiting for the next tick."""
         triggers = self.daemon.attachments.triggers
         fired = triggers.drain() if triggers is not None else []
-        if fired and self.wake_event is not None:
-            self.wake_event.set()
+        if fired:
+            self.woken = True
+            self._wake_waiter()
 
     def _watch_triggers(self) -> None:
         """Watch the fd of the PSI triggers the daemon has now (a reload may arm or disarm them)."""
