@@ -67,6 +67,16 @@
 // refused because the map is full is counted (STAT_RAN_OVERFLOWS): that thread is read at its
 // next switch-out of a later epoch (run_ns is cumulative), or its final time is lost if it was
 // its exit. Run time of a segment whose switch-in was missed (see above) is not known.
+//
+// Attribution on demand
+// ---------------------
+// CPU time per thread is always kept. The stall attribution above (enqueue times, the segment
+// ring, waits and edges) runs only while `config[1]` holds the time (bpf_ktime_get_ns) it was
+// switched on; 0 switches it off, and sched_wakeup and sched_switch then return after the CPU
+// time bookkeeping. User space switches it on while the host shows CPU pressure (see
+// daemon.stall_attribution). A wait that began before the switch-on is not measured: it is
+// counted (STAT_NO_ENQUEUE), never guessed, and that is what an episode's first moments lose.
+// An enqueue time left from an earlier period is older than the switch-on and never used.
 
 #define NSEG 8
 // Index masked so that the verifier sees the bound on the very register used for the access.
@@ -88,7 +98,8 @@ struct culprit_share {
 
 enum stat {
     STAT_TASK_INSERTS = 0,  // tasks slots taken by a pid that did not hold them
-    STAT_NO_ENQUEUE,        // switch-in of a task with no enqueue time (attach, slot evicted)
+    STAT_NO_ENQUEUE,        // switch-in of a task with no enqueue time (attach, slot evicted,
+                            // queued before attribution was switched on)
     STAT_MIGRATED,          // waits that ended on another CPU than they were queued on
     STAT_UNATTRIBUTED_NS,   // wait not covered by a logged non-idle segment
     STAT_LOST_WAITS,        // waits whose task's cgroup could not be observed
@@ -155,7 +166,8 @@ BPF_PERCPU_ARRAY(cpus, struct cpu_state, 1);
 BPF_PERCPU_HASH(runq, u64, struct runq_val, AGG_ENTRIES);
 BPF_PERCPU_HASH(edges, struct edge_key, struct edge_val, AGG_ENTRIES);
 BPF_HASH(ran, u32, struct ran_val, RAN_ENTRIES);
-BPF_ARRAY(config, u32, 1);  // [0]: the current epoch (user space bumps it at every read)
+// [0]: the current epoch (user space bumps it at every read); [1]: attribution on since (ns, 0 = off)
+BPF_ARRAY(config, u64, 2);
 
 static __always_inline struct cpu_state *this_cpu(void)
 {
@@ -320,12 +332,21 @@ static __always_inline void ran_note(struct cpu_state *st, u32 pid, u32 tgid, u6
 static __always_inline u32 current_epoch(void)
 {
     u32 zero = 0;
-    u32 *e = config.lookup(&zero);
-    return e ? *e : 0;
+    u64 *e = config.lookup(&zero);
+    return e ? (u32)*e : 0;
+}
+
+static __always_inline u64 attributing_since(void)
+{
+    u32 one = 1;
+    u64 *v = config.lookup(&one);
+    return v ? *v : 0;
 }
 
 TRACEPOINT_PROBE(sched, sched_wakeup)
 {
+    if (!attributing_since())
+        return 0;  // an enqueue time is only used by the attribution
     mark_enqueued(args->pid, args->target_cpu, bpf_ktime_get_ns(), 0);
     return 0;
 }
@@ -346,8 +367,11 @@ TRACEPOINT_PROBE(sched, sched_switch)
     u32 next = args->next_pid;
     u64 cg = bpf_get_current_cgroup_id();  // prev's cgroup: prev is current here
     long state = args->prev_state;
+    u64 since = attributing_since();
 
-    if (st->pend_valid) {
+    if (st->pend_valid && !since) {
+        st->pend_valid = 0;  // switched off meanwhile: nothing is settled
+    } else if (st->pend_valid) {
         u32 pend = st->pend_pid;
         if (pend == prev) {
             settle(st, cg);
@@ -370,6 +394,10 @@ TRACEPOINT_PROBE(sched, sched_switch)
         u64 seg = 0;
         if (st->curr_start && st->curr_pid == prev) {
             seg = now - st->curr_start;
+        } else {
+            stat_add(st, STAT_UNTIMED_RUNS, 1);
+        }
+        if (seg && since) {
             u32 h = st->head;
             struct seg *last = &st->segs[(h - 1) & (NSEG - 1)];
             // Contiguous run of the same cgroup: extend instead of using a slot.
@@ -382,8 +410,6 @@ TRACEPOINT_PROBE(sched, sched_switch)
                 s->end = now;
                 st->head = h + 1;
             }
-        } else {
-            stat_add(st, STAT_UNTIMED_RUNS, 1);
         }
         // Still runnable: TASK_RUNNING (0) or the preempted marker TASK_REPORT_MAX.
         int runnable = (state & (TASK_REPORT_MAX - 1)) == 0;
@@ -407,7 +433,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
                 t->run_ns += seg;
                 if (t->cg != cg)  // unchanged most of the time: do not dirty a shared line
                     t->cg = cg;
-                if (runnable) {
+                if (runnable && since) {
                     t->enq_ts = now;
                     t->cpu = cpu;
                 }
@@ -425,14 +451,15 @@ TRACEPOINT_PROBE(sched, sched_switch)
 
     st->curr_pid = next;
     st->curr_start = now;
-    if (next == 0)
+    if (next == 0 || !since)
         return 0;
     st->pend_preempted_cg = preempted_cg;
     st->pend_pid = next;
     st->pend_valid = 1;
     st->pend_has_wait = 0;
     struct task_val *t = task_slot(next);
-    if (!t || t->pid != next || !t->enq_ts) {
+    // since > 0 here: an enqueue time of 0, or one from before the switch-on, is not a wait
+    if (!t || t->pid != next || t->enq_ts < since) {
         stat_add(st, STAT_NO_ENQUEUE, 1);
         return 0;
     }

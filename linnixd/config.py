@@ -63,6 +63,8 @@ class DaemonSettings(Settings):
     tick_s: float = Field(0.5, ge=0.1, le=60)
     # ticks this far apart while the host is calm (daemon.py CALM_*); <= tick_s turns it off
     calm_tick_s: float = Field(1.0, ge=0.1, le=60)
+    # bpf/sched.c attributes stalls only while the host shows CPU pressure, or always
+    stall_attribution: Literal["pressure", "always"] = "pressure"
     max_processes: int = Field(32768, ge=16, le=4194304)  # 4194304 = the kernel's PID_MAX_LIMIT
     max_cgroups: int = Field(4096, ge=16, le=1048576)
     short_lived_s: float = seconds(1.0)

@@ -29,7 +29,7 @@ from .constants import (
     STATE_DIR,
 )
 from .daemonlog import LOG_ERR, LOG_NOTICE, LOG_WARNING, log
-from .detectors.stall import NoisyNeighbour
+from .detectors.stall import PRESSURE_FLOOR_PCT, NoisyNeighbour
 from .health import Health, Reporter, collect
 from .metrics import StallTotals, TickHistogram
 from .model import (
@@ -154,6 +154,7 @@ class Daemon:
         self.own_unit_cgroup = _own_unit_cgroup()
         self.self_findings_dropped = 0  # findings that named the daemon itself (dropped)
         self.calm_ticks = 0  # ticks that came calm_tick_s after the previous one
+        self._cpu_pressure_seen: float | None = None  # last tick with CPU pressure (monotonic s)
         self.last_tick_mono = time.monotonic()
         self.last_tick_cost_s = 0.0
         self.longest_tick_gap_s = 0.0  # end to end, since start (a blocked loop shows here)
@@ -207,6 +208,8 @@ class Daemon:
         if self.net is not None:
             nt = self.net.read()
         snap: Snapshot = model.snapshot(lt, time.monotonic(), time.time(), stall, nt)
+        if self.sched is not None:
+            self.sched.set_attribution(self.wants_attribution(snap))
         if self.ticks > 0:
             if self.window:  # only the newest snapshot keeps every process (Snapshot.slim)
                 self.window[-1] = self.window[-1].slim()
@@ -240,6 +243,27 @@ class Daemon:
             self.calm_ticks += 1
             return calm_s
         return float(d.tick_s)
+
+    def wants_attribution(self, snap: Snapshot) -> bool:
+        """Whether bpf/sched.c should attribute stalls after this tick (daemon.stall_attribution).
+
+        "pressure": from a tick whose system CPU pressure reaches the noisy_neighbour floor
+        (PRESSURE_FLOOR_PCT, "some", this interval or avg10) until noisy_neighbour's window has
+        passed without it, so the rule's whole window is measured; always on without CPU PSI.
+        What it costs: the waits of an episode's first tick, counted as no_enqueue.
+        """
+        if self.policy.daemon.stall_attribution == "always":
+            return True
+        cpu = snap.system_pressure.get("cpu")
+        if cpu is None:
+            return True  # no PSI to gate on: attribute as before
+        if max(cpu.some_pct, cpu.some_avg10) >= PRESSURE_FLOOR_PCT:
+            self._cpu_pressure_seen = snap.ts
+        if self._cpu_pressure_seen is None:
+            return False
+        return snap.ts - self._cpu_pressure_seen <= float(
+            self.policy.settings(NoisyNeighbour).window_s
+        )
 
     def longest_tick_s(self) -> float:
         """The longest time between two ticks of a healthy loop (a calm tick's)."""

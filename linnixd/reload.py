@@ -12,6 +12,7 @@ APPLIED_DAEMON_KEYS = frozenset(
     {
         "daemon.tick_s",
         "daemon.calm_tick_s",
+        "daemon.stall_attribution",
         "daemon.max_processes",
         "daemon.max_cgroups",
         "daemon.short_lived_s",

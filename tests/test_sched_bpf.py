@@ -273,6 +273,36 @@ def test_culprit_gets_the_victims_stall(collector: SchedCollector, groups: dict[
 
 
 @needs_root
+def test_attribution_switched_off_keeps_cpu_time_and_measures_no_wait(
+    collector: SchedCollector, groups: dict[str, str]
+) -> None:
+    """daemon.stall_attribution: pressure. Off, the spinner's CPU is still measured exactly and
+    no wait or edge is recorded (the maps are not even walked); on again, the victim's stall is
+    the culprit's, and waits queued before the switch-on are counted as no_enqueue."""
+    v, c = rel(groups, "victim"), rel(groups, "culprit")
+    collector.set_attribution(False)
+    try:
+        assert collector.health().gauges["attributing"] == 0
+        snaps, stalls = run_experiment(collector, groups, SPIN)
+    finally:
+        collector.set_attribution(True)
+    assert wait_sum(stalls, v) == (0, 0)
+    assert sum(len(s.runqueue) + len(s.edges) for s in stalls[1:]) == 0  # nothing, anywhere
+    spinner = max(
+        (p for s in snaps[2:] for p in s.processes.values() if p.cgroup == c),
+        key=lambda p: p.cpu_pct,
+    )
+    assert spinner.cpu_pct >= 40, spinner  # it shares one CPU with the victim: CPU time is kept
+    before = collector.health()
+    assert before.gauges["attributing"] == 1
+    assert before.counters["attribution_switches"] >= 2
+    snaps, stalls = run_experiment(collector, groups, SPIN)
+    ours = edge_sum(stalls, v, c) + edge_sum(stalls, v, rel(groups, "bystander"))
+    assert wait_sum(stalls, v)[0] >= 100_000
+    assert edge_sum(stalls, v, c) >= 0.8 * (ours + edge_sum(stalls, v, v))
+
+
+@needs_root
 def test_two_equal_hogs_blame_neither(collector: SchedCollector, groups: dict[str, str]) -> None:
     snaps, stalls = run_experiment(collector, groups, SPIN, victim_code=SPIN)
     v, c = rel(groups, "victim"), rel(groups, "culprit")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ STAT_TASK_INSERTS, STAT_NO_ENQUEUE, STAT_MIGRATED, STAT_UNATTRIBUTED_NS = 0, 1, 
 STAT_LOST_WAITS, STAT_LOST_NS, STAT_OVERFLOWS, STAT_RECOVERED = 4, 5, 6, 7
 STAT_TASK_COLLISIONS, STAT_RAN_OVERFLOWS, STAT_UNTIMED_RUNS = 8, 9, 10
 NSTATS = 11
+CONFIG_ATTRIBUTING = 1  # config[1]: attribution on since this CLOCK_MONOTONIC ns (0 = off)
 
 # Ids unresolvable for this many reads in a row with no new activity are dropped from the maps.
 FORGET_AFTER_READS = 2
@@ -89,6 +91,9 @@ class SchedCollector:
         self.unresolved_stall_seconds = 0.0  # stall whose cgroup ids had no path, since attach
         self.unattributed_wait_seconds = 0.0  # wait no culprit could be named for, since attach
         self.unresolved_preemptions = 0
+        self.attributing = False  # the kernel attributes stalls now (config[1] != 0)
+        self.attribution_switches = 0  # times it was switched on or off after start
+        self._attributed = True  # attribution ran at some point since the previous read
 
     def cflags(self) -> list[str]:
         flags = switch_state_flags()
@@ -110,6 +115,27 @@ class SchedCollector:
         preflight(TRACEPOINTS)
         self._bpf = compile_program(Path(self.src), self.cflags())
         self._cpu = None
+        self.attributing = False
+        self._write_attribution(time.monotonic_ns())  # on until the daemon decides otherwise
+        self.attributing = True
+
+    def set_attribution(self, on: bool) -> None:
+        """Switch the kernel's stall attribution on or off (CPU time per thread is always kept).
+
+        Switched on, waits that began before now are counted (no_enqueue), not measured.
+        """
+        if self._bpf is None:
+            raise RuntimeError("SchedCollector.set_attribution() before start()")
+        if on == self.attributing:
+            return
+        self._write_attribution(time.monotonic_ns() if on else 0)
+        self.attributing = on
+        self._attributed = True
+        self.attribution_switches += 1
+
+    def _write_attribution(self, since_ns: int) -> None:
+        table = self._bpf[b"config"]
+        table[table.Key(CONFIG_ATTRIBUTING)] = table.Leaf(since_ns)
 
     def task_cpu(self) -> TaskCpuReader:
         """The reader of per-process CPU time kept by the same program (one per start())."""
@@ -148,12 +174,21 @@ class SchedCollector:
                 "unresolved_stall_seconds": self.unresolved_stall_seconds,
                 "unattributed_wait_seconds": self.unattributed_wait_seconds,
                 "unresolved_preemptions": self.unresolved_preemptions,
+                "attribution_switches": self.attribution_switches,
             },
-            gauges={"tracked_cgroup_ids": len(self._ids)},
+            gauges={"tracked_cgroup_ids": len(self._ids), "attributing": int(self.attributing)},
         )
 
     def read(self, resolve: Callable[[int], str | None]) -> StallSnapshot:
-        """Deltas since the previous read, cgroup ids resolved to paths with `resolve`."""
+        """Deltas since the previous read, cgroup ids resolved to paths with `resolve`.
+
+        While attribution is off and was off since the previous read the maps cannot have
+        moved: they are not walked.
+        """
+        if not self._attributed:
+            cache0: dict[int, str | None] = {}
+            return self.attribute(_Deltas(), resolve, self.stats(), cache0)
+        self._attributed = self.attributing
         runq_now: dict[int, tuple[int, int, list[int]]] = {}
         self_stall: dict[int, int] = {}  # the (cg, cg) edge, kept in the kernel's runq value
         prev_runq = self._prev_runq
