@@ -86,35 +86,21 @@ def main() -> int:
     if os.geteuid() != 0:
         print("sched_bench: needs root (loads BPF)", file=sys.stderr)
         return 77
-    ratios, added_ns, peer_ratios = [], [], []
+    ratios, added_ns, peer_ratios, off_ratios = [], [], [], []
     for i in range(args.pairs):
         a_ops, a_sw, a_cpu = run_stress(args.seconds)
-        collector = SchedCollector()
-        collector.start()
-        stop = threading.Event()
-
-        def reader(c: SchedCollector = collector, stop: threading.Event = stop) -> None:
-            cpu = c.task_cpu()
-            while not stop.wait(args.tick):
-                c.read(lambda cid: None)
-                cpu.read()  # per-process CPU time, as the daemon reads it every tick
-
-        t = threading.Thread(target=reader)
-        t.start()
-        try:
-            b_ops, b_sw, b_cpu = run_stress(args.seconds)
-        finally:
-            stop.set()
-            t.join()
-            collector.close()
+        b_ops, b_sw, b_cpu = run_attached(args, attribute=True)
+        d_ops, _, _ = run_attached(args, attribute=False)
         ratio = b_ops / a_ops
         extra = (b_cpu / b_sw - a_cpu / a_sw) * 1e9
         ratios.append(ratio)
         added_ns.append(extra)
+        off_ratios.append(d_ops / a_ops)
         line = (
             f"pair {i + 1}: without {a_ops:,.0f} ops/s ({a_sw / args.seconds:,.0f} switches/s), "
             f"with {b_ops:,.0f} ops/s ({b_sw / args.seconds:,.0f} switches/s), ratio {ratio:.3f}, "
-            f"stress-ng cpu per switch {extra:+.0f} ns"
+            f"stress-ng cpu per switch {extra:+.0f} ns; attribution off {d_ops:,.0f} ops/s, "
+            f"ratio {d_ops / a_ops:.3f}"
         )
         if shutil.which(RUNQLAT):  # a peer on the same tracepoints, in the same interleaving
             peer = subprocess.Popen(
@@ -134,6 +120,10 @@ def main() -> int:
     print(
         f"throughput ratio (median of {len(ratios)} pairs): {statistics.median(ratios):.3f} (goal >= 0.95)"
     )
+    print(
+        "throughput ratio with stall attribution off (a host without CPU pressure, "
+        f"daemon.stall_attribution: pressure; median): {statistics.median(off_ratios):.3f}"
+    )
     if peer_ratios:
         print(
             f"peer reference, bcc's {RUNQLAT} (median of {len(peer_ratios)}): {statistics.median(peer_ratios):.3f}"
@@ -141,16 +131,41 @@ def main() -> int:
     else:
         print(f"peer reference skipped: {RUNQLAT} not installed (apt-get install bpfcc-tools)")
     print(f"added stress-ng cpu per context switch (median): {statistics.median(added_ns):+.0f} ns")
-    runs = program_run_ns(args.cost_runs, args.cost_seconds)
-    for name, per in runs.items():
-        print(
-            f"{name} program run time (kernel bpf_stats, median of {len(per)} runs): "
-            f"{statistics.median(per):.0f} ns per run"
-        )
+    for attribute in (True, False):
+        runs = program_run_ns(args.cost_runs, args.cost_seconds, attribute)
+        for name, per in runs.items():
+            print(
+                f"{name} program run time, attribution {'on' if attribute else 'off'} "
+                f"(kernel bpf_stats, median of {len(per)} runs): "
+                f"{statistics.median(per):.0f} ns per run"
+            )
     return 0
 
 
-def program_run_ns(runs: int, seconds: int) -> dict[str, list[float]]:
+def run_attached(args: argparse.Namespace, attribute: bool) -> tuple[float, int, float]:
+    """run_stress with bpf/sched.c attached and read every tick as the daemon reads it."""
+    collector = SchedCollector()
+    collector.start()
+    collector.set_attribution(attribute)
+    stop = threading.Event()
+
+    def reader(c: SchedCollector = collector, stop: threading.Event = stop) -> None:
+        cpu = c.task_cpu()
+        while not stop.wait(args.tick):
+            c.read(lambda cid: None)
+            cpu.read()  # per-process CPU time, as the daemon reads it every tick
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        return run_stress(args.seconds)
+    finally:
+        stop.set()
+        t.join()
+        collector.close()
+
+
+def program_run_ns(runs: int, seconds: int, attribute: bool = True) -> dict[str, list[float]]:
     """Mean run time of each program per stress-ng run while attached, from kernel bpf_stats."""
     old = Path(STATS_SYSCTL).read_text().strip()
     Path(STATS_SYSCTL).write_text("1")  # host-wide setting: only for these runs, restored below
@@ -158,6 +173,7 @@ def program_run_ns(runs: int, seconds: int) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {name: [] for name in PROGS}
     try:
         collector.start()
+        collector.set_attribution(attribute)
         for _ in range(runs):
             before = {name: prog_cost(collector, prog) for name, prog in PROGS.items()}
             run_stress(seconds)
