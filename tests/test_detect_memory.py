@@ -283,3 +283,44 @@ def test_bad_input_mid_window() -> None:
     ]
     det = MemoryLeakDetector()
     assert [f for f in det.evaluate(reused, cfg) if f.culprit.kind == "process"] == []
+
+
+def test_slow_points_of_a_whole_host_spread_over_the_step() -> None:
+    """1,200 flat processes and 20 cgroups, a tick every 0.5 s: each takes one slow point per
+    step (180 s), at its own phase, so no tick takes the whole host's points at once."""
+    n = 1200
+    procs = [proc(1000 + i, 1, f"w{i}", rss=(100 + i) * MIB) for i in range(n)]
+    groups = [cgroup(f"/system.slice/s{i}.service", memory=(50 + i) * MIB) for i in range(20)]
+    first = snap(0, procs, cgroups=groups)
+    det = MemoryLeakDetector()
+    cfg = rule_cfg("memory_leak")
+    step = cfg.slow_window_s / 120
+    per_tick = []
+    points = 0
+    # ticks 0.5 s apart, and one just before each step ends (the last phase is 1023/1024 of it)
+    times = [i * 0.5 for i in range(int(step / 0.5))] + [step - 0.1]
+    times += [step + t for t in times]
+    for i, t in enumerate(times):
+        s = dataclasses.replace(first, ts=first.ts + t, changed=None if i == 0 else frozenset())
+        det.evaluate([s], cfg)
+        now = det.health().gauges["slow_points"]
+        per_tick.append(now - points)
+        points = now
+        if t == step - 0.1:
+            assert points == n + 20  # one point each in the first step
+    assert points == 2 * (n + 20)  # and one more each in the second
+    assert det.health().gauges["slow_series"] == n + 20
+    assert max(per_tick) <= (n + 20) / 20, max(per_tick)
+    # a process gone is dropped at its next point; one born is scheduled from `changed`
+    gone = dataclasses.replace(
+        first,
+        ts=first.ts + 2 * step,
+        processes={p.pid: p for p in procs[1:]} | {9999: proc(9999, 1, "new")},
+        changed=frozenset({1000, 9999}),
+    )
+    for k in range(int(step / 0.5) + 1):
+        det.evaluate([dataclasses.replace(gone, ts=gone.ts + k * 0.5)], cfg)
+        if k == 0:
+            assert "pid:9999:" + f"{gone.processes[9999].start_time:g}" in det._due_at
+    assert det.health().gauges["slow_series"] == n + 20  # one gone, one new
+    assert "pid:1000:" + f"{procs[0].start_time:g}" not in det._series

@@ -6,9 +6,10 @@ observed (never extrapolated) and their R^2:
   named seconds after it crossed `min_growth_mb`);
 - slow: a downsampled series per process and cgroup kept by the detector across ticks, one
   point per `slow_window_s / SLOW_POINTS` seconds over `slow_window_s` (tens of MB per hour
-  are seen once `slow_min_span_s` of steady growth has passed). Bounded: SLOW_POINTS per
+  are seen once `slow_min_span_s` of steady growth has passed). Each series takes its points
+  at its own phase of that step, so a tick takes only the points due. Bounded: SLOW_POINTS per
   series, series only for tracked processes and cgroups, at most SLOW_MAX_SERIES (the
-  flattest are dropped first, counted in `health()`).
+  flattest are dropped first, down to 90% of it, counted in `health()`).
 Every finding projects when the culprit reaches the nearest limit: its cgroup's memory.high or
 memory.max (the lowest on its path), else the host's MemAvailable.
 Sizes in evidence and summaries use MB = MiB = 2^20 bytes.
@@ -16,6 +17,8 @@ Sizes in evidence and summaries use MB = MiB = 2^20 bytes.
 
 from __future__ import annotations
 
+import heapq
+import zlib
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -262,8 +265,15 @@ class MemoryLeakDetector:
 
     def __init__(self) -> None:
         self._series: dict[str, _Series] = {}  # slow series by culprit key
-        self._last_point: float | None = None  # ts of the newest slow point
-        self._slow: dict[str, Finding] = {}  # slow findings of the last point, re-emitted each tick
+        self._last_point: float | None = None  # ts of the newest snapshot the slow view saw
+        self._slow: dict[str, Finding] = {}  # slow findings as of each series' last point
+        # Each process and cgroup takes its slow points at its own phase of the step: a heap
+        # of (due, culprit key) and the due time each key holds (a heap entry whose due
+        # differs is stale). A tick takes only the points due, so the cost per tick is what is
+        # due, not every process at once every step.
+        self._due: list[tuple[float, str]] = []
+        self._due_at: dict[str, float] = {}
+        self._last_scan: float | None = None  # when every process and cgroup was last looked at
         self.evicted_series = 0
 
     def health(self) -> Health:
@@ -341,50 +351,114 @@ class MemoryLeakDetector:
     def _slow_findings(self, newest: Snapshot, cfg: MemoryLeak) -> list[Finding]:
         keep_s = float(cfg.slow_window_s)
         step = keep_s / SLOW_POINTS
-        if self._last_point is not None and newest.ts < self._last_point:
-            self._series.clear()  # time went backwards: another host model, start over
+        ts = newest.ts
+        if self._last_point is not None and ts < self._last_point:
+            # time went backwards: another host model, start over
+            self._series.clear()
             self._slow.clear()
-            self._last_point = None
-        if self._last_point is not None and newest.ts - self._last_point < step - TIME_EPS:
-            return [f for f in self._slow.values()]
-        self._last_point = newest.ts
-        scope = set(cfg.scope)
-        levels: dict[str, tuple[float, Any]] = {}
-        if "process" in scope:
-            for p in newest.processes.values():
-                levels[process_key(p)] = (float(p.rss_bytes), p)
-        if "cgroup" in scope:
-            for path, cg in newest.cgroups.items():
-                if path != "/" and cg.memory_bytes is not None:
-                    levels[f"cgroup:{path}"] = (float(cg.memory_bytes), path)
-        for key in [k for k in self._series if k not in levels]:
-            del self._series[key]  # exited, vanished or out of scope
-        for key, (value, _) in levels.items():
+            self._due.clear()
+            self._due_at.clear()
+            self._last_scan = None
+        self._last_point = ts
+        scope: set[str] = set(cfg.scope)
+        self._schedule_new(newest, scope, step)
+        taken: list[str] = []
+        while self._due and self._due[0][0] <= ts + TIME_EPS:
+            due, key = heapq.heappop(self._due)
+            if self._due_at.get(key) != due:
+                continue  # rescheduled or dropped since: a stale heap entry
+            value = self._level(newest, key, scope)
+            if value is None:  # exited, vanished or out of scope
+                del self._due_at[key]
+                self._series.pop(key, None)
+                self._slow.pop(key, None)
+                continue
             series = self._series.get(key)
             if series is None:
-                series = self._series[key] = _Series(newest.ts)
-            series.add(newest.ts, value, keep_s)
+                series = self._series[key] = _Series(ts)
+            series.add(ts, value, keep_s)
+            taken.append(key)
+            nxt = due + step if due + step > ts else ts + step
+            self._due_at[key] = nxt
+            heapq.heappush(self._due, (nxt, key))
         if len(self._series) > SLOW_MAX_SERIES:
+            # the flattest go first, down to a margin below the cap so the sort is rare
             flattest = sorted(self._series, key=lambda k: self._series[k].rise_mb())
-            for key in flattest[: len(self._series) - SLOW_MAX_SERIES]:
+            for key in flattest[: len(self._series) - SLOW_MAX_SERIES * 9 // 10]:
                 del self._series[key]
+                self._slow.pop(key, None)
                 self.evicted_series += 1
-        self._slow = {}
         growth_mb = float(cfg.min_growth_mb)
-        for key, series in self._series.items():
-            if len(series.ts) < SLOW_MIN_POINTS or series.rise_mb() < growth_mb:
+        for key in taken:
+            series = self._series.get(key)
+            self._slow.pop(key, None)
+            if series is None or len(series.ts) < SLOW_MIN_POINTS or series.rise_mb() < growth_mb:
                 continue
             result = _judge(series.points(), cfg, float(cfg.slow_min_span_s))
             if result is None:
                 continue
-            what = levels[key][1]
-            if isinstance(what, str):
-                culprit = Culprit(kind="cgroup", cgroup=what, unit=cgroup_unit(newest, what))
+            if key.startswith("cgroup:"):
+                path = key[len("cgroup:") :]
+                culprit = Culprit(kind="cgroup", cgroup=path, unit=cgroup_unit(newest, path))
                 self._slow[key] = self._finding(newest, key, culprit, "memory", result, "slow", cfg)
             else:
-                culprit = process_culprit(what, newest.processes)
+                p = self._process(newest, key)
+                assert p is not None  # its level was just read
+                culprit = process_culprit(p, newest.processes)
                 self._slow[key] = self._finding(newest, key, culprit, "rss", result, "slow", cfg)
         return list(self._slow.values())
+
+    def _schedule_new(self, newest: Snapshot, scope: set[str], step: float) -> None:
+        """Give each process and cgroup not yet scheduled its first slow point, at a phase of
+        the step of its own (from its key), so the points of a whole host spread over the step.
+        New processes are in the snapshot's `changed`; every process and cgroup is looked at
+        once a step (and when a snapshot has no `changed`), which finds what that missed."""
+        ts = newest.ts
+        full = newest.changed is None or self._last_scan is None or ts - self._last_scan >= step
+        if full:
+            self._last_scan = ts
+        due_at = self._due_at
+        if "process" in scope:
+            procs = newest.processes
+            for pid in procs.keys() if full or newest.changed is None else newest.changed:
+                p = procs.get(pid)
+                if p is None:
+                    continue
+                key = process_key(p)
+                if key not in due_at:
+                    self._schedule(key, ts, step)
+        if "cgroup" in scope and full:
+            for path, cg in newest.cgroups.items():
+                if path != "/" and cg.memory_bytes is not None:
+                    key = "cgroup:" + path
+                    if key not in due_at:
+                        self._schedule(key, ts, step)
+
+    def _schedule(self, key: str, ts: float, step: float) -> None:
+        due = ts + step * (zlib.crc32(key.encode()) % 1024) / 1024
+        self._due_at[key] = due
+        heapq.heappush(self._due, (due, key))
+
+    @staticmethod
+    def _process(newest: Snapshot, key: str) -> ProcessSample | None:
+        """The live process a "pid:PID:START" key names in the newest snapshot, else None."""
+        pid = key.split(":", 2)[1]
+        p = newest.processes.get(int(pid))
+        return p if p is not None and process_key(p) == key else None
+
+    def _level(self, newest: Snapshot, key: str, scope: set[str]) -> float | None:
+        """A culprit key's memory now: a process's RSS or a cgroup's memory (None: gone)."""
+        if key.startswith("cgroup:"):
+            if "cgroup" not in scope:
+                return None
+            cg = newest.cgroups.get(key[len("cgroup:") :])
+            return (
+                float(cg.memory_bytes) if cg is not None and cg.memory_bytes is not None else None
+            )
+        if "process" not in scope:
+            return None
+        p = self._process(newest, key)
+        return float(p.rss_bytes) if p is not None else None
 
     # ---- shared ------------------------------------------------------------------------------
 
