@@ -129,3 +129,55 @@ def test_fd_exhaustion_follows_the_counted_processes_across_ticks() -> None:
     # a window that does not follow the last evaluated snapshot is looked at whole
     far = tick(9, [leaky, *quiet], set())
     assert [f.culprit.pid for f in det.evaluate([tick(8, [leaky], set()), far], cfg)] == [300]
+
+
+def _psi_host(ticks: int, jump: int = 0) -> list:
+    """Snapshots as the host model builds them: a cgroup not re-read keeps its sample object,
+    one that goes quiet gets a copy with no stall (hostmodel.quiet), one that is gone is absent."""
+    from linnixd.hostmodel import quiet
+
+    calm = {f"/bench/c{k}": cgroup(f"/bench/c{k}", pressure={"cpu": psi(0.0)}) for k in range(40)}
+    cur = dict(calm)
+    cur["/bench/c9"] = cgroup("/bench/c9", pressure={"cpu": psi(60.0)})  # the same object, hot
+    out = []
+    for i in range(ticks):
+        cur["/"] = cgroup("/", pressure={"cpu": psi(70.0)})  # the host's: never a cgroup finding
+        if 5 <= i <= 25:
+            cur["/bench/c3"] = cgroup("/bench/c3", pressure={"cpu": psi(50.0 + i % 3)})
+        elif i == 26:
+            cur["/bench/c3"] = quiet(cur["/bench/c3"])
+        if i < 20:
+            cur["/bench/c7"] = cgroup("/bench/c7", pressure={"io": psi(45.0), "cpu": psi(1.0)})
+        else:
+            cur.pop("/bench/c7", None)  # removed
+        out.append(snap(i + jump, cgroups=cur.values()))
+    return out
+
+
+def test_psi_saturation_judges_only_changed_samples_with_the_full_result() -> None:
+    """Across ticks the detector re-judges only the cgroup samples that changed; its findings
+    equal a fresh detector's (the full look) every tick: a cgroup that heats and goes quiet,
+    one that vanishes, one hot whose sample object is carried, a window that does not follow
+    the last one (another host model, time back), and a limit changed by a reload."""
+    det = PsiSaturationDetector()
+    cfg = rule_cfg("psi_saturation")
+    seen: set[str] = set()
+
+    def same(window: list, c: object) -> None:
+        got = det.evaluate(window, c)  # type: ignore[arg-type]
+        assert got == PsiSaturationDetector().evaluate(window, c)  # type: ignore[arg-type]
+        seen.update(f.key for f in got)
+
+    host = _psi_host(40)
+    for i in range(len(host)):
+        same(host[max(0, i - 14) : i + 1], cfg)
+    assert seen == {"cgroup:/bench/c3:cpu", "cgroup:/bench/c7:io", "cgroup:/bench/c9:cpu"}
+    other = _psi_host(30, jump=-20)  # a window that does not follow: new objects, time back
+    for i in (12, 13, 29):
+        same(other[i - 12 : i + 1], cfg)
+    # a reload: the same snapshot judged against another limit
+    strict = rule_cfg("psi_saturation", some_pct=55.0)
+    same(other[5:18], strict)
+    assert [f.key for f in det.evaluate(other[5:18], strict)] == ["cgroup:/bench/c9:cpu"]
+    same(other[5:18], cfg)
+    assert len(det.evaluate(other[5:18], cfg)) == 3

@@ -242,3 +242,20 @@ def test_short_lived_jobs_one_incident_when_the_parent_exits() -> None:
     fired = tracker.update([alive], window[-1].ts, window[-1].wall, {"short_lived_jobs": 300.0})
     again = tracker.update([dead], window[-1].ts + 0.5, window[-1].wall + 0.5, {})
     assert [a.state for a in fired] == ["firing"] and again == []
+
+
+def test_cgroup_paths_of_exited_jobs_as_the_whole_window_names_them() -> None:
+    """An exited parent's jobs are placed by cgroup id: looked up newest snapshot first, only
+    until each id is found, with the answer of one map merged over every snapshot (the newest
+    holder of a re-used id wins; an id no snapshot holds has no path)."""
+    from linnixd.detectors.forks import _cgroup_paths
+
+    many = [cgroup(f"/bench/c{k}", 100 + k) for k in range(50)]
+    old = [cgroup(FOO, 7), cgroup("/gone.scope", 8), *many]
+    new = [cgroup(BAR, 7), *many]  # FOO is gone and its id 7 now names BAR
+    window = [snap(0, cgroups=old), snap(1, cgroups=old), snap(2, cgroups=new)]
+    window.insert(2, dataclasses.replace(window[1], ts=window[1].ts + 0.25))  # shared cgroups
+    merged = {cg.id: path for s in window for path, cg in s.cgroups.items()}
+    for ids in ({7}, {8}, {7, 8, 120}, {9999}, {8, 9999}, set()):
+        assert _cgroup_paths(window, ids) == {i: merged[i] for i in ids if i in merged}
+    assert _cgroup_paths(window, {7, 8}) == {7: BAR, 8: "/gone.scope"}

@@ -324,3 +324,90 @@ def test_slow_points_of_a_whole_host_spread_over_the_step() -> None:
             assert "pid:9999:" + f"{gone.processes[9999].start_time:g}" in det._due_at
     assert det.health().gauges["slow_series"] == n + 20  # one gone, one new
     assert "pid:1000:" + f"{procs[0].start_time:g}" not in det._series
+
+
+def _cgroup_host(ticks: int, jump: float = 0.0) -> list[Snapshot]:
+    """Cgroup samples as the host model carries them: the same object while not re-read, a
+    re-read with the same or a jittered level, a quiet copy (hostmodel.quiet), a cgroup that
+    vanishes and one that comes back lower."""
+    from linnixd.hostmodel import quiet
+
+    calm = {f"/bench/c{k}": cgroup(f"/bench/c{k}", memory=(30 + k) * MIB) for k in range(60)}
+    cur = dict(calm)
+    cur["/"] = cgroup("/", memory=4096 * MIB)
+    cur["/bench/none"] = cgroup("/bench/none", memory=None)
+    out = []
+    for i in range(ticks):
+        k = i % 60
+        if i % 3 == 0:  # a re-read: a new object, now and then a few KiB off
+            cur[f"/bench/c{k}"] = cgroup(f"/bench/c{k}", memory=(30 + k) * MIB + (i % 2) * 4096)
+        elif i % 3 == 1:
+            cur[f"/bench/c{k}"] = quiet(cur[f"/bench/c{k}"])
+        cur["/"] = cgroup("/", memory=4096 * MIB + i * 6 * MIB)  # the host: never a culprit
+        cur["/app/leak"] = cgroup("/app/leak", memory=100 * MIB + i * 6 * MIB)  # 12 MiB/s
+        # one jump of 40 MiB and back: wide enough to be fitted, never a straight line
+        cur["/app/spike"] = cgroup("/app/spike", memory=(240 if 30 <= i < 33 else 200) * MIB)
+        if i < 40:
+            cur["/app/gone"] = cgroup("/app/gone", memory=100 * MIB + i * 8 * MIB)
+        else:
+            cur.pop("/app/gone", None)
+        if 20 <= i < 26:
+            cur.pop("/app/back", None)
+        else:
+            cur["/app/back"] = cgroup("/app/back", memory=(300 if i < 20 else 100) * MIB)
+        out.append(snap(i, cgroups=cur.values(), ts=T0 + jump + i * 0.5))
+    return out
+
+
+def test_fast_cgroup_levels_fit_only_what_moved_with_the_full_result() -> None:
+    """The fast view fits only the cgroups whose levels in the window span the pre-filter's
+    share (kept across ticks from the samples that changed); every tick its findings equal a
+    fit of every cgroup, and the cgroups it fits are exactly those whose levels span it:
+    with and without changes, a cgroup that vanishes or comes back, a window that does not
+    follow the last one (another host model, time back; a gap) and a reload."""
+    from linnixd.detectors.memory import PREFILTER_SHARE, _CgroupLevels
+
+    class _Everything(_CgroupLevels):
+        def update(self, snaps: Any) -> set[str]:
+            return set(snaps[-1].cgroups)
+
+    def full(cfg: Any) -> MemoryLeakDetector:
+        ref = MemoryLeakDetector()
+        ref._cgroup_levels = _Everything(PREFILTER_SHARE * (float(cfg.min_growth_mb) * MIB))
+        return ref
+
+    def spanning(snaps: list[Snapshot], cfg: Any) -> set[str]:
+        out = set()
+        for path in {p for s in snaps for p in s.cgroups}:
+            levels = [v for s in snaps if (c := s.cgroups.get(path)) and (v := c.memory_bytes)]
+            if levels and max(levels) - min(levels) >= PREFILTER_SHARE * cfg.min_growth_mb * MIB:
+                out.add(path)
+        return out
+
+    det = MemoryLeakDetector()
+    cfg = rule_cfg("memory_leak", window_s=10.0, min_span_s=5.0, scope=["cgroup"])
+    ref = full(cfg)
+    seen: set[str] = set()
+
+    def same(window: list[Snapshot], c: Any, reference: MemoryLeakDetector) -> None:
+        got = det.evaluate(window, c)
+        assert got == reference.evaluate(window, c)
+        fast = [s for s in window if s.ts >= window[-1].ts - c.window_s - 1e-6]
+        assert det._cgroup_levels is not None and det._cgroup_levels.wide == spanning(fast, c)
+        seen.update(f.key for f in got)
+
+    host = _cgroup_host(80)
+    for i in range(len(host)):
+        same(host[max(0, i - 30) : i + 1], cfg, ref)
+    assert seen == {"cgroup:/app/leak", "cgroup:/app/gone"}
+    assert "/app/gone" not in det._cgroup_levels.points  # vanished before the window: dropped
+    other = _cgroup_host(60, jump=-100.0)  # another host model: new objects, time back
+    ref = full(cfg)
+    for i in (25, 26, 27, 45, 59):  # 27 -> 45: a gap, snapshots never folded in
+        same(other[i - 25 : i + 1], cfg, ref)
+    same(other[34:60], cfg, ref)  # the same newest snapshot again, a shorter window
+    strict = rule_cfg(
+        "memory_leak", window_s=10.0, min_span_s=5.0, scope=["cgroup"], min_growth_mb=90
+    )
+    same(other[34:60], strict, full(strict))  # a reload: another pre-filter share
+    assert det._cgroup_levels.wide == {"/", "/app/leak"}

@@ -336,3 +336,50 @@ def test_circuit_breaker_names_no_one_for_spread_load() -> None:
 def test_stall_detectors_are_registered() -> None:
     rules = [d.rule for d in all_detectors()]
     assert rules.count("noisy_neighbour") == 1 and rules.count("circuit_breaker") == 1
+
+
+def _own_cpu_reference(snaps: list[Snapshot], paths: set[str] | None) -> dict[str, float]:
+    """own_cpu_us by its definition, every cgroup looked at in every snapshot."""
+    out: dict[str, float] = {}
+    for s in snaps:
+        usage = {p: cg.cpu_usage_us for p, cg in s.cgroups.items() if cg.cpu_usage_us is not None}
+        own = {p: float(u) for p, u in usage.items()}
+        for p, used in usage.items():
+            node = p
+            while node != "/":
+                node = node.rsplit("/", 1)[0] or "/"
+                if node in usage:
+                    own[node] -= used
+                    break
+        for p, v in own.items():
+            if paths is None or p in paths:
+                out[p] = out.get(p, 0.0) + max(0.0, v)
+    return out
+
+
+def test_own_cpu_us_looks_up_only_busy_cgroups_with_the_same_figures() -> None:
+    """Quiet cgroups (a zero delta) skip the ancestor walk and a few wanted paths are looked
+    up, not filtered from every cgroup: the figures are those of the full definition, with a
+    quiet parent between a busy child and its grandparent, and the cache across ticks."""
+    from linnixd.detectors.base import OwnCpuCache, own_cpu_us
+
+    quiet = [f"/q/c{k}" for k in range(40)]
+
+    def tick(i: int) -> Snapshot:
+        # cpu.stat is hierarchical: a parent's usage holds its children's
+        u = {"/a/b/c": 300 * (i % 3), "/a/d": 700 if i % 4 else 0, "/e": 0 if i % 5 else 900}
+        u |= {q: 100 if (i + k) % 7 == 0 else 0 for k, q in enumerate(quiet)}
+        u["/a/b"] = 0 if i % 2 else u["/a/b/c"] + 50  # quiet: carried with a zero delta
+        u["/a"] = u["/a/b/c"] + u["/a/d"] + 200
+        u["/"] = sum(u.values()) + 1000
+        return snap(
+            i, cgroups=[dataclasses.replace(cgroup(p), cpu_usage_us=v) for p, v in u.items()]
+        )
+
+    window = [tick(i) for i in range(12)]
+    cache: OwnCpuCache = {}
+    for end in range(1, len(window) + 1):
+        snaps = window[max(0, end - 6) : end]
+        for wanted in (None, {"/", "/a", "/a/b", "/e"}, {"/", "/a", *quiet, "/gone"}):
+            got = own_cpu_us(snaps, wanted, cache)
+            assert got == _own_cpu_reference(snaps, wanted)

@@ -180,12 +180,17 @@ OwnCpuCache = dict[tuple[int, float], dict[str, float]]
 def _own_cpu_one(s: Snapshot) -> dict[str, float]:
     """Own CPU microseconds of every cgroup in one snapshot's interval."""
     usage = {p: cg.cpu_usage_us for p, cg in s.cgroups.items() if cg.cpu_usage_us is not None}
-    own: dict[str, float] = {p: float(u) for p, u in usage.items()}
+    # a cgroup that used nothing takes nothing from its parent: only the others look up theirs
+    # (most cgroups of a big host are quiet, carried with a zero delta)
+    own: dict[str, float] = {}  # the parents, less their nearest sampled children's usage
     for p, used in usage.items():
+        if not used:
+            continue
         parent = _nearest_sampled_ancestor(p, usage)
         if parent is not None:
-            own[parent] -= used
-    out = {p: max(0.0, v) for p, v in own.items()}
+            own[parent] = own.get(parent, float(usage[parent])) - used
+    out = {p: float(u) if u >= 0 else 0.0 for p, u in usage.items()}
+    out.update({p: max(0.0, v) for p, v in own.items()})
     # cgroups without a cpu.stat delta here (first sample, synthetic): their processes' CPU
     for proc in fresh_processes(s):
         if proc.cgroup not in usage and proc.cpu_pct > 0:
@@ -218,9 +223,17 @@ def own_cpu_us(
             one = _own_cpu_one(s)
             if cache is not None:
                 cache[key] = one
-        for p, us in one.items():
-            if wanted is None or p in wanted:
+        if wanted is None:
+            for p, us in one.items():
                 out[p] += us
+        elif len(wanted) < len(one):  # the few wanted of many cgroups: look them up
+            for p in wanted:
+                if p in one:
+                    out[p] += one[p]
+        else:
+            for p, us in one.items():
+                if p in wanted:
+                    out[p] += us
     if cache is not None:
         live = set(keys)
         for key in [k for k in cache if k not in live]:

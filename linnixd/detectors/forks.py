@@ -28,6 +28,24 @@ def _find_process(snaps: Sequence[Snapshot], pid: int) -> ProcessSample | None:
     return None
 
 
+def _cgroup_paths(snaps: Sequence[Snapshot], ids: set[int]) -> dict[int, str]:
+    """The path of each of `ids`, from the newest snapshot that holds it (a re-used id is the
+    newest cgroup's); newest first and only until every id is found, so with many cgroups a
+    lookup costs one pass over the newest snapshot, not over every snapshot of the window."""
+    out: dict[int, str] = {}
+    scanned = None
+    for snap in reversed(snaps):
+        if len(out) == len(ids):
+            break
+        if snap.cgroups is scanned:
+            continue  # the same cgroups as the snapshot just looked at
+        scanned = snap.cgroups
+        found = {cg.id: path for path, cg in scanned.items() if cg.id in ids}
+        for cid, path in found.items():
+            out.setdefault(cid, path)
+    return out
+
+
 def _exited_comm(snaps: Sequence[Snapshot], pid: int) -> str:
     """The comm of an exited process from its own exit record, else UNKNOWN_COMM."""
     for snap in snaps:
@@ -197,7 +215,6 @@ class ShortLivedJobsDetector:
 
         newest = window[-1]
         max_lifetime = float(cfg.max_lifetime_s)
-        id_to_path = {cg.id: path for snap in snaps for path, cg in snap.cgroups.items()}
         records = [
             r
             for snap in snaps
@@ -213,7 +230,8 @@ class ShortLivedJobsDetector:
             if p is not None:
                 parent_cgroup: str | None = p.cgroup
             else:
-                seen = collections.Counter(id_to_path.get(r.cgroup_id) for r in mine)
+                paths = _cgroup_paths(snaps, {r.cgroup_id for r in mine})
+                seen = collections.Counter(paths.get(r.cgroup_id) for r in mine)
                 parent_cgroup = seen.most_common(1)[0][0] if seen else None
             if parent_cgroup is not None:
                 explained.add(

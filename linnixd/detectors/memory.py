@@ -3,7 +3,9 @@
 Two views of the same growth, both least-squares fits judged by the growth they actually
 observed (never extrapolated) and their R^2:
 - fast: every snapshot of the last `window_s`, from `min_span_s` on (a leak of 10 MB/s is
-  named seconds after it crossed `min_growth_mb`);
+  named seconds after it crossed `min_growth_mb`); only processes and cgroups whose memory
+  moved enough in the window are fitted (processes from the samples the window holds, cgroups
+  from the levels `_CgroupLevels` keeps across ticks, so a tick costs what changed);
 - slow: a downsampled series per process and cgroup kept by the detector across ticks, one
   point per `slow_window_s / SLOW_POINTS` seconds over `slow_window_s` (tens of MB per hour
   are seen once `slow_min_span_s` of steady growth has passed). Each series takes its points
@@ -20,12 +22,13 @@ from __future__ import annotations
 import heapq
 import zlib
 from array import array
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..health import Health
-from ..model import Culprit, Finding, ProcessSample, Snapshot
+from ..model import CgroupSample, Culprit, Finding, ProcessSample, Snapshot
 from ..settings import Field, RuleSettings, cooldown, seconds
 from .base import (
     MIB,
@@ -239,6 +242,105 @@ class _Series:
         return float(self.mb[-1] - min(self.mb)) if self.mb else 0.0
 
 
+class _CgroupLevels:
+    """The memory levels each cgroup held over the fast window, kept across ticks.
+
+    Per cgroup, the points where its memory changed (ts, bytes, or None while absent or
+    unreadable), the first being the level in effect at the window's first snapshot. A tick
+    folds in only the newest snapshot's samples that are not the previous snapshot's objects
+    (the host model carries a cgroup it did not re-read as the same object, or as a quiet
+    copy with the same level) and drops the points that left the window. A window holding a
+    snapshot that was not folded in (another host model, a reload, a gap) is folded in whole.
+    `wide` is the cgroups whose levels span at least `min_rise`: the fit's pre-filter compares
+    medians of levels in the window, which lie between its lowest and its highest, so no other
+    cgroup can pass it.
+    """
+
+    def __init__(self, min_rise: float) -> None:
+        self.min_rise = min_rise
+        self._clear()
+
+    def _clear(self) -> None:
+        self.points: dict[str, list[tuple[float, int | None]]] = {}
+        self.wide: set[str] = set()
+        self._log: deque[tuple[float, str]] = deque()  # every point, oldest first
+        self._folded: dict[float, Mapping[str, CgroupSample]] = {}  # snapshots in, by ts
+        self._last: Mapping[str, CgroupSample] = {}
+        self._last_ts: float | None = None
+        self._dirty: set[str] = set()
+
+    def update(self, snaps: Sequence[Snapshot]) -> set[str]:
+        """Fold `snaps` (the fast window, oldest first) in; the cgroups that can pass the pre-filter."""
+        newest = snaps[-1]
+        if not self._follows(snaps):
+            self._clear()
+            for s in snaps:
+                self._fold(s)
+        elif newest.ts != self._last_ts:
+            self._fold(newest)
+        self._prune(snaps[0].ts)
+        for path in self._dirty:
+            levels = [v for _, v in self.points.get(path, ()) if v is not None]
+            if levels and max(levels) - min(levels) >= self.min_rise:
+                self.wide.add(path)
+            else:
+                self.wide.discard(path)
+        self._dirty.clear()
+        return self.wide
+
+    def _follows(self, snaps: Sequence[Snapshot]) -> bool:
+        """True when every snapshot of `snaps` but the newest was folded in, and the newest is
+        newer than the last (or is the last)."""
+        newest = snaps[-1]
+        if self._last_ts is None or newest.ts < self._last_ts:
+            return False
+        if newest.ts == self._last_ts and newest.cgroups is not self._last:
+            return False
+        folded = self._folded
+        return all(folded.get(s.ts) is s.cgroups for s in snaps[:-1])
+
+    def _fold(self, snap: Snapshot) -> None:
+        before, now, ts = self._last, snap.cgroups, snap.ts
+        if now is not before:
+            for path in [p for p, cg in now.items() if before.get(p) is not cg]:
+                self._level(path, ts, now[path].memory_bytes)
+            for path in before.keys() - now.keys():
+                self._level(path, ts, None)
+        self._folded[ts] = now
+        self._last, self._last_ts = now, ts
+
+    def _level(self, path: str, ts: float, value: int | None) -> None:
+        points = self.points.get(path)
+        if points is None:
+            if value is None:
+                return
+            points = self.points[path] = []
+        elif points[-1][1] == value:
+            return
+        points.append((ts, value))
+        self._log.append((ts, path))
+        self._dirty.add(path)
+
+    def _prune(self, start: float) -> None:
+        """Drop the points superseded by one in effect at `start`, the window's first snapshot."""
+        log = self._log
+        while log and log[0][0] <= start:
+            _, path = log.popleft()
+            points = self.points.get(path)
+            if points is None:
+                continue
+            cut = 0
+            while cut + 1 < len(points) and points[cut + 1][0] <= start:
+                cut += 1
+            if cut:
+                del points[:cut]
+                self._dirty.add(path)
+            if len(points) == 1 and points[0][1] is None:
+                del self.points[path]  # gone since before the window
+        for ts in [t for t in self._folded if t < start]:
+            del self._folded[ts]
+
+
 class MemoryLeak(RuleSettings):
     """memory_leak: growth of at least `min_growth_mb` observed along a fit with R^2 >= `min_r2`.
 
@@ -274,15 +376,20 @@ class MemoryLeakDetector:
         self._due: list[tuple[float, str]] = []
         self._due_at: dict[str, float] = {}
         self._last_scan: float | None = None  # when every process and cgroup was last looked at
+        self._cgroup_levels: _CgroupLevels | None = None  # fast window: cgroup levels
         self.evicted_series = 0
 
     def health(self) -> Health:
-        """Slow-series bookkeeping: evictions (monotonic) and the current size."""
+        """Slow-series bookkeeping (evictions, monotonic; the current size) and the fast
+        window's cgroup levels (points kept, cgroups whose levels moved enough to be fitted)."""
+        levels = self._cgroup_levels or _CgroupLevels(0.0)
         return Health(
             counters={"evicted_series": self.evicted_series},
             gauges={
                 "slow_series": len(self._series),
                 "slow_points": sum(len(s.ts) for s in self._series.values()),
+                "fast_cgroup_points": sum(len(p) for p in levels.points.values()),
+                "fast_cgroups_moving": len(levels.wide),
             },
         )
 
@@ -315,10 +422,20 @@ class MemoryLeakDetector:
                     found.append(
                         self._finding(newest, process_key(p), culprit, "rss", result, "fast", cfg)
                     )
-        if "cgroup" in scope:
-            for path, cg in newest.cgroups.items():
-                if path == "/" or cg.memory_bytes is None:
-                    continue  # the root cgroup is the whole host, not a culprit
+        if "cgroup" not in scope:
+            self._cgroup_levels = None
+        else:
+            min_rise = PREFILTER_SHARE * (float(cfg.min_growth_mb) * MIB)  # as _series_fit's
+            levels = self._cgroup_levels
+            if levels is None or levels.min_rise != min_rise:
+                levels = self._cgroup_levels = _CgroupLevels(min_rise)
+            # the root cgroup is the whole host, not a culprit; a cgroup not in `moving` cannot
+            # pass _series_fit's pre-filter. Looked at in newest.cgroups' order, as all were.
+            moving = levels.update(snaps) - {"/"}
+            for path in [p for p in newest.cgroups if p in moving] if moving else ():
+                cg = newest.cgroups[path]
+                if cg.memory_bytes is None:
+                    continue
                 result = self._series_fit(snaps, _cgroup_memory_reader(path), cfg)
                 if result is not None:
                     culprit = Culprit(kind="cgroup", cgroup=path, unit=cgroup_unit(newest, path))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from ..model import Culprit, Finding, PsiSample, Snapshot
+from ..health import Health
+from ..model import RESOURCES, CgroupSample, Culprit, Finding, PsiSample, Snapshot
 from ..settings import RuleSettings, Severity, percent, seconds, top_n
 from .base import Exclusions, cgroup_unit, is_ancestor_cgroup, severity, sustained_tail
 
@@ -39,6 +40,45 @@ class PsiSaturationDetector:
     settings = PsiSaturation
     needs = frozenset({"psi_triggers"})
 
+    def __init__(self) -> None:
+        # the cgroups above the limit per resource in the newest snapshot evaluated, and that
+        # snapshot's samples: the next tick re-judges only the samples that are not the same
+        # objects (re-read, gone quiet, new or gone); an unchanged sample has unchanged figures
+        self._over: dict[str, set[str]] = {}
+        self._over_of: dict[str, CgroupSample] = {}
+        self._over_limit: float | None = None
+
+    def health(self) -> Health:
+        """The per-tick state: the cgroups of the last snapshot judged and those above the limit."""
+        return Health(
+            gauges={
+                "judged_cgroups": len(self._over_of),
+                "cgroups_above": sum(len(paths) for paths in self._over.values()),
+            }
+        )
+
+    def _above(self, cgroups: Mapping[str, CgroupSample], limit: float) -> dict[str, set[str]]:
+        """Per resource, the cgroups (the root aside) whose newest "some" share is above `limit`."""
+        before = self._over_of
+        if limit != self._over_limit:
+            self._over = {}
+            before = {}
+        over = self._over
+        gone = before.keys() - cgroups.keys()
+        changed = [p for p, cg in cgroups.items() if before.get(p) is not cg]
+        for res in RESOURCES:
+            paths = over.setdefault(res, set())
+            paths -= gone
+            for path in changed:
+                now = cgroups[path].pressure.get(res)
+                if path != "/" and now is not None and now.some_pct > limit:
+                    paths.add(path)
+                else:
+                    paths.discard(path)
+        self._over_of = dict(cgroups)
+        self._over_limit = limit
+        return over
+
     def evaluate(self, window: Sequence[Snapshot], cfg: PsiSaturation) -> list[Finding]:
         tail = sustained_tail(window, float(cfg.sustain_s))
         if tail is None:
@@ -47,15 +87,15 @@ class PsiSaturationDetector:
         limit = float(cfg.some_pct)
         ex = Exclusions(cfg)
         findings = []
+        above = self._above(newest.cgroups, limit)
         for res in cfg.resources:
             system = _sustained(tail, limit, lambda s, res=res: s.system_pressure.get(res))
             if system is not None:
                 findings.append(self._system(tail, res, system, cfg, ex))
             hot: dict[str, list[PsiSample]] = {}
-            for path, cg in newest.cgroups.items():
-                now = cg.pressure.get(res)
-                if path == "/" or now is None or now.some_pct <= limit:
-                    continue  # root cgroup pressure is the host's, reported above
+            # root cgroup pressure is the host's, reported above; no other cgroup is sustained
+            # above the limit unless its newest sample is
+            for path in above.get(res, ()):
                 samples = _sustained(
                     tail, limit, lambda s, path=path, res=res: _cgroup_psi(s, path, res)
                 )
