@@ -164,7 +164,6 @@ class HostModel:
         self.evicted_cgroups = 0
         self._last_ts: float | None = None
         self._last_reconcile = 0.0
-        self._walking = False  # a reconcile walk is under way (one chunk per tick)
         self._tree_keys: frozenset[str] = frozenset()
         self._tree: dict[str, list[str]] = {}  # cgroup -> child nodes toward tracked cgroups
         self.descent_reads = 0  # cgroup pressure files read by the descent (monotonic)
@@ -231,12 +230,12 @@ class HostModel:
         changed |= self.scanner.update(tick.ns_by_tgid, tick.exited)
         changed |= self.scanner.refresh_stale()
         now = self.scanner.now()
-        if self._walking or now - self._last_reconcile >= self.reconcile_s:
-            if not self._walking:
+        walking = self.scanner.walking
+        if walking or now - self._last_reconcile >= self.reconcile_s:
+            if not walking:
                 self._last_reconcile = now
             step, done = self.scanner.reconcile_step()  # a chunk of /proc per tick
             changed |= step
-            self._walking = not done
             if done:
                 self.cpu.forget_groups(set(self.scanner.procs))
         return changed, self.scanner.system(), tick.interval_s

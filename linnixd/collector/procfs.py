@@ -258,6 +258,11 @@ class ProcScanner:
             changed |= step
         return changed
 
+    @property
+    def walking(self) -> bool:
+        """A reconcile walk is under way (reconcile_step() goes on with it)."""
+        return self._walk is not None
+
     def reconcile_step(self, chunk: int = RECONCILE_CHUNK) -> tuple[set[int], bool]:
         """The slow walk, `chunk` /proc entries per call (no tick lists 10,000 at once): reads
         the processes the table does not know; at the end drops the entries of processes the

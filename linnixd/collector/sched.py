@@ -13,6 +13,7 @@ from ..health import Health
 from ..model import CgroupRunqueue, StallEdge, StallSnapshot
 from ..paths import bpf_dir
 from .bpfload import KernelFeatureError, compile_program, preflight, source_text, tracefs_root
+from .keyed import PerCpuSlots
 from .taskcpu import TaskCpuReader
 
 TRACEPOINTS = ("sched/sched_switch", "sched/sched_wakeup", "sched/sched_wakeup_new")
@@ -80,6 +81,7 @@ class SchedCollector:
         self.src = src or bpf_dir() / "sched.c"
         self._bpf: Any = None
         self._cpu: TaskCpuReader | None = None
+        self._stats: PerCpuSlots | None = None  # the `cpus` slot the kernel counters are in
         self._prev_runq: dict[int, tuple[int, int, list[int]]] = {}
         self._prev_edges: dict[tuple[int, int], tuple[int, int]] = {}
         self._edge_keys: set[tuple[int, int]] = (
@@ -115,7 +117,7 @@ class SchedCollector:
         preflight(TRACEPOINTS)
         self._bpf = compile_program(Path(self.src), self.cflags())
         self._cpu = None
-        self.attributing = False
+        self._stats = PerCpuSlots(self._bpf[b"cpus"])
         self._write_attribution(time.monotonic_ns())  # on until the daemon decides otherwise
         self.attributing = True
 
@@ -150,11 +152,12 @@ class SchedCollector:
             self._bpf.cleanup()
             self._bpf = None
             self._cpu = None
+            self._stats = None
 
     def stats(self) -> list[int]:
         """Monotonic kernel counters (see the STAT_* indexes), summed over CPUs."""
-        table = self._bpf[b"cpus"]
-        per_cpu = table.getvalue(table.Key(0))
+        assert self._stats is not None, "SchedCollector.stats() before start()"
+        per_cpu = self._stats.read(0)
         return [sum(int(c.stats[i]) for c in per_cpu) for i in range(NSTATS)]
 
     def health(self) -> Health:

@@ -226,14 +226,10 @@ def own_cpu_us(
         if wanted is None:
             for p, us in one.items():
                 out[p] += us
-        elif len(wanted) < len(one):  # the few wanted of many cgroups: look them up
+        else:  # the few wanted of many cgroups: looked up, not filtered from all
             for p in wanted:
                 if p in one:
                     out[p] += one[p]
-        else:
-            for p, us in one.items():
-                if p in wanted:
-                    out[p] += us
     if cache is not None:
         live = set(keys)
         for key in [k for k in cache if k not in live]:
